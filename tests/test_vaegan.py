@@ -1,0 +1,288 @@
+"""Tests of vaegan.py: the locally connected layer, the model, end-to-end tiny runs (ILD 30x30x30
+and pre-reduced input, ensemble of 2), sampling, resume, torchrun, bad input, amplification."""
+import importlib
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script, run_torchrun
+
+vaegan = importlib.import_module("vaegan")
+common = importlib.import_module("common")
+
+# tiny everything: 100 training showers, 2 members, small layers
+TINY = ["--n-train", "100", "--ensemble", "2", "--batch-size", "32", "--channels", "4,8", "--latent", "4",
+        "--mbd-kernels", "4", "--select-bins", "5"]
+
+
+def check_generated(path, n):
+    with h5py.File(path, "r") as f:
+        assert "showers" in f
+        s = f["showers"][:]
+    assert s.shape == (n, 10, 10)
+    assert np.isfinite(s).all() and (s >= 0).all()
+    assert ((s == 0) | (s >= common.ILD_MIP_CUT_MEV)).all()      # MIP cut applied
+    return s
+
+
+# ---------------------------------------------------------------- unit tests
+
+
+def test_locally_connected_parameter_count():
+    lc = vaegan.LocallyConnected2d(2, 3, (5, 5), kernel=3, stride=1, padding=1)
+    assert lc.out_size == (5, 5)
+    # 25 positions, each its own 3 x (2*3*3) weights, plus a bias per output channel and position
+    assert sum(p.numel() for p in lc.parameters()) == 25 * 3 * 18 + 3 * 25
+    lc2 = vaegan.LocallyConnected2d(4, 6, (10, 10), kernel=3, stride=2, padding=1)
+    assert lc2.out_size == (5, 5)
+    assert sum(p.numel() for p in lc2.parameters()) == 25 * 6 * 36 + 6 * 25
+    assert lc2(torch.zeros(7, 4, 10, 10)).shape == (7, 6, 5, 5)
+
+
+def test_locally_connected_is_a_conv_with_tied_weights():
+    """With the same weights at every position it must equal Conv2d (checks the patch layout)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    lc = vaegan.LocallyConnected2d(2, 3, (6, 6), kernel=3, stride=2, padding=1)
+    with torch.no_grad():
+        lc.weight.copy_(conv.weight.reshape(3, 18).t().expand_as(lc.weight))
+        lc.bias.copy_(conv.bias.view(3, 1, 1).expand_as(lc.bias))
+    x = torch.randn(4, 2, 6, 6)
+    torch.testing.assert_close(lc(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_locally_connected_not_translation_equivariant():
+    torch.manual_seed(0)
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 3, 3] = 1.0
+    xs = torch.roll(x, 1, dims=3)                  # the same input, shifted by one pixel
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1, bias=False)
+    lc = vaegan.LocallyConnected2d(1, 2, (8, 8), 3, 1, 1)
+    with torch.no_grad():
+        lc.bias.zero_()
+        # a convolution's response shifts with its input ...
+        torch.testing.assert_close(conv(xs), torch.roll(conv(x), 1, dims=3))
+        # ... a locally connected layer's does not
+        assert not torch.allclose(lc(xs), torch.roll(lc(x), 1, dims=3), atol=1e-3)
+
+
+def test_model_shapes():
+    m = vaegan.VAEGAN(latent=5, channels=(4, 8), mbd_kernels=3)
+    x = torch.rand(6, 1, 10, 10)
+    mu, logvar = m.enc(x)
+    assert mu.shape == logvar.shape == (6, 5)
+    y = m.dec(mu)
+    assert y.shape == (6, 1, 10, 10) and (y >= 0).all()
+    assert m.disc(x).shape == (6,)
+    assert m.disc.features(x).shape == (6, 64)
+    assert vaegan.VAEGAN(5, (4, 8), 0).disc.mbd is None
+
+
+def test_observables_known_shower():
+    s = np.zeros((2, 10, 10), np.float32)
+    s[0, 0, 0], s[0, 9, 0] = 3.0, 1.0          # x is the first axis: pixel centres at -67.5 ... 67.5 mm
+    s[1, 4, 5] = 0.05                          # below the MIP cut
+    o = vaegan.observables(s)
+    np.testing.assert_allclose(o["e_vis"], [4.0, 0.05], rtol=1e-6)
+    np.testing.assert_array_equal(o["n_hits"], [2, 0])
+    np.testing.assert_allclose(o["cog_x"][0], (3 * -67.5 + 1 * 67.5) / 4)
+    np.testing.assert_allclose(o["cog_y"][0], -67.5)
+    np.testing.assert_allclose(np.sort(o["pixel"]), [1.0, 3.0])
+
+
+def test_amplification_equivalent_size_grows():
+    """Generated and truth from the same known distribution: a generated sample of m showers is
+    worth about m real ones, so the equivalent size must grow with m."""
+    rng = np.random.default_rng(1)
+
+    def showers(n):   # a random 10x10 'shower': gaussian blob, random centre and energy
+        g = np.arange(10) - 4.5
+        cx, cy = rng.normal(0, 0.7, (2, n, 1, 1))
+        e = rng.gamma(50.0, 10.0, (n, 1, 1))
+        img = np.exp(-((g[None, :, None] - cx) ** 2 + (g[None, None, :] - cy) ** 2) / 2.0)
+        img = e * img / img.sum((1, 2), keepdims=True) * rng.uniform(0.8, 1.2, (n, 10, 10))
+        return np.where(img < 0.1, 0.0, img)
+
+    truth = showers(6000)                      # reference 3000 + pool 3000
+    small, large = showers(30), showers(1500)
+    args = {"amp_bins": 10}
+    eq_s = {k: r["equivalent_size"] for k, r in vaegan.amplification_study(truth, small, args, 0).items()}
+    eq_l = {k: r["equivalent_size"] for k, r in vaegan.amplification_study(truth, large, args, 0).items()}
+    assert set(eq_s) == {"e_vis", "n_hits", "cog_x", "cog_y"}
+    for k in eq_s:
+        lo = 0 if eq_s[k] is None else eq_s[k]
+        hi = np.inf if eq_l[k] is None or not np.isfinite(eq_l[k]) else eq_l[k]
+        assert eq_l[k] is not None and hi > lo, (k, eq_s[k], eq_l[k])
+    assert np.median([v for v in eq_l.values()]) > 150
+
+
+def test_common_amplification_gaussian():
+    if not hasattr(common, "amplification"):
+        pytest.skip("common.amplification not merged yet")
+    rng = np.random.default_rng(0)
+    ref, pool = rng.normal(size=4000), rng.normal(size=4000)
+    eqs = [common.amplification(ref, pool, rng.normal(size=m), 10, seed=0)["equivalent_size"] for m in (30, 2000)]
+    assert (eqs[0] or 0) < eqs[1]
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def ild_file(toy):
+    return toy("ild", n=160)
+
+
+@pytest.fixture(scope="module")
+def reduced_file(ild_file, tmp_path_factory):
+    with h5py.File(ild_file, "r") as f:
+        s = common.reduce_ild(f["30x30/layers"][:])
+    path = str(tmp_path_factory.mktemp("red") / "ild10.h5")
+    with h5py.File(path, "w") as f:
+        f["showers"] = s
+    return path
+
+
+@pytest.fixture(scope="module")
+def run30(ild_file, tmp_path_factory):
+    """Ensemble of 2, two epochs, on the 30x30x30 ILD layout, with the amplification study."""
+    d = tmp_path_factory.mktemp("run30")
+    r = run_script("vaegan.py", "--data", ild_file, *TINY, "--epochs", "2", "--amplify", "--amp-n", "400",
+                   "--amp-bins", "2", "--out", "run", cwd=d)
+    assert r.returncode == 0, r.stderr
+    return d / "run", r
+
+
+def test_end_to_end_ild_layout(run30):
+    out, r = run30
+    assert "epoch 2/2" in r.stdout and "samples/s" in r.stdout and "ETA" in r.stdout
+    for name in ("ckpt.pt", "generated.h5", "truth.h5", "metrics.json", "log.txt", "plots/amplification.png",
+                 "plots/pixel_spectrum.png", "plots/observables.png", "plots/selection.png"):
+        assert (out / name).is_file(), name
+    check_generated(out / "generated.h5", 60)              # as many as held out
+    with h5py.File(out / "generated.h5", "r") as f:
+        assert f["energy"].shape == (60, 1)                 # held-out conditions carried over
+    check_generated(out / "truth.h5", 60)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["toy"] is True and m["ensemble"] == 2 and len(m["best_epochs"]) == 2
+    assert all(1 <= e <= 2 for e in m["best_epochs"])
+    assert set(m["heldout_jsd"]) == set(vaegan.OBS)
+    assert sorted(m["train_indices"] + m["heldout_indices"]) == list(range(160))
+    amp = m["amplification"]
+    assert set(amp["equivalent_size"]) == {"e_vis", "n_hits", "cog_x", "cog_y"}
+    assert amp["curves"]["e_vis"]["gen_sizes"][-1] == 400
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["epoch"] == 2 and len(ck["members"]) == 2 and ck["geometry"] == "ild10"
+    assert {"python", "numpy", "torch"} <= set(ck["rng"])
+    w0, w1 = (ck["members"][k]["model"]["dec.lc1.weight"] for k in (0, 1))
+    assert not torch.equal(w0, w1)                           # two different models
+
+
+def test_end_to_end_reduced_input(reduced_file, tmp_path):
+    r = run_script("vaegan.py", "--data", reduced_file, *TINY, "--epochs", "1", "--n-gen", "30", "--out", "run",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    check_generated(tmp_path / "run" / "generated.h5", 30)
+    with h5py.File(tmp_path / "run" / "generated.h5", "r") as f:
+        assert "energy" not in f                             # the input had none
+
+
+def test_generate_from_ckpt(run30, tmp_path):
+    out, _ = run30
+    r = run_script("vaegan.py", "--generate", "50", "--ckpt", out / "ckpt.pt", "--out", tmp_path / "g.h5",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = check_generated(tmp_path / "g.h5", 50)
+    assert s.sum() > 0
+
+
+def test_resume_matches_uninterrupted(run30, ild_file, tmp_path):
+    args = ["--data", ild_file, *TINY, "--out", "run"]
+    r = run_script("vaegan.py", *args, "--epochs", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["epoch"] == 1
+    r = run_script("vaegan.py", *args, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout and "epoch 2/2" in r.stdout and "epoch 1/2" not in r.stdout
+    a = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    b = torch.load(run30[0] / "ckpt.pt", weights_only=False)
+    assert a["epoch"] == 2 and a["step"] == b["step"]
+    for ma, mb in zip(a["members"], b["members"]):
+        for k in ma["model"]:
+            torch.testing.assert_close(ma["model"][k], mb["model"][k], msg=k)
+        assert ma["best"]["epoch"] == mb["best"]["epoch"]
+
+
+def test_torchrun_two_processes_match_single(run30, ild_file, tmp_path):
+    """Members are spread over ranks; each has its own generator, so the result equals one process."""
+    r = run_torchrun("vaegan.py", "--data", ild_file, *TINY, "--epochs", "2", "--out", "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("epoch 2/2") == 1                    # rank 0 alone logs
+    check_generated(tmp_path / "run" / "generated.h5", 60)
+    a = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    b = torch.load(run30[0] / "ckpt.pt", weights_only=False)
+    for ma, mb in zip(a["members"], b["members"]):
+        torch.testing.assert_close(ma["model"]["dec.lc1.weight"], mb["model"]["dec.lc1.weight"])
+
+
+def test_benchmark_and_help(tmp_path):
+    r = run_script("vaegan.py", "--benchmark", "--ensemble", "2", "--channels", "4,8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["script"] == "vaegan.py" and res["gen_showers_per_s"] > 0 and res["train_samples_per_s"] > 0
+    assert list(tmp_path.iterdir()) == []                      # no files written
+    r = run_script("vaegan.py", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--amplify" in r.stdout and "--ensemble" in r.stdout
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_files(d):
+    d.mkdir(exist_ok=True)
+    files = {}
+
+    def h5(name, **arrays):
+        p = d / name
+        with h5py.File(p, "w") as f:
+            for k, v in arrays.items():
+                f[k] = v
+        files[name] = p
+
+    good = np.ones((20, 10, 10), np.float32)
+    h5("nokey.h5", other=good)
+    h5("shape.h5", showers=np.ones((20, 9, 10), np.float32))
+    h5("nan.h5", showers=np.where(np.arange(100).reshape(1, 10, 10) == 5, np.nan, good))
+    h5("neg.h5", showers=-good)
+    h5("empty.h5", showers=np.zeros((0, 10, 10), np.float32))
+    h5("mismatch.h5", **{"30x30/energy": np.ones((3, 1), np.float32),
+                         "30x30/layers": np.ones((4, 30, 30, 30), np.float32)})
+    h5("nolayers.h5", **{"30x30/energy": np.ones((3, 1), np.float32)})
+    h5("few.h5", showers=good)                                     # 20 <= --n-train 100
+    (d / "junk.h5").write_text("not hdf5")
+    files["junk.h5"] = d / "junk.h5"
+    files["missing.h5"] = d / "missing.h5"
+    return files
+
+
+def test_bad_inputs(tmp_path):
+    for name, path in _bad_files(tmp_path / "in").items():
+        r = run_script("vaegan.py", "--data", path, "--n-train", "100", "--epochs", "1", "--out", "o",
+                       cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, (name, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("vaegan.py: error: ") and name in lines[0], (name, r.stderr)
+        assert not (tmp_path / "o").exists(), name
+
+
+def test_bad_flags_and_ckpt(tmp_path):
+    r = run_script("vaegan.py", "--ensemble", "0", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (tmp_path / "bad.pt").write_text("nope")
+    r = run_script("vaegan.py", "--generate", "5", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "g.h5",
+                   cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.pt" in r.stderr
+    assert not (tmp_path / "g.h5").exists()
