@@ -28,7 +28,7 @@ plots/{sampling_fraction,shower_shapes,data_weights}.png, log.txt. A stopped run
 its training starts, so they are not recomputed).
 
 Choices and deviations from the original (reference.md) and why:
-- MIXDISC architecture (not given in the reference): a small 3D conv net (25^3 -> 12^3 -> 6^3 -> 3^3)
+- MIXDISC architecture (not given in the reference): a small 3D conv net (three stride-2 4^3 convs, 25^3 -> 12^3 -> 6^3 -> 3^3, then 64 hidden)
   on log-scaled cells log10(1 + E/1e-6)/7 (so that the faint edge cells, 1e-6..1e-3 GeV, are visible
   to it), plus two scalars: log(Ep/100) and log(50 Ecal/Ep) (the sampling fraction, which the paper's
   ensemble aims to improve). Real and mixture showers are paired at the same Ep (mixture samples are
@@ -137,9 +137,11 @@ def get_args(argv=None):
     return a
 
 
-def gan_args(args, t):
-    """2dgan.py's Namespace for component t, built with its own parser from our pass-through flags."""
+def gan_args(args, t, resume=False):
+    """2dgan.py's Namespace for component t, built with its own parser from our pass-through flags
+    (resume: continue an interrupted component from its OUT/component_<t>/ckpt.pt)."""
     argv = ["--seed", str(args.seed + t), "--device", args.device, "--dtype", args.dtype]
+    argv += ["--resume"] if resume else []
     for flag in ("epochs", "batch_size", "width", "ckpt_every", "log_every"):
         v = getattr(args, flag)
         if v is not None:
@@ -150,11 +152,8 @@ def gan_args(args, t):
 
 
 def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device: cuda requested but not available")
-    return name
+    """'cpu', 'cuda' or 'cuda:<LOCAL_RANK>' under torchrun (2dgan.py's rule)."""
+    return str(base().resolve_device(name))
 
 
 # ---------------------------------------------------------------- AdaGAN weights, betas, mixture
@@ -230,16 +229,18 @@ def sample_mixture(generators, mix_w, ep, rng, generate):
 # ---------------------------------------------------------------- data
 
 
-def load_data(args, log):
+def load_data(args, log, rank=0):
     """(ecal, ep, source label, toy flag); toy LCD showers cached under data/ when --data is not given."""
     import common
     m = base()
     if args.data is None:
         path = common.toy_path("lcd", args.toy_n, args.seed)
         log(f"no --data: training on TOY lcd showers ({path})")
-        if not os.path.exists(path):
+        if rank == 0 and not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             common.write_toy("lcd", path, args.toy_n, args.seed)
+        while not os.path.exists(path):                     # other ranks wait for rank 0's file
+            time.sleep(0.5)
         ecal, ep = m.load_lcd(path)
         return ecal, ep, path, True
     ecal, ep = m.load_lcd(args.data)
@@ -276,10 +277,9 @@ class MixDisc(nn.Module):
         super().__init__()
         c = width
         act = nn.LeakyReLU(0.2)
-        self.conv = nn.Sequential(nn.Conv3d(1, c, 3, padding=1), act,
-                                  nn.Conv3d(c, 2 * c, 4, stride=2, padding=1), act,        # 25 -> 12
-                                  nn.Conv3d(2 * c, 4 * c, 4, stride=2, padding=1), act,    # 12 -> 6
-                                  nn.Conv3d(4 * c, 4 * c, 4, stride=2, padding=1), act)    # 6 -> 3
+        self.conv = nn.Sequential(nn.Conv3d(1, c, 4, stride=2, padding=1), act,            # 25 -> 12
+                                  nn.Conv3d(c, 2 * c, 4, stride=2, padding=1), act,        # 12 -> 6
+                                  nn.Conv3d(2 * c, 4 * c, 4, stride=2, padding=1), act)    # 6 -> 3
         self.head = nn.Sequential(nn.Linear(4 * c * 27 + 2, hidden), act, nn.Dropout(0.2), nn.Linear(hidden, 1))
 
     def forward(self, ecal, ep):
@@ -309,7 +309,7 @@ def train_mixdisc(real, ep, fake, args, device, seed, log):
     tr = torch.from_numpy(np.concatenate([pairs[n_test:], pairs[n_test:] + n])).to(device)
     net = MixDisc(args.mixdisc_width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.mixdisc_lr)
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=(args.dtype == "bf16" and device == "cuda"))
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=(args.dtype == "bf16" and device.startswith("cuda")))
     g = torch.Generator(device="cpu").manual_seed(seed)
     best, best_state, best_epoch, hist = math.inf, None, -1, []
     for epoch in range(args.mixdisc_epochs):
@@ -386,13 +386,16 @@ def load_state(path):
 
 
 def train(args, log):
-    """The component loop. Saves DIR/ensemble.pt after each component; returns the state dict."""
+    """The component loop. Saves OUT/ensemble.pt before and after each component; returns the state dict."""
     m = base()
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if ddp else 0
     device = resolve_device(args.device)
+    dtype = args.dtype if device.startswith("cuda") else "fp32"
     state_path = os.path.join(args.out, "ensemble.pt")
     if args.resume and not os.path.exists(state_path):
         raise DataError(f"{state_path}: no ensemble state to resume from")
-    ecal, ep, source, toy = load_data(args, log)           # validated before anything is written
+    ecal, ep, source, toy = load_data(args, log, rank)     # validated before anything is written
     old = load_state(state_path) if args.resume else None
     if old is not None and (old["n_events"] != len(ep) or old["source"] != source):
         raise DataError(f"{state_path}: was trained on {old['source']} ({old['n_events']} events), "
@@ -400,64 +403,86 @@ def train(args, log):
     tr, va = split(len(ep), args.val_frac, args.seed)
     for t in range(args.components):
         gan_args(args, t)                                   # bad --gan-args fail here, before any output
-    os.makedirs(os.path.join(args.out, "plots"), exist_ok=True)
-    if hasattr(log, "start"):
-        log.start(os.path.join(args.out, "log.txt"))
+    if rank == 0:
+        os.makedirs(os.path.join(args.out, "plots"), exist_ok=True)
+        if hasattr(log, "start"):
+            log.start(os.path.join(args.out, "log.txt"))
     ecal_tr, ep_tr = ecal[tr], ep[tr]
     ev = va[np.random.default_rng(args.seed + 7).permutation(len(va))[:args.n_eval]]
     st = old or {"version": 1, "source": source, "toy": toy, "n_events": len(ep), "train_idx": tr, "val_idx": va,
                  "eval_idx": ev, "components": [], "betas": [], "mix_weights": [], "data_weights": [], "lambdas": [],
-                 "mixdisc": [], "eval_real": features(ecal[ev], ep[ev]), "eval_comp": [], "pending": None,
-                 "eval_ep": ep[ev].astype(np.float64), "train_ep": ep_tr.astype(np.float64)}
+                 "mixdisc": [], "best_epochs": [], "eval_real": features(ecal[ev], ep[ev]), "eval_comp": [],
+                 "pending": None, "eval_ep": ep[ev].astype(np.float64), "train_ep": ep_tr.astype(np.float64)}
     st["args"] = {k: v for k, v in vars(args).items() if k != "energy_range"}
     gens = [m.load_checkpoint(os.path.join(args.out, c, "ckpt.pt"), device=device)[0] for c in st["components"]]
     if old is not None:
         log(f"resuming {state_path}: {len(gens)} component(s) done, continuing to {args.components}")
+
+    def save():
+        if rank == 0:
+            atomic_save(to_tensors(st), state_path)
+
     for t in range(len(gens), args.components):
         t0 = time.time()
+        cdir = f"component_{t}"
         pend = st.get("pending")
-        if pend is not None and int(pend["t"]) == t:
+        resume_gan = False
+        if pend is not None and int(pend["t"]) == t:        # interrupted during this component
             beta, w = float(pend["beta"]), pend["weights"]
-            log(f"component {t}: reusing the saved data weights of the interrupted run")
-        elif t == 0:
-            beta, w = 1.0, None
-            st["lambdas"].append(None)
-            st["mixdisc"].append(None)
+            resume_gan = os.path.exists(os.path.join(args.out, cdir, "ckpt.pt"))
+            log(f"component {t}: reusing the saved data weights of the interrupted run"
+                + (f"; resuming its 2DGAN from {cdir}/ckpt.pt" if resume_gan else ""))
         else:
-            beta = beta_for(t, args.beta, args.beta_const)
-            rng = np.random.default_rng(args.seed * 1000 + t)
-            sub = np.sort(rng.choice(len(ep_tr), min(args.mixdisc_n, len(ep_tr)), replace=False))
-            gen = lambda G, e, seed: m.generate(G, e, device=device, seed=seed)  # noqa: E731
-            fake, _ = sample_mixture(gens, st["mix_weights"][-1], ep_tr[sub], rng, gen)
-            net, info = train_mixdisc(ecal_tr[sub], ep_tr[sub], fake, args, device, args.seed * 1000 + t, log)
-            del fake
-            d = mixdisc_predict(net, ecal_tr, ep_tr, device)
-            w, lam, fallback = adagan_weights(d, beta, log)
-            info.update(d_mean=float(d.mean()), fallback=fallback)
+            beta, w, lam, info = 1.0, None, None, None
+            if t > 0:
+                beta = beta_for(t, args.beta, args.beta_const)
+                rng = np.random.default_rng(args.seed * 1000 + t)
+                sub = np.sort(rng.choice(len(ep_tr), min(args.mixdisc_n, len(ep_tr)), replace=False))
+                gen = lambda G, e, seed: m.generate(G, e, device=device, seed=seed, dtype=dtype)  # noqa: E731
+                fake, _ = sample_mixture(gens, st["mix_weights"][-1], ep_tr[sub], rng, gen)
+                net, info = train_mixdisc(ecal_tr[sub], ep_tr[sub], fake, args, device, args.seed * 1000 + t, log)
+                del fake
+                d = mixdisc_predict(net, ecal_tr, ep_tr, device)
+                w, lam, fallback = adagan_weights(d, beta, log)
+                if ddp:                                     # every rank uses rank 0's weights
+                    wt = torch.from_numpy(w).to(device)
+                    torch.distributed.broadcast(wt, 0)
+                    w = wt.cpu().numpy()
+                info.update(d_mean=float(d.mean()), fallback=fallback)
+                log(f"component {t}: beta {beta:.4f} lambda* {lam:.4g} | MIXDISC best epoch {info['best_epoch']} "
+                    f"test loss {info['best_test_loss']:.4f} | N x weight in [{w.min() * len(w):.3g}, "
+                    f"{w.max() * len(w):.3g}], {np.mean(w > 0):.1%} of showers kept" if lam is not None else
+                    f"component {t}: beta {beta:.4f} | uniform weights (fallback)")
             st["lambdas"].append(lam)
             st["mixdisc"].append(info)
-            log(f"component {t}: beta {beta:.4f} lambda* {lam} | MIXDISC best epoch {info['best_epoch']} "
-                f"test loss {info['best_test_loss']:.4f} | N*w in [{w.min() * len(w):.3g}, {w.max() * len(w):.3g}]")
-            st["pending"] = {"t": t, "beta": beta, "weights": w.astype(np.float64)}
-            atomic_save(to_tensors(st), state_path)
-        cdir = f"component_{t}"
-        log(f"component {t}/{args.components}: training a 2DGAN on {len(ep_tr)} showers "
-            f"({'uniform' if w is None else 'AdaGAN-weighted'} minibatches)")
-        res = m.train(gan_args(args, t), ecal_tr, ep_tr, weights=w, out_dir=os.path.join(args.out, cdir), log=log)
-        G = m.load_checkpoint(os.path.join(args.out, cdir, "ckpt.pt"), device=device)[0]
+            st["pending"] = {"t": t, "beta": beta, "weights": None if w is None else np.asarray(w, np.float64)}
+            save()
+        log(f"component {t + 1}/{args.components}: training a 2DGAN on {len(ep_tr)} showers "
+            f"({'uniform' if w is None else 'AdaGAN-weighted'} minibatches), beta {beta:.4f}")
+        if rank == 0:
+            os.makedirs(os.path.join(args.out, cdir), exist_ok=True)
+        res = m.train(gan_args(args, t, resume_gan), ecal_tr, ep_tr, weights=w,
+                      out_dir=os.path.join(args.out, cdir), log=log)
+        G = res["generator"]
         gens.append(G)
         st["components"].append(cdir)
         st["betas"].append(beta)
         st["mix_weights"].append(mixture_weights(st["betas"]))
         st["data_weights"].append(np.full(len(ep_tr), 1.0 / len(ep_tr)) if w is None else np.asarray(w))
-        st["eval_comp"].append(features(m.generate(G, ep[ev], device=device, seed=args.seed + 100 + t), ep[ev]))
+        st["best_epochs"].append(int(res.get("best_epoch", -1)))
+        st["eval_comp"].append(features(m.generate(G, ep[ev], device=device, seed=args.seed + 100 + t,
+                                                   dtype=dtype), ep[ev]))
         st["pending"] = None
-        st.setdefault("best_epochs", []).append(int(res.get("best_epoch", -1)))
-        atomic_save(to_tensors(st), state_path)
-        write_plots(st, args.out)
-        log(f"component {t} done in {time.time() - t0:.0f} s | mixture weights "
-            f"{np.array2string(st['mix_weights'][-1], precision=3)} | saved {state_path}")
-    finish(st, gens, ecal, ep, args, device, log)
+        save()
+        if rank == 0:
+            write_plots(st, args.out)
+        log(f"component {t + 1}/{args.components} done in {time.time() - t0:.0f} s | mixture weights "
+            f"{np.array2string(st['mix_weights'][-1], precision=3)} | sampling-fraction |true/gen - 1| "
+            f"{np.nanmean(np.abs(sf_ratio(st, t)[1] - 1)):.4f} | saved {state_path}")
+        if ddp:
+            torch.distributed.barrier()
+    if rank == 0:
+        finish(st, gens, ecal, ep, args, device, log)
     return st
 
 
@@ -482,8 +507,10 @@ def load_ensemble(ckpt, device):
     return gens, np.asarray(st["mix_weights"][-1]), st
 
 
-def ensemble_sample(gens, mix_w, ep, device, seed):
-    gen = lambda G, e, s: base().generate(G, e, device=device, seed=s)  # noqa: E731
+def ensemble_sample(gens, mix_w, ep, device, seed, dtype="fp32"):
+    """Ensemble showers at the given Ep: component ~ Cat(mix_w) per event (seeded)."""
+    dtype = dtype if device.startswith("cuda") else "fp32"
+    gen = lambda G, e, s: base().generate(G, e, device=device, seed=s, dtype=dtype)  # noqa: E731
     return sample_mixture(gens, mix_w, ep, np.random.default_rng(seed), gen)
 
 
@@ -573,7 +600,7 @@ def finish(st, gens, ecal, ep, args, device, log):
     """generated.h5 on the held-out Ep, metrics.json."""
     m = base()
     va = st["val_idx"]
-    gen, comp = ensemble_sample(gens, st["mix_weights"][-1], ep[va], device, args.seed + 99)
+    gen, comp = ensemble_sample(gens, st["mix_weights"][-1], ep[va], device, args.seed + 99, args.dtype)
     m.write_lcd(os.path.join(args.out, "generated.h5"), gen, ep[va])
     metrics = {"script": PROG, "data": st["source"], "toy": bool(st["toy"]), "components": len(gens),
                "betas": [float(b) for b in st["betas"]], "mixture_weights": [float(v) for v in st["mix_weights"][-1]],
@@ -598,11 +625,11 @@ def benchmark(args):
     device = resolve_device(args.device)
     ga = gan_args(args, 0)
     gens = [m.Generator(width=ga.width).to(device).eval() for _ in range(2)]
-    B = 1024 if device == "cuda" else 64
+    B = 1024 if device.startswith("cuda") else 64
     ep = np.random.default_rng(0).uniform(2, 500, B).astype(np.float32)
 
     def sync():
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
     ensemble_sample(gens, [0.5, 0.5], ep[:8], device, 0)
     sync()
@@ -651,9 +678,12 @@ class Log:
             self.buf = []
 
     def start(self, path):
+        """From now on lines also go to `path` (the lines logged so far are written first)."""
         self.path = path if self.rank == 0 else None
-        if self.buf:
-            self(self.buf.pop())
+        if self.path and self.buf:
+            with open(self.path, "a") as f:
+                f.write("\n".join(self.buf) + "\n")
+        self.buf = []
 
 
 def main(argv=None):
@@ -678,13 +708,23 @@ def main(argv=None):
             gens, mix_w, _ = load_ensemble(args.ckpt, device)
             ep = np.random.default_rng(args.seed).uniform(*args.energy_range, args.generate).astype(np.float32)
             t0 = time.time()
-            gen, comp = ensemble_sample(gens, mix_w, ep, device, args.seed)
+            gen, comp = ensemble_sample(gens, mix_w, ep, device, args.seed, args.dtype)
             m.write_lcd(args.out, gen, ep)
             log(f"wrote {args.generate} showers from {len(gens)} components "
                 f"({np.bincount(comp, minlength=len(gens)).tolist()} per component) to {args.out} "
                 f"in {time.time() - t0:.1f} s")
             return 0
-        train(args, log)
+        ddp = "RANK" in os.environ
+        if ddp:      # 2dgan.py's train() wraps its nets in DDP when a process group exists
+            device = resolve_device(args.device)
+            torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            if device.startswith("cuda"):
+                torch.cuda.set_device(torch.device(device))
+        try:
+            train(args, log)
+        finally:
+            if ddp:
+                torch.distributed.destroy_process_group()
         return 0
     except errors as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
