@@ -260,6 +260,16 @@ class LCDStream:
         return np.concatenate(xs), np.concatenate(es)
 
 
+def is_toy(files):
+    """True if any file carries the toy=True attribute of common.write_toy."""
+    import h5py
+    for f in files:
+        with h5py.File(f, "r") as h:
+            if bool(h.attrs.get("toy", False)):
+                return True
+    return False
+
+
 def dataset_bytes(files):
     return sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4
 
@@ -858,6 +868,7 @@ def run_train(args):
         args.data = path
     files = lcd_files(args.data)
     size = dataset_bytes(files)                       # checks every file's keys and shapes
+    toy = toy or is_toy(files)
     in_memory = size <= memory_budget(device, args.max_data_gb)
     if in_memory:
         ecal, ep = load_lcd(args.data)                # full validation before anything is written

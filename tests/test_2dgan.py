@@ -1,0 +1,246 @@
+"""Tests of 2dgan.py: model sizes and Keras-equivalent details, the importable API, tiny end-to-end runs on toy
+LCD showers (train, sample, resume, torchrun, streaming), bad input, --benchmark, --help."""
+import importlib
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script, run_torchrun
+
+m = importlib.import_module("2dgan")
+TINY = ["--width", "0.125", "--batch-size", "8", "--val-frac", "0.25", "--log-every", "2", "--seed", "3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process model code on one thread (2 shared cores: more threads only fight)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- model units
+
+
+def test_parameter_counts_of_default_models():
+    # counted as Keras does (trainable + BatchNorm moving statistics); the original's 2,055,324 and 714,114
+    G, D = m.Generator(), m.Discriminator()
+    assert abs(m.keras_param_count(G) - 2_055_324) <= 100
+    assert m.keras_param_count(D) == 714_114
+
+
+def test_shapes_output_switch_and_heads():
+    torch.manual_seed(0)
+    G, D = m.Generator(latent=16, width=0.125).eval(), m.Discriminator(width=0.125).eval()
+    x = G(torch.randn(3, 16))
+    assert x.shape == (3, 25, 25, 25)
+    assert (x < 0).any()                       # LeakyReLU output at first
+    G.relu_out.fill_(True)
+    assert (G(torch.randn(3, 16)) >= 0).all()  # ReLU after the switch
+    img = torch.rand(3, 25, 25, 25)
+    logit, ep, ecal = D(img)
+    assert logit.shape == ep.shape == (3,)
+    torch.testing.assert_close(ecal, img.sum((1, 2, 3)))
+
+
+def test_keras_same_padding_is_asymmetric():
+    pad = m._pad_same(8)
+    assert pad.padding == (3, 4, 3, 4)
+    bn = [mod for mod in m.Discriminator(width=0.125).modules() if isinstance(mod, torch.nn.BatchNorm2d)][0]
+    assert bn.momentum == pytest.approx(0.01) and bn.eps == pytest.approx(1e-3)
+    lrelu = [mod for mod in m.Generator(width=0.125).modules() if isinstance(mod, torch.nn.LeakyReLU)][0]
+    assert lrelu.negative_slope == pytest.approx(0.3)
+
+
+def test_branches_see_three_different_axis_pairs():
+    v = torch.arange(24.0).view(1, 2, 3, 4)
+    for p, q in zip(m._TO_BRANCH, m._FROM_BRANCH):
+        torch.testing.assert_close(v.permute(*p).permute(*q), v)
+    assert sorted(v.permute(*p).shape[1] for p in m._TO_BRANCH) == [2, 3, 4]
+
+
+def test_validation_metric_is_zero_for_identical_and_grows():
+    rng = np.random.default_rng(0)
+    real = rng.random((20, 25, 25, 25)).astype(np.float32)
+    ep = np.full(20, 100.0)
+    assert m.shower_metric(real, real, ep) == pytest.approx(0.0)
+    shifted = np.roll(real, 3, axis=3)
+    shifted[..., :3] = 0
+    assert m.shower_metric(real, shifted, ep) > 0.05
+
+
+# ---------------------------------------------------------------- API used by adagan.py
+
+
+def test_api_train_with_weights_generate_write_load(toy, tmp_path):
+    ecal, ep = m.load_lcd(toy("lcd", 32, 1))
+    assert ecal.shape == (32, 25, 25, 25) and ecal.dtype == np.float32 and ep.shape == (32,)
+    args = m.get_args(["--width", "0.125", "--batch-size", "8", "--epochs", "1", "--val-frac", "0.25",
+                       "--device", "cpu"])
+    tr, va = m.split_indices(32, args.val_frac, args.seed)
+    w = np.zeros(len(tr))
+    w[:4] = 1.0                                  # only 4 events may be drawn
+    lines = []
+    res = m.train(args, ecal, ep, weights=w / w.sum(), out_dir=str(tmp_path), log=lines.append)
+    G = res["generator"]
+    assert not G.training and res["best_epoch"] == 1 and len(res["history"]) == 1
+    assert list(res["val_idx"]) == list(va)
+    x = m.generate(G, np.array([10.0, 250.0]), seed=0)
+    assert x.shape == (2, 25, 25, 25) and x.dtype == np.float32 and (x >= 0).all()
+    np.testing.assert_array_equal(x, m.generate(G, np.array([10.0, 250.0]), seed=0))
+    assert x[1].sum() > x[0].sum()              # conditioned: more energy at 250 GeV than at 10 GeV
+    G2, ck = m.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    np.testing.assert_array_equal(m.generate(G2, np.array([10.0, 250.0]), seed=0), x)
+    m.write_lcd(str(tmp_path / "g.h5"), x, np.array([10.0, 250.0]))
+    x3, e3 = m.load_lcd(str(tmp_path / "g.h5"))
+    np.testing.assert_array_equal(x3, x)
+    with pytest.raises(ValueError):
+        m.train(args, ecal, ep, weights=np.ones(5))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory, toy):
+    """A 2-epoch tiny run on a toy LCD file, and the same run made as 1 epoch + --resume 1 epoch."""
+    data = toy("lcd", 32, 0)
+    base = tmp_path_factory.mktemp("e2e")
+    full = run_script("2dgan.py", "--data", data, "--epochs", "2", "--out", "full", *TINY, cwd=base)
+    assert full.returncode == 0, full.stderr
+    part = run_script("2dgan.py", "--data", data, "--epochs", "1", "--out", "part", *TINY, cwd=base)
+    assert part.returncode == 0, part.stderr
+    res = run_script("2dgan.py", "--data", data, "--epochs", "2", "--out", "part", "--resume", *TINY, cwd=base)
+    assert res.returncode == 0, res.stderr
+    return base, full, res
+
+
+def test_train_outputs(run2):
+    base, full, _ = run2
+    out = base / "full"
+    for name in ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "plots/sampling_fraction.png",
+                 "plots/profiles.png", "plots/moments.png", "plots/hits_spectrum.png"):
+        assert (out / name).is_file(), name
+    assert "epoch 2/2 | step" in full.stdout and "samples/s | ETA" in full.stdout
+    with h5py.File(out / "generated.h5") as f:
+        x, t = f["ECAL"][:], f["target"][:]
+    assert x.shape == (8, 25, 25, 25) and t.shape == (8, 2)
+    assert np.isfinite(x).all() and (x >= 0).all() and (t[:, 1] > 0).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["toy"] is True and len(metrics["history"]) == 2 and len(metrics["val_indices"]) == 8
+    with h5py.File(base / metrics["data"] if not os.path.isabs(metrics["data"]) else metrics["data"]) as f:
+        np.testing.assert_allclose(t[:, 1], f["target"][:, 1][metrics["val_indices"]])   # held-out Ep
+    assert "epoch 2/2" in (out / "log.txt").read_text()
+
+
+def test_resume_continues_and_matches_uninterrupted(run2):
+    base, _, res = run2
+    assert "resumed from" in res.stdout and "epoch 2/2" in res.stdout
+    ck_full = torch.load(base / "full" / "ckpt.pt", weights_only=False)
+    ck_part = torch.load(base / "part" / "ckpt.pt", weights_only=False)
+    assert ck_part["epoch"] == 2 and ck_part["step"] == ck_full["step"]
+    for a, b in zip(ck_full["history"], ck_part["history"]):
+        assert a["loss_d"] == pytest.approx(b["loss_d"], rel=1e-4)
+        assert a["val_metric"] == pytest.approx(b["val_metric"], rel=1e-4)
+    for k, v in ck_full["model"]["G"].items():
+        torch.testing.assert_close(ck_part["model"]["G"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_from_checkpoint(run2, tmp_path):
+    base = run2[0]
+    r = run_script("2dgan.py", "--generate", "7", "--ckpt", base / "full" / "ckpt.pt", "--energy", "2:500",
+                   "--out", tmp_path / "gen.h5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "gen.h5") as f:
+        assert f["ECAL"].shape == (7, 25, 25, 25) and f["target"].shape == (7, 2)
+        e = f["target"][:, 1]
+        assert ((e >= 2) & (e <= 500)).all() and (f["ECAL"][:] >= 0).all()
+
+
+def test_streamed_glob_of_files(tmp_path, toy):
+    for i, seed in enumerate((4, 5)):
+        os.symlink(toy("lcd", 16, seed), tmp_path / f"EleEscan_{i}.h5")
+    r = run_script("2dgan.py", "--data", tmp_path / "EleEscan_*.h5", "--max-data-gb", "1e-6", "--epochs", "1",
+                   "--out", "s", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "streamed file by file" in r.stdout
+    with h5py.File(tmp_path / "s" / "generated.h5") as f:
+        assert f["ECAL"].shape == (8, 25, 25, 25)
+
+
+def test_torchrun_two_processes(tmp_path, toy):
+    r = run_torchrun("2dgan.py", "--data", toy("lcd", 32, 0), "--epochs", "1", "--out", "ddp", *TINY,
+                     cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("epoch 1/1 | step") >= 1
+    assert (tmp_path / "ddp" / "generated.h5").is_file() and (tmp_path / "ddp" / "ckpt.pt").is_file()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _write(path, **arrays):
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+    return path
+
+
+def _good(n=4):
+    return np.zeros((n, 25, 25, 25), np.float32), np.c_[np.full(n, 11.0), np.full(n, 50.0)].astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_ecal", "shape", "nan", "ep0", "empty", "mismatch"])
+def test_bad_input_exits_2_with_one_line(tmp_path, case, capfd):
+    x, t = _good()
+    p = str(tmp_path / f"{case}.h5")
+    if case == "no_ecal":
+        _write(p, target=t)
+    elif case == "shape":
+        _write(p, ECAL=np.zeros((4, 25, 25, 20), np.float32), target=t)
+    elif case == "nan":
+        x[0, 1, 2, 3] = np.nan
+        _write(p, ECAL=x, target=t)
+    elif case == "ep0":
+        t[1, 1] = 0.0
+        _write(p, ECAL=x, target=t)
+    elif case == "empty":
+        _write(p, ECAL=np.zeros((0, 25, 25, 25), np.float32), target=np.zeros((0, 2), np.float32))
+    elif case == "mismatch":
+        _write(p, ECAL=x, target=t[:3])
+    flags = ["--data", p, "--out", str(tmp_path / "o"), "--epochs", "1", *TINY]
+    if case == "nan":      # one case as a user runs it; the others in-process (same code path, faster)
+        r = run_script("2dgan.py", *flags, cwd=tmp_path)
+        code, err = r.returncode, r.stderr
+    else:
+        code = m.main(flags)
+        err = capfd.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("2dgan.py: error: ") and p in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_bad_flag_and_help(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        m.get_args(["--epochs", "0"])
+    assert e.value.code == 2
+    h = run_script("2dgan.py", "--help", cwd=tmp_path)
+    assert h.returncode == 0 and "--benchmark" in h.stdout and "--compile" in h.stdout
+
+
+def test_benchmark_json_and_bf16_ignored_on_cpu(tmp_path):
+    r = run_script("2dgan.py", "--benchmark", "--device", "cpu", "--dtype", "bf16", "--width", "0.125",
+                   "--gen-batch", "8", "--batch-size", "4", "--bench-steps", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["script"] == "2dgan.py" and out["dtype"] == "fp32" and out["gen_showers_per_s"] > 0
+    assert out["train_samples_per_s"] > 0 and "ignored" in r.stderr
+    assert os.listdir(tmp_path) == []
+    args = m.get_args(["--compile", "--dtype", "bf16"])
+    assert args.compile and args.dtype == "bf16"
