@@ -23,7 +23,8 @@ Run commands:
 Outputs in --out DIR: ensemble.pt (the ensemble state: components, betas, mixture weights, the data
 weights of every component, the held-out split, evaluation features), component_<t>/ckpt.pt (2dgan.py
 checkpoints), generated.h5 (LCD format, conditioned on the held-out real Ep), metrics.json,
-plots/{sampling_fraction,shower_shapes,data_weights}.png, log.txt. A stopped run resumes with
+plots/{sampling_fraction,shower_shapes,data_weights}.png (curves for the ensemble of 1, 2, ..., T
+components; refreshed after every component that took over a minute, and at the end), log.txt. A stopped run resumes with
 --resume at the component it was working on (the weights of a pending component are saved before
 its training starts, so they are not recomputed).
 
@@ -474,14 +475,15 @@ def train(args, log):
                                                    dtype=dtype), ep[ev]))
         st["pending"] = None
         save()
-        if rank == 0:
-            write_plots(st, args.out)
+        if rank == 0 and time.time() - t0 > 60 and t + 1 < args.components:
+            write_plots(st, args.out)                       # long runs: refresh the plots as components finish
         log(f"component {t + 1}/{args.components} done in {time.time() - t0:.0f} s | mixture weights "
             f"{np.array2string(st['mix_weights'][-1], precision=3)} | sampling-fraction |true/gen - 1| "
             f"{np.nanmean(np.abs(sf_ratio(st, t)[1] - 1)):.4f} | saved {state_path}")
         if ddp:
             torch.distributed.barrier()
     if rank == 0:
+        write_plots(st, args.out)
         finish(st, gens, ecal, ep, args, device, log)
     return st
 

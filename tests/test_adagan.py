@@ -245,3 +245,136 @@ def test_resume_adds_components_and_weights_follow_the_mixdisc(tmp_path, toy64, 
     assert w is not None and len(w) == len(st["train_ep"]) and w.sum() == pytest.approx(1.0)
     np.testing.assert_allclose(st["mix_weights"][-1], [0.5, 0.5])
     assert st["lambdas"][1] is not None and st["mixdisc"][1]["best_epoch"] >= 1
+
+
+# ---------------------------------------------------------------- end to end with the real 2dgan.py (T = 3)
+
+TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--mixdisc-epochs", "1", "--mixdisc-width", "2",
+        "--mixdisc-batch", "16", "--n-eval", "8", "--log-every", "1000", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ens(tmp_path_factory, toy):
+    """A T=3 ensemble on 64 toy LCD showers: 2 components, stopped, then resumed to 3."""
+    data = toy("lcd", 48)
+    cwd = tmp_path_factory.mktemp("ada")
+    out = cwd / "run"
+    r1 = run_script("adagan.py", "--data", data, "--out", out, "--components", "2", *TINY, cwd=cwd)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    st2 = ada.load_state(str(out / "ensemble.pt"))
+    r2 = run_script("adagan.py", "--data", data, "--out", out, "--components", "3", "--resume", *TINY, cwd=cwd)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    return {"data": data, "cwd": cwd, "out": out, "r1": r1, "r2": r2, "st2": st2,
+            "st3": ada.load_state(str(out / "ensemble.pt"))}
+
+
+def _check_lcd(path, n=None, lo=0.0, hi=1e9):
+    import h5py
+    with h5py.File(path, "r") as f:
+        ecal, target = f["ECAL"][:], f["target"][:]
+    assert ecal.shape[1:] == (25, 25, 25) and target.shape == (len(ecal), 2)
+    assert n is None or len(ecal) == n
+    assert np.isfinite(ecal).all() and (ecal >= 0).all()
+    assert (target[:, 1] >= lo).all() and (target[:, 1] <= hi).all()
+    return ecal, target
+
+
+def test_e2e_ensemble_files_and_state(ens):
+    out, st2, st3 = ens["out"], ens["st2"], ens["st3"]
+    assert len(st2["components"]) == 2 and st2["pending"] is None
+    assert st3["components"] == ["component_0", "component_1", "component_2"]
+    for t in range(3):
+        assert (out / f"component_{t}" / "ckpt.pt").exists()
+    np.testing.assert_allclose(st3["betas"], [1, 1 / 2, 1 / 3])
+    np.testing.assert_allclose(st3["mix_weights"][-1], [1 / 3] * 3)
+    for w in st3["data_weights"]:
+        assert np.all(w >= 0) and w.sum() == pytest.approx(1.0) and len(w) == len(st3["train_ep"])
+    for a, b in zip(st2["data_weights"], st3["data_weights"]):     # resuming left the done components alone
+        np.testing.assert_array_equal(a, b)
+    assert "resuming" in (out / "log.txt").read_text() and "resuming" in ens["r2"].stdout
+    assert "component 3/3" in ens["r2"].stdout and "component 1/3" not in ens["r2"].stdout
+    for name in ("sampling_fraction.png", "shower_shapes.png", "data_weights.png"):
+        assert (out / "plots" / name).stat().st_size > 1000
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["components"] == 3 and m["toy"] is False and len(m["sf_ratio_mean_abs_dev"]) == 3
+    _check_lcd(out / "generated.h5", n=len(st3["val_idx"]))
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_e2e_generate_from_the_ensemble(ens):
+    gen = ens["cwd"] / "gen.h5"
+    r = run_script("adagan.py", "--generate", "24", "--ckpt", ens["out"], "--energy", "10:200", "--out", gen,
+                   "--device", "cpu", cwd=ens["cwd"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    _check_lcd(gen, n=24, lo=10, hi=200)
+    assert "3 components" in r.stdout
+
+
+def test_e2e_bad_input_subprocess(ens):
+    out = ens["cwd"] / "bad_run"
+    r = run_script("adagan.py", "--data", ens["cwd"] / "missing.h5", "--out", out, *TINY, cwd=ens["cwd"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adagan.py: error: ") and "missing.h5" in lines[0]
+    assert not out.exists()
+
+
+def _bad(tmp_path, name, **arrays):
+    import h5py
+    path = tmp_path / name
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+    return path
+
+
+def test_bad_inputs_exit_2_one_line_nothing_written(tmp_path, capsys):
+    good_e = np.zeros((20, 25, 25, 25), np.float32)
+    tgt = np.c_[np.full(20, 11.0), np.linspace(2, 500, 20)].astype(np.float32)
+    nan_e = good_e.copy()
+    nan_e[0, 0, 0, 0] = np.nan
+    cases = {
+        "nokey.h5": ["--data", str(_bad(tmp_path, "nokey.h5", target=tgt))],
+        "nan.h5": ["--data", str(_bad(tmp_path, "nan.h5", ECAL=nan_e, target=tgt))],
+        "neg.h5": ["--data", str(_bad(tmp_path, "neg.h5", ECAL=good_e - 1, target=tgt))],
+        "shape.h5": ["--data", str(_bad(tmp_path, "shape.h5", ECAL=np.zeros((20, 10, 10, 10), np.float32), target=tgt))],
+        "count.h5": ["--data", str(_bad(tmp_path, "count.h5", ECAL=good_e, target=tgt[:5]))],
+        "ensemble.pt": ["--data", str(_bad(tmp_path, "ok.h5", ECAL=good_e + 1e-3, target=tgt)), "--resume"],
+    }
+    for name, argv in cases.items():
+        out = tmp_path / f"out_{name}"
+        assert ada.main(argv + ["--out", str(out)] + TINY) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("adagan.py: error: ") and name in err[0], (name, err)
+        assert not out.exists(), name
+    # sampling from a folder that holds no ensemble, and to a folder that does not exist
+    assert ada.main(["--generate", "5", "--ckpt", str(tmp_path), "--out", str(tmp_path / "g.h5")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert ada.main(["--generate", "5", "--ckpt", str(tmp_path), "--out", str(tmp_path / "no" / "g.h5")]) == 2
+    assert "g.h5" in capsys.readouterr().err and not (tmp_path / "g.h5").exists()
+
+
+@pytest.mark.parametrize("argv", [["--components", "0"], ["--energy", "500:2"], ["--beta-const", "1.5"],
+                                  ["--generate", "5"], ["--beta", "cosine"]])
+def test_bad_flags_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        ada.get_args(argv)
+    assert e.value.code == 2
+
+
+def test_help_on_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        ada.get_args(["--help"])
+    assert e.value.code == 0
+    import argparse
+    parser_help = capsys.readouterr().out
+    assert "--components" in parser_help and "--mixdisc-epochs" in parser_help
+    p = argparse.ArgumentParser()
+    assert p is not None
+
+
+def test_benchmark_prints_json(capsys):
+    assert ada.main(["--benchmark", "--width", "0.05", "--mixdisc-batch", "4", "--mixdisc-width", "2",
+                     "--device", "cpu"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["script"] == "adagan.py" and rec["gen_showers_per_s"] > 0 and rec["train_samples_per_s"] > 0
