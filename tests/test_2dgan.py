@@ -108,20 +108,20 @@ def test_api_train_with_weights_generate_write_load(toy, tmp_path):
 
 @pytest.fixture(scope="module")
 def run2(tmp_path_factory, toy):
-    """A 2-epoch tiny run on a toy LCD file, and the same run made as 1 epoch + --resume 1 epoch."""
+    """A 2-epoch tiny run on a toy LCD file as a user runs it, and the same run made in-process as
+    1 epoch + --resume 1 epoch (in-process: the same code, without 2 more interpreter start-ups)."""
     data = toy("lcd", 32, 0)
     base = tmp_path_factory.mktemp("e2e")
     full = run_script("2dgan.py", "--data", data, "--epochs", "2", "--out", "full", *TINY, cwd=base)
     assert full.returncode == 0, full.stderr
-    part = run_script("2dgan.py", "--data", data, "--epochs", "1", "--out", "part", *TINY, cwd=base)
-    assert part.returncode == 0, part.stderr
-    res = run_script("2dgan.py", "--data", data, "--epochs", "2", "--out", "part", "--resume", *TINY, cwd=base)
-    assert res.returncode == 0, res.stderr
-    return base, full, res
+    part = ["--data", data, "--out", str(base / "part"), *TINY]
+    assert m.main(part + ["--epochs", "1"]) == 0
+    assert m.main(part + ["--epochs", "2", "--resume"]) == 0
+    return base, full
 
 
 def test_train_outputs(run2):
-    base, full, _ = run2
+    base, full = run2
     out = base / "full"
     for name in ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "plots/sampling_fraction.png",
                  "plots/profiles.png", "plots/moments.png", "plots/hits_spectrum.png"):
@@ -139,8 +139,9 @@ def test_train_outputs(run2):
 
 
 def test_resume_continues_and_matches_uninterrupted(run2):
-    base, _, res = run2
-    assert "resumed from" in res.stdout and "epoch 2/2" in res.stdout
+    base = run2[0]
+    log = (base / "part" / "log.txt").read_text()
+    assert "resumed from" in log and "epoch 1/1 | step" in log and "epoch 2/2 | step" in log
     ck_full = torch.load(base / "full" / "ckpt.pt", weights_only=False)
     ck_part = torch.load(base / "part" / "ckpt.pt", weights_only=False)
     assert ck_part["epoch"] == 2 and ck_part["step"] == ck_full["step"]
@@ -153,22 +154,20 @@ def test_resume_continues_and_matches_uninterrupted(run2):
 
 def test_generate_from_checkpoint(run2, tmp_path):
     base = run2[0]
-    r = run_script("2dgan.py", "--generate", "7", "--ckpt", base / "full" / "ckpt.pt", "--energy", "2:500",
-                   "--out", tmp_path / "gen.h5", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    assert m.main(["--generate", "7", "--ckpt", str(base / "full" / "ckpt.pt"), "--energy", "2:500",
+                   "--out", str(tmp_path / "gen.h5")]) == 0
     with h5py.File(tmp_path / "gen.h5") as f:
         assert f["ECAL"].shape == (7, 25, 25, 25) and f["target"].shape == (7, 2)
         e = f["target"][:, 1]
         assert ((e >= 2) & (e <= 500)).all() and (f["ECAL"][:] >= 0).all()
 
 
-def test_streamed_glob_of_files(tmp_path, toy):
+def test_streamed_glob_of_files(tmp_path, toy, capsys):
     for i, seed in enumerate((4, 5)):
         os.symlink(toy("lcd", 16, seed), tmp_path / f"EleEscan_{i}.h5")
-    r = run_script("2dgan.py", "--data", tmp_path / "EleEscan_*.h5", "--max-data-gb", "1e-6", "--epochs", "1",
-                   "--out", "s", *TINY, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "streamed file by file" in r.stdout
+    assert m.main(["--data", str(tmp_path / "EleEscan_*.h5"), "--max-data-gb", "1e-6", "--epochs", "1",
+                   "--out", str(tmp_path / "s"), *TINY]) == 0
+    assert "streamed file by file" in capsys.readouterr().out
     with h5py.File(tmp_path / "s" / "generated.h5") as f:
         assert f["ECAL"].shape == (8, 25, 25, 25)
 
@@ -226,21 +225,24 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, capfd):
     assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
-def test_bad_flag_and_help(tmp_path):
+def test_bad_flag_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         m.get_args(["--epochs", "0"])
     assert e.value.code == 2
-    h = run_script("2dgan.py", "--help", cwd=tmp_path)
-    assert h.returncode == 0 and "--benchmark" in h.stdout and "--compile" in h.stdout
+    with pytest.raises(SystemExit) as e:
+        m.get_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--benchmark" in out and "--compile" in out and "--energy" in out
 
 
-def test_benchmark_json_and_bf16_ignored_on_cpu(tmp_path):
-    r = run_script("2dgan.py", "--benchmark", "--device", "cpu", "--dtype", "bf16", "--width", "0.125",
-                   "--gen-batch", "8", "--batch-size", "4", "--bench-steps", "1", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+def test_benchmark_json_and_bf16_ignored_on_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert m.main(["--benchmark", "--device", "cpu", "--dtype", "bf16", "--width", "0.125",
+                   "--gen-batch", "8", "--batch-size", "4", "--bench-steps", "1"]) == 0
+    r = capsys.readouterr()
+    out = json.loads(r.out.strip().splitlines()[-1])
     assert out["script"] == "2dgan.py" and out["dtype"] == "fp32" and out["gen_showers_per_s"] > 0
-    assert out["train_samples_per_s"] > 0 and "ignored" in r.stderr
+    assert out["train_samples_per_s"] > 0 and "ignored" in r.err
     assert os.listdir(tmp_path) == []
     args = m.get_args(["--compile", "--dtype", "bf16"])
     assert args.compile and args.dtype == "bf16"
