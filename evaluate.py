@@ -156,7 +156,7 @@ def _detect(path, keys):
         return "lhcb"
     if "30x30/layers" in keys:
         return "ild"
-    if "showers" in keys and shp["showers"][1:] == (10, 10):
+    if "showers" in keys and shp["showers"][1:] in ((10, 10), (100,)):
         return "ild"
     if "showers" in keys or "incident_energies" in keys:
         return "calochallenge1"
@@ -251,7 +251,7 @@ def load(path, max_events=None):
                 n = min(ds.shape[0], max_events or ds.shape[0])
                 cells = _read_checked(path, "30x30/layers", ds, n, transform=common.reduce_ild).reshape(n, -1)
             else:
-                ds = _need(path, keys, "showers", [(10, 10)])
+                ds = _need(path, keys, "showers", [(10, 10), (100,)])
                 ekey = next((k for k in ("energy", "30x30/energy") if k in keys), None)
                 e = None if ekey is None else _need(path, keys, ekey, [(), (1,)], ds.shape[0])
                 n = min(ds.shape[0], max_events or ds.shape[0])

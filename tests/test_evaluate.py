@@ -1,0 +1,243 @@
+"""Tests of evaluate.py: format detection, yardsticks on identical / independent / distorted toy
+samples, plots and report, bad input. Most runs are in-process (evaluate.main) to spare the
+torch import per run; two subprocess runs check the command line as a user sees it."""
+import importlib
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+ev = importlib.import_module("evaluate")
+ev.torch.set_num_threads(1)  # tiny networks: threads only contend on the shared CI cores
+N = 200                     # showers per toy file: small, but enough for the statistics asserted below
+FAST = ["--cls-hidden", "32", "--cls-epochs", "8", "--cls-patience", "3", "--prd-runs", "2", "--no-plots"]
+
+
+def distort(src, dst, key, fn):
+    """Copy an HDF5 file and replace dataset `key` by fn(array)."""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "a") as f:
+        a = f[key][...]
+        del f[key]
+        f[key] = fn(a)
+    return str(dst)
+
+
+def evaluate(tmp, *files, extra=()):
+    """Run evaluate.main in-process; returns metrics.json as a dict."""
+    out = os.path.join(str(tmp), "report")
+    assert ev.main([*map(str, files), "--out", out, *FAST, *extra]) == 0
+    with open(os.path.join(out, "metrics.json")) as fh:
+        return json.load(fh)
+
+
+# ------------------------------------------------------------------ format detection
+
+@pytest.mark.parametrize("kind,det,cells", [
+    ("lcd", "lcd", 15625), ("atlas89", "atlas89", 89), ("atlas247", "atlas247", 247),
+    ("calochallenge1", "calochallenge1", 368), ("lhcb", "lhcb", 900), ("ild", "ild", 100)])
+def test_detect_and_load(toy, kind, det, cells):
+    d = ev.load(toy(kind, 20))
+    assert d["detector"] == det and d["cells"].shape == (20, cells) and d["toy"]
+    assert np.all(d["e_inc"] > 0) and d["cells"].dtype == np.float32
+
+
+def test_detect_other_layouts(toy, tmp_path):
+    # LHCb .npz; ILD already reduced (vaegan.py's generated format); LCD 51x51x25 cropped to 25x25x25
+    assert ev.load(toy("lhcb", 20, suffix=".npz"))["detector"] == "lhcb"
+    with h5py.File(toy("ild", 20), "r") as f:
+        layers, energy = f["30x30/layers"][...], f["30x30/energy"][...]
+    red = tmp_path / "ild_reduced.h5"
+    with h5py.File(red, "w") as f:
+        f["showers"], f["energy"] = ev.common.reduce_ild(layers), energy
+    d = ev.load(str(red))
+    np.testing.assert_allclose(d["cells"], ev.load(toy("ild", 20))["cells"], rtol=1e-6)
+    with h5py.File(toy("lcd", 20), "r") as f:
+        ecal, ep = f["ECAL"][...], f["target"][:, 1]
+    big = np.zeros((20, 51, 51, 25), np.float32)
+    big[:, 13:38, 13:38, :] = ecal
+    wide = tmp_path / "lcd51.h5"
+    with h5py.File(wide, "w") as f:
+        f["ECAL"], f["energy"] = big, ep
+    d = ev.load(str(wide))
+    np.testing.assert_array_equal(d["cells"], ecal.reshape(20, -1))
+    np.testing.assert_allclose(d["e_inc"], ep)
+
+
+# ------------------------------------------------------------------ yardsticks per format
+
+@pytest.mark.parametrize("kind", ["lcd", "atlas89", "atlas247", "calochallenge1", "lhcb", "ild"])
+def test_identical_and_independent(toy, tmp_path, kind):
+    """real vs itself: separation 0, Frechet 0, AUC 0.5; real vs another seed: small, nothing flagged."""
+    real = toy(kind, N)
+    m = evaluate(tmp_path, real, real, toy(kind, N, seed=1))
+    assert m["detector"] == kind and m["toy"] and m["real"]["n_events"] == N
+    same, other = m["generated"]
+    assert max(same["separation_power"].values()) < 1e-12
+    assert same["frechet_distance"] < 1e-6
+    assert abs(same["classifier"]["auc"] - 0.5) < 0.05
+    assert same["flagged"] == []
+    assert other["separation_power_mean"] < 0.06
+    assert other["classifier"]["auc"] < 0.7
+    assert set(other["separation_power"]) == set(m["features"])
+    extra = {"lcd": "lcd", "atlas89": "atlas", "atlas247": "atlas", "lhcb": "lhcb", "ild": "ild"}.get(kind)
+    if extra:
+        assert extra in other
+    if kind == "lhcb":
+        assert same["lhcb"]["prd_auc_score"] > 0.99 > other["lhcb"]["prd_auc_score"] > 0.5
+    if kind == "ild":
+        assert max(same["ild"]["quantile_jsd"].values()) < 1e-12
+        assert set(other["ild"]["quantile_jsd"]) == set(ev.ILD_OBS)
+    if kind.startswith("atlas"):
+        assert same["atlas"]["correlation_mse"] < 1e-12 and same["memorisation"]   # copies are caught
+        assert not other["memorisation"]
+
+
+def test_lcd_distortions_flagged(toy, tmp_path):
+    real = toy("lcd", N)
+    scaled = distort(real, tmp_path / "x11.h5", "ECAL", lambda a: a * 1.1)
+    shifted = distort(real, tmp_path / "shift.h5", "ECAL", lambda a: np.roll(a, 1, axis=1))
+    m = evaluate(tmp_path, real, toy("lcd", N, seed=1), scaled, shifted)
+    good, x11, shift = m["generated"]
+    assert "e_ratio" in x11["flagged"] and x11["separation_power"]["e_ratio"] > 0.5
+    assert abs(x11["lcd"]["sampling_fraction_max_abs_ratio_minus_1"] - 0.1) < 0.01
+    assert "centre_x" in shift["flagged"] and shift["separation_power"]["centre_x"] > 0.5
+    assert "centre_y" not in shift["flagged"]
+    for bad in (x11, shift):
+        assert bad["classifier"]["auc"] > 0.8 and bad["classifier"]["jsd"] > 0.2
+        assert bad["frechet_distance"] > 10 * good["frechet_distance"]
+        assert bad["verdict"].startswith("FAIL")
+    assert good["flagged"] == [] and not good["verdict"].startswith("FAIL")
+
+
+def test_calochallenge_energy_scale_flagged(toy, tmp_path):
+    real = toy("calochallenge1", N)
+    scaled = distort(real, tmp_path / "x11.h5", "showers", lambda a: a * 1.1)
+    bad = evaluate(tmp_path, real, scaled)["generated"][0]
+    assert "e_ratio" in bad["flagged"] and bad["classifier"]["auc"] > 0.75
+
+
+def test_ild_amplification_and_plots(toy, tmp_path):
+    real = toy("ild", N)
+    out = tmp_path / "amp"
+    assert ev.main([real, toy("ild", N, seed=1), "--amplification", "--out", str(out), "--cls-hidden", "16",
+                    "--cls-epochs", "2", "--quantiles", "5"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    amp = m["generated"][0]["ild"]["amplification"]
+    assert amp["n_reference"] + amp["n_truth_pool"] == N
+    for obs in ("e_vis", "n_hits", "cog_x", "cog_y"):
+        a = amp["observables"][obs]
+        assert len(a["truth_jsd"]) == len(a["truth_sizes"]) and a["gen_sizes"][-1] == N
+    for name in ("amplification", "pixel_spectrum", "hist_energy_and_hits"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 0 and (out / "plots" / f"{name}.pdf").exists()
+
+
+# ------------------------------------------------------------------ command line, plots, report
+
+def test_cli_atlas_two_generators_plots_and_report(toy, tmp_path):
+    real = toy("atlas89", N)
+    scaled = distort(real, tmp_path / "x11.h5", "cells", lambda a: a * 1.1)
+    r = run_script("evaluate.py", real, toy("atlas89", N, seed=1), scaled, "--labels", "good,scaled",
+                   "--out", "rep", "--cls-hidden", "32", "--cls-epochs", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = tmp_path / "rep"
+    m = json.loads((rep / "metrics.json").read_text())
+    assert [g["label"] for g in m["generated"]] == ["good", "scaled"]
+    assert "e_ratio" in m["generated"][1]["flagged"]
+    md = (rep / "report.md").read_text()
+    assert "TOY" in md and "| good (TOY) |" in md and "| scaled (TOY) |" in md
+    for name in m["plots"]:
+        assert (rep / "plots" / f"{name}.png").exists() and (rep / "plots" / f"{name}.pdf").exists()
+    assert {"cell_variance", "hist_energy_and_hits", "width_phi_middle_vs_energy"} <= set(m["plots"])
+    assert not [p for p in os.listdir(rep) + os.listdir(rep / "plots") if ".tmp" in p]
+    assert "classifier good: epoch 1/2" in r.stdout
+
+
+def test_cli_bad_input_subprocess(tmp_path):
+    r = run_script("evaluate.py", "missing.h5", "gen.h5", "--out", "rep", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["evaluate.py: error: missing.h5: no such file"]
+    assert not (tmp_path / "rep").exists()
+
+
+def _bad_files(toy, tmp):
+    real = toy("atlas89", 20)
+    with h5py.File(tmp / "wrong_keys.h5", "w") as f:
+        f["foo"] = np.zeros((3, 4))
+    (tmp / "text.h5").write_text("not hdf5")
+    nan = distort(real, tmp / "nan.h5", "cells", lambda a: np.where(np.arange(89) == 3, np.nan, a))
+    neg = distort(real, tmp / "neg.h5", "cells", lambda a: a - 1e4)
+    empty = distort(real, tmp / "empty.h5", "cells", lambda a: a[:0])
+    short = distort(real, tmp / "short.h5", "energy", lambda a: a[:5])
+    shape = distort(real, tmp / "shape.h5", "cells", lambda a: a[:, :50])
+    zero_e = distort(real, tmp / "zero_e.h5", "energy", lambda a: a * 0)
+    return real, [
+        ([real, str(tmp / "missing.h5")], "missing.h5: no such file"),
+        ([real, str(tmp / "wrong_keys.h5")], "wrong_keys.h5: unknown format"),
+        ([real, str(tmp / "text.h5")], "text.h5: not a readable HDF5 file"),
+        ([real, toy("atlas247", 20)], "detector atlas247 differs"),
+        ([real, nan], "nan.h5: 'cells' has NaN or inf"),
+        ([real, neg], "neg.h5: 'cells' has negative"),
+        ([real, empty], "empty.h5: 'cells' is empty"),
+        ([real, short], "short.h5: 'energy' has 5 events but the showers have 20"),
+        ([real, shape], "shape.h5: 'cells' has shape (20, 50)"),
+        ([real, zero_e], "zero_e.h5: the incident energy has"),
+        ([real, real, "--amplification"], "--amplification is the ILD"),
+    ]
+
+
+def test_bad_inputs_exit_2_one_line(toy, tmp_path, capsys):
+    _, cases = _bad_files(toy, tmp_path)
+    for argv, msg in cases:
+        out = tmp_path / "rep"
+        assert ev.main([*argv, "--out", str(out)]) == 2, msg
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("evaluate.py: error: ") and msg in err[0], (msg, err)
+        assert not out.exists(), msg
+
+
+@pytest.mark.parametrize("argv", [["only_one.h5"], ["a.h5", "b.h5", "--labels", "x,y"], ["a.h5", "b.h5", "--bins", "-1"],
+                                  ["a.h5", "b.h5", "--max-events", "0"]])
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--help"])
+    assert e.value.code == 0 and "--amplification" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ units
+
+def test_auc_score_known_values():
+    y = np.array([1, 1, 0, 0])
+    assert ev.auc_score(y, np.array([0.9, 0.8, 0.1, 0.2])) == 1.0
+    assert ev.auc_score(y, np.array([0.1, 0.2, 0.9, 0.8])) == 0.0
+    assert ev.auc_score(y, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert ev.auc_score(y, np.array([0.9, 0.2, 0.5, 0.1])) == 0.75   # pairs: 1>0 1>0, 0<1 0>1 -> 3/4
+
+
+def test_classifier_separates_shifted_gaussians():
+    rng = np.random.default_rng(0)
+    args = ev.get_args(["a", "b", "--cls-hidden", "16", "--cls-epochs", "20"])
+    x = rng.standard_normal((600, 5)).astype(np.float32)
+    res = ev.two_sample_test(x, x + np.float32(2.0), args, ev.torch.device("cpu"), lambda s: None, "t")
+    assert res["auc"] > 0.95 and 0 < res["jsd"] <= 1 and res["calibration"]["a"] > 0
+    res = ev.two_sample_test(x[:300], x[300:], args, ev.torch.device("cpu"), lambda s: None, "t")
+    assert abs(res["auc"] - 0.5) < 0.12 and res["jsd"] < 0.1
+
+
+def test_separation_power_clipping_counts_tails():
+    real = np.linspace(0, 1, 1000)
+    edges, log = ev.edges_for(real, [real], 10)
+    assert not log and ev.sep_power(real, real, edges) == 0.0
+    # a generated sample far outside the real range is not dropped: it lands in the end bin
+    assert ev.sep_power(real, real + 100, ev.edges_for(real, [], 10)[0]) > 0.8
