@@ -517,11 +517,13 @@ def benchmark(args, device, amp):
                 loss_g.backward()
                 opt_g.step()
     rates = []
-    for fn, n, per in ((gen_run, 5, gb), (train_run, 500, tb)):
-        fn(max(1, n // 5))                                             # warm-up
+    for fn, chunk, per in ((gen_run, 1, gb), (train_run, 50, tb)):
+        fn(chunk)                                                      # warm-up
         sync()
-        t = time.perf_counter()
-        fn(n)
+        t, n = time.perf_counter(), 0
+        while n < 3 * chunk or time.perf_counter() - t < 2.0:          # at least 2 s of work
+            fn(chunk)
+            n += chunk
         sync()
         rates.append(n * per / (time.perf_counter() - t))
     print(json.dumps({"script": SCRIPT, "device": str(device), "dtype": args.dtype if amp else "fp32",
@@ -576,8 +578,10 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
     names, L = geom.layer_names, geom.n_layers
     os.makedirs(folder, exist_ok=True)
 
-    def save(fig, name):
-        fig.tight_layout()
+    def save(fig, name, adjust=True, **kw):
+        if adjust:                      # fixed margins: layout engines cost seconds per figure on a CPU
+            fig.subplots_adjust(**{"left": 0.07, "right": 0.97, "bottom": 0.16, "top": 0.82, "wspace": 0.3,
+                                   "hspace": 0.45, **kw})
         fig.savefig(os.path.join(folder, name + ".tmp.png"), dpi=90)
         plt.close(fig)
         os.replace(os.path.join(folder, name + ".tmp.png"), os.path.join(folder, name + ".png"))
@@ -616,21 +620,40 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
         hists("middle_core_fraction", "Middle-layer energy in the central 3x3 cells / Middle energy",
               common.middle_core_fraction(real, geom)[:, None], common.middle_core_fraction(fake, geom)[:, None],
               "fraction", False, None)
+    if geom.name.startswith("atlas"):                                  # width in phi of Middle vs energy
+        mid = names.index("Middle")
+        e_r = real.sum(1) / 1000.0
+        e_f = np.tile(e_r, len(fake) // len(real))                       # fakes share the real conditions
+        edges = np.geomspace(e_r.min(), e_r.max() * 1.0001, 11)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for e, w, lab, col in ((e_r, cwr["width_y"][:, mid], "real", "grey"), (e_f, cwf["width_y"][:, mid],
+                                                                               "generated", "C3")):
+            mean, std, cnt = common.binned_stat(e, w, edges)
+            ax.errorbar(np.sqrt(edges[1:] * edges[:-1]), mean, std / np.sqrt(np.maximum(cnt, 1)), fmt="o-",
+                        color=col, label=lab, ms=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("cluster energy [GeV]")
+        ax.set_ylabel("Middle width in phi")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{tag}{geom.name}: Middle-layer width in phi vs energy", fontsize=10)
+        save(fig, "middle_width_vs_energy", left=0.16, bottom=0.15, top=0.88)
     # mean shower per layer
-    fig, axs = plt.subplots(2, L, figsize=(3.2 * L, 5), squeeze=False)
+    fig, axs = plt.subplots(2, L, figsize=(3.4 * L, 5.5), squeeze=False)
+    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.1, top=0.88, wspace=0.45, hspace=0.45)
     for lay in range(L):
         ims = [layer_image(geom, lay, v.mean(0))[0] for v in (real, fake)]
+        xl, yl = layer_image(geom, lay, real[:1])[1:]
         pos = np.concatenate([i.ravel() for i in ims])
         pos = pos[pos > 0]
         nrm = LogNorm(pos.min(), pos.max()) if len(pos) and pos.max() > pos.min() else None
         for row, (im, who) in enumerate(zip(ims, ("real", "generated"))):
             h = axs[row][lay].imshow(np.where(im > 0, im, np.nan), norm=nrm, aspect="auto", origin="lower")
             axs[row][lay].set_title(f"{who} {names[lay]}", fontsize=9)
+            axs[row][lay].set_xlabel(xl, fontsize=8)
+            axs[row][lay].set_ylabel(yl, fontsize=8)
         fig.colorbar(h, ax=axs[:, lay].tolist(), label="mean MeV")
     fig.suptitle(f"{tag}{geom.name}: mean shower per layer", fontsize=10)
-    fig.savefig(os.path.join(folder, "mean_shower.tmp.png"), dpi=90)
-    plt.close(fig)
-    os.replace(os.path.join(folder, "mean_shower.tmp.png"), os.path.join(folder, "mean_shower.png"))
+    save(fig, "mean_shower", adjust=False)
     # correlation matrices
     cr, cf = common.correlation_matrix(real), common.correlation_matrix(fake)
     fig, axs = plt.subplots(1, 3, figsize=(14, 4.3))
@@ -639,7 +662,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
         ax.set_title(t, fontsize=9)
         fig.colorbar(h, ax=ax)
     fig.suptitle(f"{tag}{geom.name}: Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}", fontsize=10)
-    save(fig, "correlation")
+    save(fig, "correlation", left=0.03, bottom=0.06, top=0.85, wspace=0.15)
     # variance per cell
     fig, ax = plt.subplots(figsize=(10, 3.5))
     ax.semilogy(common.cell_variance(real), ".", color="grey", label="real")
@@ -650,7 +673,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
     ax.set_ylabel("variance [MeV^2]")
     ax.legend(fontsize=8)
     ax.set_title(f"{tag}{geom.name}: variance per cell", fontsize=10)
-    save(fig, "cell_variance")
+    save(fig, "cell_variance", left=0.08, bottom=0.15, top=0.88)
     # nearest neighbours (memorisation check) in the space of fractions of the cluster total
     nr = real / np.maximum(real.sum(1, keepdims=True), 1e-12)
     nf = fake / np.maximum(fake.sum(1, keepdims=True), 1e-12)
@@ -666,8 +689,8 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
             axs[r][j].set_xticks([])
             axs[r][j].set_yticks([])
             axs[r][j].set_title("real" if j == 0 else f"NN{j} d={dist[r, j - 1]:.3f}", fontsize=8)
-    fig.suptitle(f"{tag}{geom.name}: 5 nearest generated showers ({names[lay]} layer, fractions)", fontsize=10)
-    save(fig, "nearest_neighbours")
+    fig.suptitle(f"{tag}{geom.name}: 5 nearest generated showers (layer {names[lay]}, fractions)", fontsize=10)
+    save(fig, "nearest_neighbours", left=0.02, right=0.98, bottom=0.03, top=0.85)
     # training curves
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for s, h in histories.items():
@@ -676,7 +699,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
     ax.set_ylabel("critic's Wasserstein estimate")
     ax.legend(fontsize=7)
     ax.set_title(f"{tag}{geom.name}: training", fontsize=10)
-    save(fig, "training")
+    save(fig, "training", left=0.16, bottom=0.15, top=0.88)
 
 
 # ---------------------------------------------------------------- main

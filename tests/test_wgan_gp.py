@@ -1,0 +1,281 @@
+"""wgan_gp.py end to end (subprocesses on tiny toy files) and its model pieces (imported)."""
+import argparse
+import importlib
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import run_script, run_torchrun
+
+wg = importlib.import_module("wgan_gp")
+
+def tiny(epochs=2):
+    return ["--epochs", str(epochs), "--batch-size", "16", "--n-critic", "2", "--width", "16", "--latent", "8",
+            "--ckpt-every", "1"]
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def _check_atlas(path, n, n_cells):
+    geom = common.geometry(f"atlas{n_cells}")
+    with h5py.File(path) as f:
+        assert {"cells", "energy", "cell_layer", "cell_eta", "cell_phi"} <= set(f)
+        cells, energy = f["cells"][()], f["energy"][()]
+        assert np.array_equal(f["cell_layer"][()], geom.layer)
+    assert cells.shape == (n, n_cells) and energy.shape == (n,)
+    assert np.all(np.isfinite(cells)) and np.all(cells >= 0) and np.all(energy > 0)
+    assert np.all((cells == 0) | (cells >= geom.noise_cut))          # noise cuts applied
+    assert cells.sum() > 0        # (a barely trained model may leave a low-energy shower under the cuts)
+    return cells, energy
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    """One tiny training on toy atlas89, reused by several tests."""
+    wd = tmp_path_factory.mktemp("wgan_run")
+    data = toy("atlas89", 256)
+    r = _ok(run_script("wgan_gp.py", "--data", data, "--out", "run", *tiny(), cwd=wd))
+    return wd, data, r
+
+
+def test_train_outputs(trained):
+    wd, data, r = trained
+    out = wd / "run"
+    assert "epoch 2/2 | step" in r.stdout and "samples/s | ETA" in r.stdout
+    assert "epoch 2/2" in (out / "log.txt").read_text()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["toy"] is True and m["geometry"] == "atlas89"
+    assert set(m["separation_power"]["fraction_per_layer"]) == {"PreSampler", "Strip", "Middle", "Back"}
+    assert 0 <= m["correlation_mse"] <= 4
+    n_val = m["n_val"]
+    assert n_val == len(m["val_indices"]) == round(0.125 * 256)
+    cells, energy = _check_atlas(out / "generated.h5", n_val, 89)
+    with h5py.File(data) as f:
+        real = common.geometry("atlas89")
+        real_cells = f["cells"][()][m["val_indices"]]
+        real_cells[real_cells < real.noise_cut] = 0
+        assert np.allclose(energy, f["energy"][()][m["val_indices"]])   # conditioned on held-out events
+    # softmax x cluster total: energy conserved, minus what the noise cuts remove
+    assert np.all(cells.sum(1) <= real_cells.sum(1) * (1 + 1e-5))
+    for p in ("mean_shower", "energy_per_layer", "fraction_per_layer", "centre_x_per_layer", "centre_y_per_layer",
+              "width_x_per_layer", "width_y_per_layer", "middle_core_fraction", "correlation", "cell_variance",
+              "nearest_neighbours", "training"):
+        assert (out / "plots" / f"{p}.png").stat().st_size > 1000, p
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["epoch"] == 2 and ck["step"] > 0 and ck["geometry"] == "atlas89" and ck["toy"] is True
+    assert {"python", "numpy", "torch"} <= set(ck["rng"])
+    assert not list(out.glob("*.tmp*")) and not list((out / "plots").glob("*.tmp*"))
+
+
+def test_generate_from_ckpt(trained):
+    wd, data, _ = trained
+    r = _ok(run_script("wgan_gp.py", "--generate", "7", "--ckpt", "run/ckpt.pt", "--energy", "10:100",
+                       "--out", "gen.h5", cwd=wd))
+    assert "wrote 7" in r.stdout
+    cells, energy = _check_atlas(wd / "gen.h5", 7, 89)
+    assert np.all((energy >= 1e4 * 0.999) & (energy <= 1e5 * 1.001))
+    assert np.all(cells.sum(1) <= energy * (1 + 1e-5))
+    # conditions from a file, in process (same code path as the CLI)
+    assert wg.main(["--generate", "5", "--ckpt", str(wd / "run/ckpt.pt"), "--energy-file", data,
+                    "--out", str(wd / "gen2.h5")]) == 0
+    _, e2 = _check_atlas(wd / "gen2.h5", 5, 89)
+    with h5py.File(data) as f:
+        assert np.allclose(e2, f["energy"][:5])
+
+
+def test_resume_continues(trained):
+    wd, data, _ = trained
+    (wd / "run2").mkdir()
+    shutil.copy(wd / "run" / "ckpt.pt", wd / "run2" / "ckpt.pt")
+    r = _ok(run_script("wgan_gp.py", "--data", data, "--out", "run2", "--resume", "--no-plots", *tiny(3), cwd=wd))
+    assert "resumed from" in r.stdout and "epoch 3/3" in r.stdout and "epoch 1/3" not in r.stdout
+    before = torch.load(wd / "run" / "ckpt.pt", weights_only=False)
+    after = torch.load(wd / "run2" / "ckpt.pt", weights_only=False)
+    assert after["epoch"] == 3 and after["step"] > before["step"]
+
+
+def test_resume_equals_uninterrupted(toy, tmp_path):
+    data = toy("atlas89", 256)
+    flags = ["--data", data, "--no-plots", *tiny(2)]
+    assert wg.main([*flags, "--out", str(tmp_path / "a")]) == 0
+    assert wg.main(["--data", data, "--no-plots", *tiny(1), "--out", str(tmp_path / "b")]) == 0
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["epoch"] == 1
+    assert wg.main([*flags, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False) for x in "ab")
+    assert a["step"] == b["step"] and b["epoch"] == 2
+    for part in ("generator", "critic"):
+        for k, v in a["model"][part].items():
+            assert torch.equal(v, b["model"][part][k]), (part, k)
+    with h5py.File(tmp_path / "a" / "generated.h5") as fa, h5py.File(tmp_path / "b" / "generated.h5") as fb:
+        assert np.array_equal(fa["cells"][()], fb["cells"][()])
+
+
+def test_calochallenge1(toy, tmp_path):
+    data = toy("calochallenge1", 256)
+    _ok(run_script("wgan_gp.py", "--data", data, "--out", "cc", *tiny(1), cwd=tmp_path))
+    with h5py.File(tmp_path / "cc" / "generated.h5") as f:
+        assert set(f) == {"incident_energies", "showers"}
+        showers, inc = f["showers"][()], f["incident_energies"][()]
+    n_val = round(0.125 * 256)
+    assert showers.shape == (n_val, 368) and inc.shape == (n_val, 1)
+    assert np.all(np.isfinite(showers)) and np.all(showers >= 0) and np.all(showers.sum(1) > 0)
+    assert (tmp_path / "cc" / "plots" / "mean_shower.png").exists()
+    ck = torch.load(tmp_path / "cc" / "ckpt.pt", weights_only=False)
+    assert "mu_r" in ck["norm"] and "ratio.weight" in ck["model"]["generator"]
+
+
+def test_atlas247_two_seeds(toy, tmp_path):
+    data = toy("atlas247", 256)
+    r = _ok(run_script("wgan_gp.py", "--data", data, "--out", "s2", "--seeds", "2", "--no-plots",
+                       *tiny(1), cwd=tmp_path))
+    assert "seed 1" in r.stdout
+    out = tmp_path / "s2"
+    assert (out / "ckpt_seed0.pt").exists() and (out / "ckpt_seed1.pt").exists()
+    n_val = round(0.125 * 256)
+    _check_atlas(out / "generated.h5", 2 * n_val, 247)                 # both seeds' samples pooled
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["seeds"] == [0, 1] and m["n_generated"] == 2 * n_val
+
+
+def test_torchrun_two_processes(toy, tmp_path):
+    data = toy("atlas89", 256)
+    r = run_torchrun("wgan_gp.py", "--data", data, "--out", "ddp", "--no-plots", *tiny(1),
+                     cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("epoch 1/1 |") == 1                          # rank 0 alone logs
+    ck = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    assert ck["epoch"] == 1 and ck["step"] >= 1
+    _check_atlas(tmp_path / "ddp" / "generated.h5", round(0.125 * 256), 89)
+
+
+def _bad_file(tmp_path, name, **arrays):
+    path = tmp_path / name
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+    return str(path)
+
+
+def test_bad_input_subprocess(toy, tmp_path):
+    with h5py.File(toy("atlas89", 256)) as f:
+        cells = f["cells"][()]
+    bad = _bad_file(tmp_path, "nokey.h5", cells=cells)
+    r = run_script("wgan_gp.py", "--data", bad, "--out", "out", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("wgan_gp.py: error: ") and "nokey.h5" in r.stderr and "'energy'" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_file", "wrong_cells", "nan", "negative_energy", "mismatch", "empty",
+                                  "negative_voxel", "not_hdf5"])
+def test_bad_input(toy, tmp_path, capsys, case):
+    with h5py.File(toy("atlas89", 256)) as f:
+        cells, energy = f["cells"][:64], f["energy"][:64]
+    files = {
+        "missing_file": lambda: str(tmp_path / "missing_file.h5"),
+        "wrong_cells": lambda: _bad_file(tmp_path, "wrong_cells.h5", cells=cells[:, :88], energy=energy),
+        "nan": lambda: _bad_file(tmp_path, "nan.h5", cells=np.where(cells == cells.max(), np.nan, cells),
+                                 energy=energy),
+        "negative_energy": lambda: _bad_file(tmp_path, "negative_energy.h5", cells=cells, energy=-energy),
+        "mismatch": lambda: _bad_file(tmp_path, "mismatch.h5", cells=cells, energy=energy[:10]),
+        "empty": lambda: _bad_file(tmp_path, "empty.h5", cells=np.zeros((0, 89), np.float32),
+                                   energy=np.zeros(0, np.float32)),
+        "negative_voxel": lambda: _bad_file(tmp_path, "negative_voxel.h5", showers=-np.ones((5, 368)),
+                                            incident_energies=np.ones((5, 1))),
+        "not_hdf5": lambda: (tmp_path / "not_hdf5.h5").write_text("hello") and str(tmp_path / "not_hdf5.h5"),
+    }
+    path = files[case]()
+    out = tmp_path / "out"
+    assert wg.main(["--data", path, "--out", str(out), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wgan_gp.py: error: ") and path in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_bad_flags(tmp_path, capsys):
+    for argv in (["--epochs", "0"], ["--betas", "0.5"], ["--generate", "5"], ["--val-frac", "1"]):
+        with pytest.raises(SystemExit) as e:
+            wg.get_args(argv)
+        assert e.value.code == 2
+    # a checkpoint that does not exist
+    assert wg.main(["--generate", "3", "--ckpt", str(tmp_path / "no.pt"), "--energy", "1:2",
+                    "--out", str(tmp_path / "g.h5")]) == 2
+    assert "no.pt" in capsys.readouterr().err
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_help_on_every_flag(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        wg.get_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--toy-n", "--out", "--epochs", "--batch-size", "--lr", "--betas", "--layers", "--width",
+                 "--latent", "--n-critic", "--gp", "--l1", "--seed", "--seeds", "--device", "--dtype", "--compile",
+                 "--resume", "--ckpt-every", "--log-every", "--generate", "--ckpt", "--energy", "--energy-file",
+                 "--benchmark"):
+        assert flag in text
+    parsers = []
+    orig = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        parsers.append(self)
+        return orig(self, *a, **k)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    wg.get_args([])
+    assert all(a.help for a in parsers[0]._actions), [a.dest for a in parsers[0]._actions if not a.help]
+
+
+def test_benchmark_json(tmp_path):
+    r = _ok(run_script("wgan_gp.py", "--benchmark", "--device", "cpu", cwd=tmp_path))
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["script"] == "wgan_gp.py" and line["device"] == "cpu" and line["train_batch"] == 64
+    assert line["gen_showers_per_s"] > 0 and line["train_samples_per_s"] > 0
+    assert list(tmp_path.iterdir()) == []                               # no files written
+
+
+def test_model_shapes_and_parameter_counts():
+    g = wg.Generator(89, latent=100, width=128, layers=3)
+    d = wg.Critic(89, width=128, layers=3)
+    # Dense(101->128), 2 x Dense(128->128), Dense(128->89) / Dense(90->128), 2 x Dense(128->128), Dense(128->1)
+    assert sum(p.numel() for p in g.parameters()) == 101 * 128 + 128 + 2 * (128 * 128 + 128) + 128 * 89 + 89
+    assert sum(p.numel() for p in d.parameters()) == 90 * 128 + 128 + 2 * (128 * 128 + 128) + 129
+    x, logits = g(torch.randn(6, 100), torch.randn(6, 1))
+    assert x.shape == logits.shape == (6, 89)
+    assert torch.allclose(x.sum(1), torch.ones(6)) and torch.all(x > 0)   # softmax: energy conserved
+    assert d(x, torch.randn(6, 1)).shape == (6, 1)
+    g2 = wg.Generator(368, latent=10, width=32, layers=1, ratio_head=True)
+    x2, _ = g2(torch.randn(4, 10), torch.randn(4, 1))
+    assert x2.shape == (4, 369) and torch.allclose(x2[:, :368].sum(1), torch.ones(4))
+
+
+def test_gradient_penalty_is_per_sample():
+    class Half(torch.nn.Module):      # D(x) = |x|^2 / 2: grad_x D = x, so |grad| = |x| per sample
+        def forward(self, x, c):
+            return 0.5 * (x ** 2).sum(1, keepdim=True)
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    loss, wdist = wg.critic_loss(Half(), x, x.clone(), torch.zeros(2, 1), gp_weight=1.0)
+    assert wdist.item() == 0.0
+    # per sample: mean((1-1)^2, (3-1)^2) = 2; a whole-batch norm would give (sqrt(10)-1)^2 = 4.68
+    assert loss.item() == pytest.approx(2.0)
+
+
+def test_prepare_normalises_and_cuts(toy):
+    d = wg.read_showers(toy("atlas89", 256))
+    data = wg.prepare(d, seed=0, val_frac=0.25)
+    assert np.allclose(data["x"].sum(1), 1.0, atol=1e-5)
+    assert abs(data["c"][data["train"]].mean()) < 1e-4 and abs(data["c"][data["train"]].std() - 1) < 1e-3
+    assert np.all((data["cells"] == 0) | (data["cells"] >= d["geom"].noise_cut))
+    assert np.allclose(data["cond_e"], data["cells"].sum(1), rtol=1e-5)   # ATLAS condition: cluster total
+    assert len(set(data["train"]) & set(data["val"])) == 0
+    again = wg.prepare(d, seed=0, val_frac=0.25)
+    assert np.array_equal(again["val"], data["val"])
