@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import run_script, run_torchrun
 
 ada = importlib.import_module("adagan")
 
@@ -255,11 +255,12 @@ TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--mixdisc-epoc
 
 @pytest.fixture(scope="module")
 def ens(tmp_path_factory, toy):
-    """A T=3 ensemble on 64 toy LCD showers: 2 components, stopped, then resumed to 3."""
+    """A T=3 ensemble on 48 toy LCD showers: 2 components under torchrun (2 CPU processes, gloo; DDP inside
+    each 2DGAN), stopped, then resumed to 3 components by one process."""
     data = toy("lcd", 48)
     cwd = tmp_path_factory.mktemp("ada")
     out = cwd / "run"
-    r1 = run_script("adagan.py", "--data", data, "--out", out, "--components", "2", *TINY, cwd=cwd)
+    r1 = run_torchrun("adagan.py", "--data", data, "--out", out, "--components", "2", *TINY, cwd=cwd)
     assert r1.returncode == 0, r1.stderr[-3000:]
     st2 = ada.load_state(str(out / "ensemble.pt"))
     r2 = run_script("adagan.py", "--data", data, "--out", out, "--components", "3", "--resume", *TINY, cwd=cwd)
@@ -282,6 +283,7 @@ def _check_lcd(path, n=None, lo=0.0, hi=1e9):
 def test_e2e_ensemble_files_and_state(ens):
     out, st2, st3 = ens["out"], ens["st2"], ens["st3"]
     assert len(st2["components"]) == 2 and st2["pending"] is None
+    assert ens["r1"].stdout.count("component 2/2 done") == 1            # rank 0 alone logs
     assert st3["components"] == ["component_0", "component_1", "component_2"]
     for t in range(3):
         assert (out / f"component_{t}" / "ckpt.pt").exists()
