@@ -494,6 +494,528 @@ def _bounded_map(pool, fn, items, window):
         yield fut.result()
 
 
+# ---------------------------------------------------------------- metrics
+# Physics observables and distances between distributions. numpy only, float64 internally.
+# Inputs of 100k showers x 15625 cells are processed in event chunks so that a float32 file
+# is never copied whole into float64.
+
+
+_CHUNK_ELEMENTS = 1 << 22  # elements per chunk: 32 MiB of float64 temporaries
+
+
+def _chunks(n, row_size):
+    """Slices over n rows, each holding about _CHUNK_ELEMENTS elements of row_size."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, int(row_size)))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _flat(cells):
+    """(N, ...) -> (N, n_cells) view; works for N = 0 too."""
+    cells = np.asarray(cells)
+    return cells.reshape(cells.shape[0], int(np.prod(cells.shape[1:], dtype=np.int64)))
+
+
+def _div0(num, den):
+    """num / den with 0 where den == 0 (empty event / layer convention)."""
+    num, den = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den, np.float64))
+    return np.divide(num, den, out=np.zeros(num.shape), where=den != 0)
+
+
+def _cell_sums(cells, weights):
+    """(N, C) cells @ (C, K) weights in float64, chunked over events: every per-layer sum
+    (energy, energy-weighted coordinates and their squares) is one such product."""
+    cells = _flat(cells)
+    weights = np.asarray(weights, np.float64)
+    if cells.shape[1] != weights.shape[0]:
+        raise ValueError(f"showers have {cells.shape[1]} cells, geometry has {weights.shape[0]}")
+    out = np.empty((cells.shape[0], weights.shape[1]))
+    for sl in _chunks(cells.shape[0], cells.shape[1]):
+        out[sl] = cells[sl].astype(np.float64) @ weights
+    return out
+
+
+def _total(cells):
+    """(N,) total energy of each event, float64 accumulation."""
+    return _flat(cells).sum(axis=1, dtype=np.float64)
+
+
+def sampling_fraction(cells, ep):
+    """Visible energy / primary energy per event (N,); cells and ep must share a unit."""
+    return _total(cells) / np.asarray(ep, np.float64).reshape(-1)
+
+
+def binned_stat(x, values, edges):
+    """Mean, std (ddof=0) and count of `values` in bins of `x` (e.g. response vs Ep).
+    Bins are [e_i, e_i+1), the last one closed; x outside the edges is ignored; empty bin -> NaN."""
+    x = np.asarray(x, np.float64).ravel()
+    values = np.asarray(values, np.float64).ravel()
+    edges = np.asarray(edges, np.float64)
+    nb = len(edges) - 1
+    idx = np.searchsorted(edges, x, side="right") - 1
+    idx[x == edges[-1]] = nb - 1
+    ok = (idx >= 0) & (idx < nb)
+    idx, v = idx[ok], values[ok]
+    count = np.bincount(idx, minlength=nb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(idx, v, minlength=nb) / count
+        # two passes: sum of squared deviations, not <v^2>-<v>^2, to avoid cancellation
+        std = np.sqrt(np.bincount(idx, (v - mean[idx]) ** 2, minlength=nb) / count)
+    return mean, std, count
+
+
+def axis_profiles(images):
+    """Energy profile along each image axis: list of (N, dim_k), summed over the other axes
+    (for LCD (N,25,25,25): x, y and the longitudinal (depth) profile)."""
+    images = np.asarray(images)
+    n, dims = images.shape[0], images.shape[1:]
+    profiles = [np.empty((n, d)) for d in dims]
+    axes = tuple(range(1, images.ndim))
+    for sl in _chunks(n, int(np.prod(dims, dtype=np.int64))):
+        chunk = images[sl].astype(np.float64)
+        for k, prof in enumerate(profiles):
+            prof[sl] = chunk.sum(axis=axes[:k] + axes[k + 1:])
+    return profiles
+
+
+def axis_moments(images, coords_list=None, orders=(1, 2)):
+    """Energy-weighted moments along each image axis: {(axis, order): (N,)}, axis counted
+    without the event axis. order 1 = centre <u>, order n >= 2 = n-th central moment
+    <(u - <u>)^n> (2 = variance), in units of coords_list[axis] (default: cell index).
+    Empty event -> 0."""
+    out = {}
+    for axis, prof in enumerate(axis_profiles(images)):
+        coords = None if coords_list is None else coords_list[axis]
+        u = np.arange(prof.shape[1], dtype=np.float64) if coords is None else np.asarray(coords, np.float64)
+        e = prof.sum(axis=1)
+        centre = _div0(prof @ u, e)
+        for order in orders:
+            out[(axis, order)] = centre if order == 1 else _div0(
+                (prof * (u[None, :] - centre[:, None]) ** order).sum(axis=1), e)
+    return out
+
+
+def _layer_onehot(geom):
+    """(n_cells, n_layers) 0/1 matrix: cell -> layer."""
+    return (np.asarray(geom.layer)[:, None] == np.arange(geom.n_layers)[None, :]).astype(np.float64)
+
+
+def energy_per_layer(cells, geom):
+    """(N, n_layers) energy deposited in each layer, in the cells' unit."""
+    return _cell_sums(cells, _layer_onehot(geom))
+
+
+def fraction_per_layer(cells, geom):
+    """(N, n_layers) fraction of the event's visible energy in each layer; empty event -> 0."""
+    e = energy_per_layer(cells, geom)
+    return _div0(e, e.sum(axis=1, keepdims=True))
+
+
+def centre_width_per_layer(cells, geom):
+    """Energy-weighted centre <x> and width sqrt(<x^2>-<x>^2) per layer, in geom.xy_unit
+    (mm, or eta/phi for ATLAS), for x and y: dict of (N, n_layers). Empty layer -> 0."""
+    onehot = _layer_onehot(geom)
+    n_per_layer = np.maximum(onehot.sum(axis=0), 1)
+    layer = np.asarray(geom.layer)
+    cols, shifts = [onehot], []
+    for coord in (geom.x, geom.y):
+        coord = np.asarray(coord, np.float64)
+        # coordinates relative to the layer's mean cell position: <x^2>-<x>^2 would otherwise
+        # cancel badly (ATLAS: eta ~ 1, widths ~ 0.02)
+        shift = (coord @ onehot) / n_per_layer
+        d = (coord - shift[layer])[:, None]
+        cols += [onehot * d, onehot * d ** 2]
+        shifts.append(shift)
+    s = _cell_sums(cells, np.concatenate(cols, axis=1))
+    nl = geom.n_layers
+    e = s[:, :nl]
+    out = {}
+    for i, axis in enumerate("xy"):
+        m1 = _div0(s[:, (1 + 2 * i) * nl:(2 + 2 * i) * nl], e)
+        m2 = _div0(s[:, (2 + 2 * i) * nl:(3 + 2 * i) * nl], e)
+        out["centre_" + axis] = np.where(e != 0, m1 + shifts[i][None, :], 0.0)
+        out["width_" + axis] = np.sqrt(np.maximum(m2 - m1 ** 2, 0.0))
+    return out
+
+
+# ATLAS Middle window (n_eta, n_phi) by its number of cells: 89-cell and 247-cell clusters
+_MIDDLE_GRID = {21: (3, 7), 77: (7, 11)}
+
+
+def middle_core_fraction(cells, geom):
+    """(N,) ATLAS: energy in the central 3x3 (eta x phi) Middle cells / Middle energy
+    (the R_eta-like shower-shape variable); no Middle energy -> 0."""
+    middle = np.flatnonzero(np.asarray(geom.layer) == geom.layer_names.index("Middle"))
+    if len(middle) not in _MIDDLE_GRID:
+        raise ValueError(f"{geom.name}: Middle layer has {len(middle)} cells, expected 21 or 77")
+    n_eta, n_phi = _MIDDLE_GRID[len(middle)]
+    ie, ip = np.divmod(np.arange(len(middle)), n_phi)  # eta-major order
+    core = (np.abs(ie - n_eta // 2) <= 1) & (np.abs(ip - n_phi // 2) <= 1)
+    weights = np.zeros((len(geom.layer), 2))
+    weights[middle, 0] = 1.0
+    weights[middle[core], 1] = 1.0
+    s = _cell_sums(cells, weights)
+    return _div0(s[:, 1], s[:, 0])
+
+
+def _column_mean(x):
+    """(C,) mean over events of (N, C), chunked float64 accumulation."""
+    total = np.zeros(x.shape[1])
+    for sl in _chunks(x.shape[0], x.shape[1]):
+        total += x[sl].sum(axis=0, dtype=np.float64)
+    return total / x.shape[0]
+
+
+def cell_variance(cells):
+    """(C,) variance (ddof=0) of each cell's energy over events, in unit^2."""
+    x = _flat(cells)
+    mean = _column_mean(x)
+    ss = np.zeros(x.shape[1])
+    for sl in _chunks(x.shape[0], x.shape[1]):
+        ss += ((x[sl] - mean) ** 2).sum(axis=0)
+    return ss / x.shape[0]
+
+
+def correlation_matrix(cells):
+    """(C, C) Pearson correlation between cell energies over events. A cell with no
+    variance (never hit) is uncorrelated with everything: 0 off-diagonal, 1 on the diagonal."""
+    x = _flat(cells)
+    mean = _column_mean(x)
+    cov = np.zeros((x.shape[1], x.shape[1]))
+    for sl in _chunks(x.shape[0], x.shape[1]):
+        xc = x[sl] - mean
+        cov += xc.T @ xc
+    std = np.sqrt(np.diag(cov))
+    # a constant non-zero cell leaves rounding noise, not a variance
+    live = std > 1e-12 * np.abs(mean) * math.sqrt(x.shape[0])
+    corr = np.zeros_like(cov)
+    corr[np.ix_(live, live)] = cov[np.ix_(live, live)] / np.outer(std[live], std[live])
+    np.fill_diagonal(corr, 1.0)
+    return np.clip(corr, -1.0, 1.0)
+
+
+def correlation_mse(cells_a, cells_b):
+    """Mean over all C^2 entries of the squared difference of the two Pearson matrices."""
+    return float(np.mean((correlation_matrix(cells_a) - correlation_matrix(cells_b)) ** 2))
+
+
+def nearest_neighbours(query, pool, k=5):
+    """k nearest pool rows of each query row (memorisation check), Euclidean in the input's
+    unit: (indices (M,k), distances (M,k)), nearest first. Chunked over queries and over the
+    pool, so a float32 pool of 100k x 15625 cells is never copied whole."""
+    query, pool = _flat(query).astype(np.float64), _flat(pool)
+    n, dim = pool.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} needs 1 <= k <= len(pool)={n}")
+    pool_rows = max(1, _CHUNK_ELEMENTS // max(1, dim))
+    idx = np.empty((len(query), k), np.int64)
+    dist = np.empty((len(query), k))
+    for qs in _chunks(len(query), max(pool_rows + k, k * dim)):
+        q = query[qs]
+        score, cand = np.empty((len(q), 0)), np.empty((len(q), 0), np.int64)
+        for ps in _chunks(n, dim):
+            pc = pool[ps].astype(np.float64)
+            # |p|^2 - 2 q.p ranks the pool rows for a query (|q|^2 is the same for all)
+            score = np.concatenate([score, np.einsum("ij,ij->i", pc, pc)[None, :] - 2.0 * (q @ pc.T)], axis=1)
+            cand = np.concatenate([cand, np.broadcast_to(np.arange(ps.start, ps.stop), (len(q), ps.stop - ps.start))], axis=1)
+            if score.shape[1] > k:  # keep the k best so far
+                keep = np.argpartition(score, k - 1, axis=1)[:, :k]
+                score, cand = np.take_along_axis(score, keep, axis=1), np.take_along_axis(cand, keep, axis=1)
+        # exact distances of the k candidates: the expansion loses precision near 0
+        dc = np.sqrt(((q[:, None, :] - pool[cand].astype(np.float64)) ** 2).sum(axis=2))
+        order = np.argsort(dc, axis=1, kind="stable")
+        idx[qs] = np.take_along_axis(cand, order, axis=1)
+        dist[qs] = np.take_along_axis(dc, order, axis=1)
+    return idx, dist
+
+
+def lhcb_centre(momentum, point, zoff=25.0):
+    """(N, 2) LHCb shower centre on the cell grid (cell units, grid centres -14.5..14.5):
+    entry point extrapolated along the momentum by zoff (MLHEP metric convention)."""
+    momentum = np.asarray(momentum, np.float64)
+    point = np.asarray(point, np.float64)
+    return point[:, :2] + zoff * momentum[:, :2] / momentum[:, 2:3]
+
+
+def _lhcb_direction(momentum, orthogonal):
+    """(N, 2) unit vector along p_xy (or across it, rotated +90 degrees); x if p_xy = 0."""
+    p = np.asarray(momentum, np.float64)[:, :2]
+    norm = np.hypot(p[:, 0], p[:, 1])
+    u = np.where(norm[:, None] > 0, p / np.where(norm > 0, norm, 1.0)[:, None], [1.0, 0.0])
+    return np.stack([-u[:, 1], u[:, 0]], axis=1) if orthogonal else u
+
+
+def _grid(n):
+    """Cell-centre coordinates of an n-cell axis in cell units, centred on 0."""
+    return np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+
+
+def lhcb_asymmetry(images, momentum, point, orthogonal=False):
+    """(N,) (E_side1 - E_side2) / E_total, split by the line through the shower centre.
+    Images are [.., i_y, i_x] (MLHEP). orthogonal=False ("longitudinal"): line perpendicular
+    to p_xy, side1 = ahead along p_xy. orthogonal=True ("transverse"): line along p_xy,
+    side1 = left of p_xy. Cells on the line count in side1. Empty image -> 0."""
+    images = np.asarray(images)
+    n, h, w = images.shape
+    centre = lhcb_centre(momentum, point)
+    u = _lhcb_direction(momentum, orthogonal)
+    x, y = _grid(w), _grid(h)
+    diff = np.empty(n)
+    for sl in _chunks(n, h * w):
+        proj = ((x[None, None, :] - centre[sl, 0, None, None]) * u[sl, 0, None, None]
+                + (y[None, :, None] - centre[sl, 1, None, None]) * u[sl, 1, None, None])
+        img = images[sl].astype(np.float64)
+        diff[sl] = np.where(proj >= 0, img, -img).sum(axis=(1, 2))
+    return _div0(diff, _total(images))
+
+
+def lhcb_width(images, momentum, point, orthogonal=False):
+    """(N,) energy-weighted standard deviation of cell positions projected on p_xy (or across
+    it), in cell units (x 20 mm). Uses all cells (MLHEP sampled a strip along the line).
+    Empty image -> 0."""
+    images = np.asarray(images)
+    h, w = images.shape[1:]
+    yy, xx = np.meshgrid(_grid(h), _grid(w), indexing="ij")
+    xx, yy = xx.ravel(), yy.ravel()
+    s = _cell_sums(images, np.stack([np.ones_like(xx), xx, yy, xx * xx, yy * yy, xx * yy], axis=1))
+    m = _div0(s[:, 1:], s[:, :1])
+    sxx, syy, sxy = m[:, 2] - m[:, 0] ** 2, m[:, 3] - m[:, 1] ** 2, m[:, 4] - m[:, 0] * m[:, 1]
+    u = _lhcb_direction(momentum, orthogonal)
+    var = u[:, 0] ** 2 * sxx + 2 * u[:, 0] * u[:, 1] * sxy + u[:, 1] ** 2 * syy
+    return np.sqrt(np.maximum(var, 0.0))
+
+
+def lhcb_sparsity(images, alphas=np.logspace(-5, -1, 20)):
+    """(N, len(alphas)) fraction of the image cells with E >= alpha * E_total. Empty image -> 0."""
+    x = _flat(images)
+    total = _total(x)
+    out = np.empty((x.shape[0], len(alphas)))
+    for sl in _chunks(x.shape[0], x.shape[1]):
+        chunk = x[sl].astype(np.float64)
+        for j, alpha in enumerate(alphas):  # one vectorised pass per threshold
+            out[sl, j] = np.count_nonzero(chunk >= alpha * total[sl, None], axis=1)
+    out /= x.shape[1]
+    out[total == 0] = 0.0
+    return out
+
+
+def _cluster_sums(labels, points, k):
+    """(k, D) sum of the points of each cluster, as one BLAS product."""
+    onehot = np.zeros((k, len(labels)), points.dtype)
+    onehot[labels, np.arange(len(labels))] = 1
+    return (onehot @ points).astype(np.float64)
+
+
+def _kmeans_prepare(x):
+    """Centred float32 copy of x, its squared norms and the mean. Distances in float32 halve
+    the cost of the N x D x k products that dominate; centring keeps |x|^2 small so that
+    |x|^2 - 2 x.c + |c|^2 stays accurate."""
+    x = _flat(x)
+    mean = _column_mean(x)
+    xs = np.empty(x.shape, np.float32)
+    for sl in _chunks(len(x), x.shape[1]):
+        xs[sl] = x[sl] - mean
+    return xs, np.einsum("ij,ij->i", xs, xs), mean
+
+
+def _sqdist(xs, x2, c):
+    """(N, len(c)) squared distances of prepared points to centres; clipped at 0 because the
+    expansion |x|^2 - 2 x.c + |c|^2 can dip below it."""
+    c = np.asarray(c, np.float32)
+    return np.maximum(x2[:, None] - 2.0 * (xs @ c.T) + np.einsum("ij,ij->i", c, c)[None, :], 0.0)
+
+
+def _lloyd(xs, x2, k, n_iter, rng, tol=1e-3):
+    """k-means++ seeding then at most n_iter Lloyd steps on prepared data; stops when at most
+    tol * N points change cluster. Returns labels and the centres they were assigned to."""
+    n = len(xs)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} needs 1 <= k <= N={n}")
+    # seed on a subsample (like MiniBatchKMeans' init_size): k full passes would cost as
+    # much as the Lloyd steps themselves
+    sub = rng.choice(n, size=min(n, 100 * k), replace=False)
+    xsub, x2sub = xs[sub], x2[sub]
+    centres = np.empty((k, xs.shape[1]))
+    centres[0] = xsub[rng.integers(len(sub))]
+    d2 = _sqdist(xsub, x2sub, centres[:1])[:, 0].astype(np.float64)
+    for j in range(1, k):
+        total = d2.sum()
+        centres[j] = xsub[rng.choice(len(sub), p=d2 / total) if total > 0 else rng.integers(len(sub))]
+        d2 = np.minimum(d2, _sqdist(xsub, x2sub, centres[j:j + 1])[:, 0])
+    d = _sqdist(xs, x2, centres)
+    labels = d.argmin(axis=1)
+    sums, counts = _cluster_sums(labels, xs, k), np.bincount(labels, minlength=k)
+    for _ in range(n_iter):
+        centres = _div0(sums, counts[:, None])
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):  # re-seed empty clusters on the points worst served by their centre
+            centres[empty] = xs[np.argsort(d[np.arange(n), labels])[::-1][:len(empty)]]
+        d = _sqdist(xs, x2, centres)
+        new = d.argmin(axis=1)
+        moved = np.flatnonzero(new != labels)
+        # only the points that changed cluster move the sums: late iterations cost one product
+        sums += _cluster_sums(new[moved], xs[moved], k) - _cluster_sums(labels[moved], xs[moved], k)
+        counts = np.bincount(new, minlength=k)
+        labels = new
+        if len(moved) <= tol * n:
+            break
+    return labels, centres
+
+
+def kmeans(x, k, n_iter=20, seed=0):
+    """k-means clustering (k-means++ seeding, at most n_iter Lloyd steps, stops when < 0.1% of
+    the points move). Returns labels (N,) int and centres (k, D) in x's unit."""
+    xs, x2, mean = _kmeans_prepare(x)
+    labels, centres = _lloyd(xs, x2, k, n_iter, np.random.default_rng(seed))
+    return labels, centres + mean
+
+
+def prd(ref, ev, num_clusters=20, num_angles=1001, num_runs=10, seed=0):
+    """Precision and recall for distributions (Sajjadi et al. 2018), arrays (num_angles,).
+    Each run clusters the union of both samples once with k-means and compares the cluster
+    histograms; curves are averaged over runs. Precision ~ how much of `ev` lies where `ref`
+    is, recall ~ how much of `ref` is covered by `ev`. 10 Lloyd steps per run: by then ~1% of
+    the points still hop between neighbouring clusters, which barely moves the histograms."""
+    n_ref = len(ref)
+    xs, x2, _ = _kmeans_prepare(np.concatenate([_flat(ref), _flat(ev)]))
+    slopes = np.tan(np.linspace(1e-10, np.pi / 2 - 1e-10, num_angles))
+    rng = np.random.default_rng(seed)
+    precision, recall = np.zeros(num_angles), np.zeros(num_angles)
+    for _ in range(num_runs):
+        labels, _ = _lloyd(xs, x2, num_clusters, 10, rng)
+        h_ref = np.bincount(labels[:n_ref], minlength=num_clusters) / n_ref
+        h_ev = np.bincount(labels[n_ref:], minlength=num_clusters) / (len(labels) - n_ref)
+        p = np.minimum(h_ref[None, :] * slopes[:, None], h_ev[None, :]).sum(axis=1)
+        precision += np.clip(p, 0.0, 1.0)
+        recall += np.clip(p / slopes, 0.0, 1.0)
+    return precision / num_runs, recall / num_runs
+
+
+def prd_auc(precision, recall):
+    """Area under the PRD curve (1 = identical cluster histograms, 0 = disjoint)."""
+    p, r = np.asarray(precision, np.float64), np.asarray(recall, np.float64)
+    # walk the curve in angle order: precision / recall = tan(angle) on a PRD curve, so
+    # sorting on it is immune to the rounding ties that sorting on recall alone suffers
+    order = np.argsort(np.arctan2(p, r), kind="stable")
+    p, r = p[order], r[order]
+    return float(np.sum(-np.diff(r) * (p[1:] + p[:-1]) / 2.0))
+
+
+def _quantile_bins(ref, n_bins):
+    """Edges of n_bins equal-probability bins under ref (merged where ref has ties) and the
+    probability of ref in each bin of _bin_probs."""
+    ref = np.asarray(ref, np.float64).ravel()
+    if n_bins < 1 or ref.size < 10 * n_bins:
+        raise ValueError(f"quantile JSD needs >= 10 reference points per bin: {ref.size} points, {n_bins} bins")
+    edges = np.unique(np.quantile(ref, np.linspace(0.0, 1.0, n_bins + 1)))
+    if len(edges) == 1:  # constant reference: keep one bin holding exactly that value
+        edges = np.repeat(edges, 2)
+    return edges, _bin_probs(ref, edges)
+
+
+def _bin_probs(x, edges):
+    """Fractions of x in: underflow (< edges[0]), the bins [e_i, e_i+1) (last one closed),
+    overflow (> edges[-1]). Under/overflow make disjoint supports give JSD = 1."""
+    x = np.asarray(x, np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("empty sample")
+    idx = np.searchsorted(edges, x, side="right")
+    idx[x == edges[-1]] = len(edges) - 1
+    return np.bincount(idx, minlength=len(edges) + 1) / x.size
+
+
+def _jsd(p, q):
+    """Jensen-Shannon divergence of two histograms, log base 2: in [0, 1]."""
+    m = 0.5 * (p + q)
+    kl = [np.sum(a[a > 0] * np.log2(a[a > 0] / m[a > 0])) for a in (p, q)]
+    return float(np.clip(0.5 * (kl[0] + kl[1]), 0.0, 1.0))
+
+
+def quantile_jsd(ref, sample, n_bins):
+    """JSD (log2, in [0, 1]) between ref and sample over n_bins bins of equal probability
+    under ref (Calomplification metric); ValueError if ref has < 10 points per bin.
+    The sample may be any size >= 1."""
+    edges, p_ref = _quantile_bins(ref, n_bins)
+    return _jsd(p_ref, _bin_probs(sample, edges))
+
+
+def _size_grid(sizes, n_max):
+    """Sorted subset sizes <= n_max, always ending with n_max (the full sample)."""
+    if sizes is None:
+        sizes = np.geomspace(min(10, n_max), n_max, 20)
+    sizes = np.unique(np.round(np.asarray(sizes, np.float64)).astype(np.int64))
+    return np.union1d(sizes[(sizes >= 1) & (sizes <= n_max)], [n_max])
+
+
+def _crossing_size(sizes, jsd, target):
+    """Size at which a JSD-vs-size curve first falls to target, interpolated linearly in
+    (log size, log JSD) (statistical JSD falls like a power of the size); math.inf if it never
+    does, None if it is already there at the first size."""
+    below = np.flatnonzero(np.asarray(jsd) <= target)
+    if len(below) == 0:
+        return math.inf
+    i = below[0]
+    if i == 0:
+        return None
+    ly = np.log(np.maximum([jsd[i - 1], jsd[i], target], 1e-300))  # a JSD can be exactly 0
+    lx = np.log(np.asarray(sizes[i - 1:i + 1], np.float64))
+    return float(np.exp(lx[0] + (ly[2] - ly[0]) * (lx[1] - lx[0]) / (ly[1] - ly[0])))
+
+
+def amplification(reference, truth_pool, generated, n_bins, sizes=None, n_rep=5, seed=0):
+    """Calomplification study (Bieringer et al. 2022): how many truth showers is the generated
+    sample worth? quantile_jsd against `reference` of random truth subsets (from truth_pool,
+    which must be disjoint from reference) and of generated subsets of growing size, averaged
+    over n_rep draws (the full sample is used once). Sizes default to 20 log-spaced values from
+    10; both curves end at the full sample, so gen_jsd[-1] is the JSD of all generated showers.
+    equivalent_size: truth size at which the truth curve first falls to gen_jsd[-1]
+    (log-log interpolation); math.inf if it never does within the pool (the generated sample
+    beats the whole pool), None if the generated sample is worse than the smallest truth subset."""
+    edges, p_ref = _quantile_bins(reference, n_bins)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, sample in (("truth", truth_pool), ("gen", generated)):
+        sample = np.asarray(sample, np.float64).ravel()
+        grid = _size_grid(sizes, sample.size)
+        jsd = [np.mean([_jsd(p_ref, _bin_probs(rng.choice(sample, m, replace=False), edges))
+                        for _ in range(n_rep if m < sample.size else 1)]) for m in grid]
+        out[name + "_sizes"], out[name + "_jsd"] = grid, np.asarray(jsd)
+    out["equivalent_size"] = _crossing_size(out["truth_sizes"], out["truth_jsd"], out["gen_jsd"][-1])
+    return out
+
+
+def separation_power(a, b, bins=50):
+    """0.5 * sum (h1 - h2)^2 / (h1 + h2) of the two normalised histograms (CaloChallenge):
+    0 = identical, 1 = disjoint. bins: a number (equal bins over the combined range) or edges;
+    entries outside given edges are dropped before normalising."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    edges = np.histogram_bin_edges(np.concatenate([a, b]), bins=bins) if np.ndim(bins) == 0 else np.asarray(bins)
+    h1, h2 = (np.histogram(v, bins=edges)[0].astype(np.float64) for v in (a, b))
+    if h1.sum() == 0 or h2.sum() == 0:
+        raise ValueError("separation_power: a histogram is empty")
+    h1, h2 = h1 / h1.sum(), h2 / h2.sum()
+    return float(0.5 * np.sum(_div0((h1 - h2) ** 2, h1 + h2)))
+
+
+def _sqrt_psd(s):
+    """Symmetric square root of a positive semi-definite matrix (eigendecomposition)."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
+
+
+def frechet_distance(feat_a, feat_b):
+    """Frechet distance between Gaussians fitted to two feature sets (FID/FPD):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), covariances with ddof=1.
+    tr (S_a S_b)^1/2 = sum sqrt(eig(S_a^1/2 S_b S_a^1/2)), a symmetric PSD matrix."""
+    a, b = (np.asarray(f, np.float64).reshape(len(f), -1) for f in (feat_a, feat_b))
+    sa, sb = (np.atleast_2d(np.cov(f, rowvar=False)) for f in (a, b))
+    ra = _sqrt_psd(sa)
+    m = ra @ sb @ ra
+    tr_sqrt = np.sqrt(np.maximum(np.linalg.eigvalsh(0.5 * (m + m.T)), 0.0)).sum()
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    return float(diff @ diff + np.trace(sa) + np.trace(sb) - 2.0 * tr_sqrt)
+
+
 # ---------------------------------------------------------------- command line
 
 
