@@ -100,8 +100,10 @@ def get_args(argv=None):
     a("--generate", type=int, default=None, metavar="N", help="sample N showers from --ckpt into --out")
     a("--ckpt", default=None, help="checkpoint to sample from (with --generate)")
     a("--energy", default="2:500", help="LO:HI GeV, Ep range of --generate (uniform)")
-    a("--gen-batch", type=int, default=None, help="generation batch (default 1024, benchmark: 4096 on CUDA, "
-                                                   "64 on CPU)")
+    a("--gen-batch", type=int, default=None, help="generation batch (default 1024; --benchmark: 4096 on CUDA, "
+                                                   "8 on CPU)")
+    a("--bench-batch", type=int, default=None, help="training batch of --benchmark (default --batch-size on "
+                                                     "CUDA, 4 on CPU, where the full-size model is slow)")
     a("--benchmark", action="store_true", help="print one JSON line of generation and training speed, write "
                                                "nothing")
     a("--bench-steps", type=int, default=3, help="timed iterations of --benchmark (after one warm-up)")
@@ -113,6 +115,8 @@ def get_args(argv=None):
         p.error("--val-frac must be in (0, 1)")
     if args.width <= 0 or args.xscale <= 0:
         p.error("--width and --xscale must be > 0")
+    if (args.gen_batch is not None and args.gen_batch < 1) or (args.bench_batch is not None and args.bench_batch < 1):
+        p.error("--gen-batch and --bench-batch must be >= 1")
     if args.generate is not None and args.generate < 1:
         p.error("--generate must be >= 1")
     try:
@@ -473,7 +477,9 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
             raise ValueError("weighted minibatch draws need the data in memory (not streamed)")
         n_train = ecal.n_train
         val_x, val_ep = ecal.val_events(args.val_max)
-        x0, e0 = ecal.train_part(0)
+        x0, e0 = ecal.train_part(0)                    # the fit uses the first file
+        sf0 = common.sampling_fraction(x0, e0)
+        del x0
         train_idx = val_idx = None
     else:
         n = len(ep)
@@ -481,7 +487,10 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
         n_train = len(train_idx)
         vsel = val_idx[np.random.default_rng(args.seed).permutation(len(val_idx))[:args.val_max]]
         val_x, val_ep = ecal[np.sort(vsel)], ep[np.sort(vsel)]
-        x0, e0 = ecal[train_idx[:100000]], ep[train_idx[:100000]]
+        # per-event sampling fraction of the training set, in chunks (no copy of the whole set)
+        e0 = ep[train_idx]
+        sf0 = np.concatenate([common.sampling_fraction(ecal[train_idx[s:s + 4096]], e0[s:s + 4096])
+                              for s in range(0, n_train, 4096)])
         if weights is not None:
             weights = np.asarray(weights, np.float64)
             if len(weights) == n:
@@ -489,8 +498,8 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
             if len(weights) != n_train or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
                 raise ValueError(f"weights must be {n_train} (or {n}) finite non-negative numbers, not all 0")
     # sampling fraction vs Ep (4th-order polynomial) fitted on training data: Ecal target of the fakes
-    sf_poly = np.polyfit(e0.astype(np.float64), common.sampling_fraction(x0, e0), 4)
-    del x0, e0
+    sf_poly = np.polyfit(e0.astype(np.float64), sf0, 4)
+    del e0, sf0
     sf_t = torch.tensor(sf_poly[::-1].copy(), dtype=torch.float32, device=device)
     win_ev = np.sort(np.concatenate(val_windows(val_ep, args.val_min)))
     val_x, val_ep = val_x[win_ev], val_ep[win_ev]
@@ -770,7 +779,7 @@ def benchmark(args):
     D = Discriminator(args.width).to(device)
     Gc, Dc = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    gb = args.gen_batch or (4096 if device.type == "cuda" else 64)
+    gb = args.gen_batch or (4096 if device.type == "cuda" else 8)
     G.eval()
     z = torch.randn(gb, args.latent, device=device)
     with torch.no_grad(), _autocast(device, dtype):
@@ -782,7 +791,7 @@ def benchmark(args):
         sync()
         gen_rate = gb * args.bench_steps / (time.perf_counter() - t)
     G.train()
-    bs = args.batch_size
+    bs = args.bench_batch or (args.batch_size if device.type == "cuda" else 4)
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
     real = torch.rand(bs, 25, 25, 25, device=device)
     e = torch.full((bs,), 1.0, device=device)

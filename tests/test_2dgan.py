@@ -238,7 +238,7 @@ def test_bad_flag_and_help(capsys):
 def test_benchmark_json_and_bf16_ignored_on_cpu(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert m.main(["--benchmark", "--device", "cpu", "--dtype", "bf16", "--width", "0.125",
-                   "--gen-batch", "8", "--batch-size", "4", "--bench-steps", "1"]) == 0
+                   "--gen-batch", "8", "--bench-batch", "4", "--bench-steps", "1"]) == 0
     r = capsys.readouterr()
     out = json.loads(r.out.strip().splitlines()[-1])
     assert out["script"] == "2dgan.py" and out["dtype"] == "fp32" and out["gen_showers_per_s"] > 0
