@@ -687,7 +687,7 @@ def load_checkpoint(path, device="cpu"):
         ck = torch.load(path, map_location=device, weights_only=False)
         G = Generator(ck["latent"], ck["width"], ck["xscale"]).to(device)
         G.load_state_dict(ck["best"]["G"] if ck.get("best", {}).get("G") is not None else ck["model"]["G"])
-    except (OSError, KeyError, RuntimeError, EOFError) as e:
+    except Exception as e:      # unpickling errors come in many classes
         raise DataError(f"{path}: not a 2dgan.py checkpoint ({e.__class__.__name__})")
     return G.eval(), ck
 

@@ -225,6 +225,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, capfd):
     assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
+def test_bad_checkpoint(tmp_path, capfd):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_text("not a checkpoint")
+    assert m.main(["--generate", "3", "--ckpt", str(bad), "--out", str(tmp_path / "g.h5")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and not (tmp_path / "g.h5").exists()
+
+
 def test_bad_flag_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         m.get_args(["--epochs", "0"])
