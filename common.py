@@ -119,7 +119,8 @@ def _calochallenge1():
 
 def _lhcb():
     # LHCb ECAL window of 30x30 cells of 20 mm; 25 X0 deep, read out as one projection.
-    x, y = _grid_xy(30, 30, 20.0, 20.0)
+    # Images are [i_y, i_x] (x along the last axis), as in the MLHEP metric code.
+    y, x = _grid_xy(30, 30, 20.0, 20.0)
     return Geometry("lhcb", (30, 30), np.zeros(900, int), ("ECAL",), x, y, "mm",
                     np.array([[0.0, 25.0]]), np.zeros(900), "GeV")
 
@@ -717,7 +718,8 @@ def nearest_neighbours(query, pool, k=5):
             pc = pool[ps].astype(np.float64)
             # |p|^2 - 2 q.p ranks the pool rows for a query (|q|^2 is the same for all)
             score = np.concatenate([score, np.einsum("ij,ij->i", pc, pc)[None, :] - 2.0 * (q @ pc.T)], axis=1)
-            cand = np.concatenate([cand, np.broadcast_to(np.arange(ps.start, ps.stop), (len(q), ps.stop - ps.start))], axis=1)
+            rows = np.broadcast_to(np.arange(ps.start, ps.stop), (len(q), ps.stop - ps.start))
+            cand = np.concatenate([cand, rows], axis=1)
             if score.shape[1] > k:  # keep the k best so far
                 keep = np.argpartition(score, k - 1, axis=1)[:, :k]
                 score, cand = np.take_along_axis(score, keep, axis=1), np.take_along_axis(cand, keep, axis=1)

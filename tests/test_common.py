@@ -126,8 +126,8 @@ def test_lhcb_centre_follows_impact_point_and_inclination():
     img, p, pt = d["EnergyDeposit"], d["ParticleMomentum"], d["ParticlePoint"]
     cells = np.arange(30) - 14.5
     tot = img.sum((1, 2))
-    cx = (img.sum(2) * cells).sum(1) / tot                            # axis 0 is x
-    cy = (img.sum(1) * cells).sum(1) / tot
+    cx = (img.sum(1) * cells).sum(1) / tot                            # images are [i_y, i_x]
+    cy = (img.sum(2) * cells).sum(1) / tot
     pred_x = pt[:, 0] + 25 * p[:, 0] / p[:, 2]                        # MLHEP shower centre
     pred_y = pt[:, 1] + 25 * p[:, 1] / p[:, 2]
     assert np.corrcoef(cx, pred_x)[0, 1] > 0.97 and np.corrcoef(cy, pred_y)[0, 1] > 0.97
