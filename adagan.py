@@ -494,7 +494,7 @@ def train(args, log):
             write_plots(st, args.out)                       # long runs: refresh the plots as components finish
         log(f"component {t + 1}/{args.components} done in {time.time() - t0:.0f} s | mixture weights "
             f"{np.array2string(st['mix_weights'][-1], precision=3)} | sampling-fraction |true/gen - 1| "
-            f"{np.nanmean(np.abs(sf_ratio(st, t)[1] - 1)):.4f} | saved {state_path}")
+            f"{sf_error(st, t) or float('nan'):.4f} | saved {state_path}")
         if ddp:
             torch.distributed.barrier()
     if rank == 0:
@@ -542,7 +542,7 @@ def ensemble_features(st, t):
 def sf_ratio(st, t):
     """(bin centres, real/generated mean sampling fraction per 10 GeV bin) for the ensemble of t+1 components."""
     ep = st["eval_ep"]
-    b = np.digitize(ep, SF_BINS) - 1
+    b = np.minimum(np.digitize(ep, SF_BINS) - 1, len(SF_BINS) - 2)     # Ep = 500 exactly: last bin
     fr, fg = st["eval_real"]["sf"], ensemble_features(st, t)["sf"]
     ratio = np.full(len(SF_BINS) - 1, np.nan)
     for i in range(len(ratio)):
@@ -550,6 +550,12 @@ def sf_ratio(st, t):
         if s.any() and fg[s].mean() > 0:
             ratio[i] = fr[s].mean() / fg[s].mean()
     return 0.5 * (SF_BINS[1:] + SF_BINS[:-1]), ratio
+
+
+def sf_error(st, t):
+    """Mean |true/generated - 1| of the sampling fraction over the 10 GeV bins (None if no bin is usable)."""
+    r = sf_ratio(st, t)[1]
+    return float(np.mean(np.abs(r[np.isfinite(r)] - 1))) if np.isfinite(r).any() else None
 
 
 def write_plots(st, out):
@@ -572,8 +578,7 @@ def write_plots(st, out):
     for t in range(T):
         c, r = sf_ratio(st, t)
         ax[0].plot(c, r, "o-", ms=3, color=col[t], label=f"{t + 1} component(s)")
-        f = ensemble_features(st, t)["sf"]
-        ax[1].plot(t + 1, np.nanmean(np.abs(r - 1)), "o", color=col[t])
+        ax[1].plot(t + 1, sf_error(st, t), "o", color=col[t])
     ax[0].axhline(1, color="k", lw=0.8)
     ax[0].set(xlabel="Ep [GeV]", ylabel="sampling fraction true / generated", title="per 10 GeV bin" + tag)
     ax[0].legend(fontsize=7)
@@ -622,7 +627,7 @@ def finish(st, gens, ecal, ep, args, device, log):
     metrics = {"script": PROG, "data": st["source"], "toy": bool(st["toy"]), "components": len(gens),
                "betas": [float(b) for b in st["betas"]], "mixture_weights": [float(v) for v in st["mix_weights"][-1]],
                "val_indices": [int(i) for i in va],
-               "sf_ratio_mean_abs_dev": [float(np.nanmean(np.abs(sf_ratio(st, t)[1] - 1))) for t in range(len(gens))],
+               "sf_ratio_mean_abs_dev": [sf_error(st, t) for t in range(len(gens))],
                "edge_fraction_mean": {"real": float(st["eval_real"]["edge"].mean()),
                                       "ensemble": [float(ensemble_features(st, t)["edge"].mean())
                                                    for t in range(len(gens))]},
@@ -634,7 +639,7 @@ def finish(st, gens, ecal, ep, args, device, log):
         json.dump(metrics, f, indent=1)
     os.replace(tmp, os.path.join(args.out, "metrics.json"))
     log(f"ensemble of {len(gens)}: sampling-fraction |true/gen - 1| per T = "
-        + ", ".join(f"{v:.3f}" for v in metrics["sf_ratio_mean_abs_dev"]))
+        + ", ".join("n/a" if v is None else f"{v:.3f}" for v in metrics["sf_ratio_mean_abs_dev"]))
 
 
 def benchmark(args):
