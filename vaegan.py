@@ -42,9 +42,12 @@ log(1 + E/MeV) / s (s = log(1 + largest training pixel)); generated pixels below
 are set to 0, as in the data.
 
 Deviations from the paper and why:
-- Layer sizes, latent size (16), optimiser (Adam 2e-4, betas 0.5/0.999) and loss weights are
-  our choice (*unconfirmed* in reference.md); the discriminator uses ordinary convolutions (the
-  paper's locally connected layers are asked for in the encoder and decoder only).
+- Layer sizes, latent size (16), optimiser (Adam 1e-3, betas 0.5/0.999, batch 32) and loss
+  weights are our choice (*unconfirmed* in reference.md); the discriminator uses ordinary
+  convolutions (the paper's locally connected layers are asked for in the encoder and decoder).
+- The discriminator also sees log(total visible energy) beside its hidden features
+  (--disc-energy 1, our addition): without it the narrow visible-energy peak was not learnt in
+  short runs on toy data (held-out mean JSD 0.38 after 15 epochs; 0.08 with it after 12).
 - The five selection observables are the natural ones reference.md suggests (unconfirmed).
 - Amplification (--amplify) uses common.amplification per shower-level observable (e_vis,
   n_hits, cog_x, cog_y); the held-out truth is split in two disjoint halves: the reference and
@@ -93,8 +96,8 @@ def get_args(argv=None):
     a("--n-train", type=int, default=1000, help="training showers; the rest are held out as truth")
     a("--out", default=None, help="output folder (default runs/vaegan); with --generate the output .h5 file")
     a("--epochs", type=int, default=60, help="training epochs per ensemble member")
-    a("--batch-size", type=int, default=64, help="minibatch size")
-    a("--lr", type=float, default=2e-4, help="Adam learning rate of encoder, decoder, discriminator")
+    a("--batch-size", type=int, default=32, help="minibatch size")
+    a("--lr", type=float, default=1e-3, help="Adam learning rate of encoder, decoder, discriminator")
     a("--ensemble", type=int, default=3, help="number of models trained on the same training set")
     a("--latent", type=int, default=16, help="latent dimension")
     a("--channels", default="16,32", help="channels of the two locally connected layers (C1,C2)")
@@ -105,6 +108,8 @@ def get_args(argv=None):
     a("--kl-weight", type=float, default=0.05, help="weight of the KL term in the encoder loss")
     a("--label-smooth", type=float, default=0.1, help="one-sided label smoothing: real label 1 - this (0 = off)")
     a("--mbd-kernels", type=int, default=16, help="mini-batch discrimination kernels (0 = off)")
+    a("--disc-energy", type=int, choices=(0, 1), default=1,
+      help="1: the discriminator also sees log(total visible energy) (sharpens the energy peak); 0: off")
     a("--select-bins", type=int, default=20, help="quantile bins of the epoch-selection JSD (>= 10 points per bin)")
     a("--amplify", action="store_true", help="amplification study after training: plot + metrics.json")
     a("--amp-n", type=int, default=20000, help="generated showers for the amplification study")
@@ -301,13 +306,19 @@ class MinibatchDiscrimination(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, features=64, mbd_kernels=16, size=10, channels=(16, 32)):
+    """Two convolutions, a hidden layer (the feature-wise similarity layer), optionally the log of
+    the total visible energy beside it, mini-batch discrimination, one logit."""
+
+    def __init__(self, features=64, mbd_kernels=16, size=10, channels=(16, 32), energy_input=True):
         super().__init__()
         self.conv1 = nn.Conv2d(1, channels[0], 3, 1, 1)
         self.conv2 = nn.Conv2d(channels[0], channels[1], 3, 2, 1)
         self.fc = nn.Linear(channels[1] * ((size + 1) // 2) ** 2, features)
-        self.mbd = MinibatchDiscrimination(features, mbd_kernels) if mbd_kernels else None
-        self.out = nn.Linear(features + mbd_kernels, 1)
+        self.energy_input = energy_input
+        self.register_buffer("scale", torch.tensor(1.0))    # pixel transform constant, set by the trainer
+        n = features + int(energy_input)
+        self.mbd = MinibatchDiscrimination(n, mbd_kernels) if mbd_kernels else None
+        self.out = nn.Linear(n + mbd_kernels, 1)
 
     def features(self, x):
         """The hidden layer whose activations define the feature-wise reconstruction loss."""
@@ -316,19 +327,22 @@ class Discriminator(nn.Module):
 
     def forward(self, x):
         f = self.features(x)
+        if self.energy_input:
+            e = torch.expm1(x.float() * self.scale).clamp_min(0).sum((1, 2, 3))
+            f = torch.cat([f, (torch.log1p(e) / self.scale).unsqueeze(1).to(f.dtype)], 1)
         return self.out(self.mbd(f) if self.mbd is not None else f).squeeze(1)
 
 
 class VAEGAN(nn.Module):
-    def __init__(self, latent=16, channels=(16, 32), mbd_kernels=16):
+    def __init__(self, latent=16, channels=(16, 32), mbd_kernels=16, disc_energy=True):
         super().__init__()
         self.latent = latent
         self.enc, self.dec = Encoder(latent, channels), Decoder(latent, channels)
-        self.disc = Discriminator(mbd_kernels=mbd_kernels)
+        self.disc = Discriminator(mbd_kernels=mbd_kernels, energy_input=disc_energy)
 
 
 def build(args):
-    return VAEGAN(args["latent"], tuple(args["channels"]), args["mbd_kernels"])
+    return VAEGAN(args["latent"], tuple(args["channels"]), args["mbd_kernels"], bool(args.get("disc_energy", 1)))
 
 
 # ---------------------------------------------------------------- train
@@ -391,10 +405,9 @@ def train_step(mb, x, args, autocast):
         loss_d.float().backward()
         mb.opt["disc"].step()
     with autocast():
-        if args["recon"] == "feature":
-            like = F.mse_loss(f["feat"](xr).float(), f["feat"](x).detach().float())
-        else:
-            like = F.mse_loss(xr.float(), x.float())
+        # Gaussian log-likelihood up to a constant: squared error summed over features (pixels)
+        a_, b_ = (f["feat"](xr), f["feat"](x).detach()) if args["recon"] == "feature" else (xr, x)
+        like = (a_.float() - b_.float()).pow(2).flatten(1).sum(1).mean()
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
         adv = torch.zeros((), device=x.device)
         if args["adv_weight"] > 0:
@@ -476,8 +489,8 @@ def make_plots(out, title, train, truth, gen, amp, history, n_train):
     o = {n: observables(s) for n, s in (("train", train), ("held-out truth", truth), ("generated", gen))}
     fig, ax = plt.subplots(1, 5, figsize=(20, 3.6))
     for a, k in zip(ax, OBS):
-        allv = np.concatenate([v[k] for v in o.values()])
-        bins = np.geomspace(MIP, allv.max() * 1.1, 60) if k == "pixel" else np.linspace(*np.percentile(allv, [0.5, 99.5]), 40)
+        lo, hi = np.percentile(np.concatenate([v[k] for v in o.values()]), [0.5, 99.5])
+        bins = np.geomspace(MIP, max(hi, 1.0) * 3, 60) if k == "pixel" else np.linspace(lo, max(hi, lo + 1e-3), 40)
         for n, v in o.items():
             a.hist(v[k], bins, density=True, histtype="step", label=n)
         a.set_xlabel(k)
@@ -490,7 +503,7 @@ def make_plots(out, title, train, truth, gen, amp, history, n_train):
     save(fig, "observables.png")
 
     fig, a = plt.subplots(figsize=(7, 4.5))
-    bins = np.geomspace(MIP, max(v["pixel"].max() for v in o.values()) * 1.1, 80)
+    bins = np.geomspace(MIP, max([v["pixel"].max() for v in o.values() if len(v["pixel"])] + [1.0]) * 1.1, 80)
     for n, v in o.items():
         a.hist(v["pixel"], bins, density=True, histtype="step", label=f"{n} ({len(v['e_vis'])} showers)")
     a.set(xscale="log", yscale="log", xlabel="pixel energy [MeV]", ylabel="density",
@@ -539,6 +552,8 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if (args.dtype == "bf16" and device.type == "cuda") \
         else (lambda: torch.autocast("cpu", enabled=False))
     members = [Member(k, A, device) for k in range(args.ensemble)]
+    for mb in members:
+        mb.model.disc.scale.fill_(scale)
     mine = [mb for mb in members if mb.k % world == rank]
     history, start, step = [], 0, 0
     if args.resume:

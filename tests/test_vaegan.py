@@ -120,8 +120,6 @@ def test_amplification_equivalent_size_grows():
 
 
 def test_common_amplification_gaussian():
-    if not hasattr(common, "amplification"):
-        pytest.skip("common.amplification not merged yet")
     rng = np.random.default_rng(0)
     ref, pool = rng.normal(size=4000), rng.normal(size=4000)
     eqs = [common.amplification(ref, pool, rng.normal(size=m), 10, seed=0)["equivalent_size"] for m in (30, 2000)]
@@ -181,32 +179,28 @@ def test_end_to_end_ild_layout(run30):
     assert not torch.equal(w0, w1)                           # two different models
 
 
-def test_end_to_end_reduced_input(reduced_file, tmp_path):
-    r = run_script("vaegan.py", "--data", reduced_file, *TINY, "--epochs", "1", "--n-gen", "30", "--out", "run",
-                   cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    check_generated(tmp_path / "run" / "generated.h5", 30)
-    with h5py.File(tmp_path / "run" / "generated.h5", "r") as f:
-        assert "energy" not in f                             # the input had none
-
-
-def test_generate_from_ckpt(run30, tmp_path):
+def test_generate_from_ckpt(run30, tmp_path, monkeypatch):
     out, _ = run30
-    r = run_script("vaegan.py", "--generate", "50", "--ckpt", out / "ckpt.pt", "--out", tmp_path / "g.h5",
-                   cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)                                  # in-process: saves a torch import
+    assert vaegan.main(["--generate", "50", "--ckpt", str(out / "ckpt.pt"), "--out", "g.h5"]) == 0
     s = check_generated(tmp_path / "g.h5", 50)
     assert s.sum() > 0
 
 
-def test_resume_matches_uninterrupted(run30, ild_file, tmp_path):
-    args = ["--data", ild_file, *TINY, "--out", "run"]
-    r = run_script("vaegan.py", *args, "--epochs", "1", cwd=tmp_path)
+def test_reduced_input_and_resume(run30, reduced_file, tmp_path):
+    """The pre-reduced file holds the same showers as the 30x30x30 one, so 1 epoch on it, then
+    --resume to 2, must give the very weights of run30's uninterrupted 2 epochs."""
+    args = ["--data", reduced_file, *TINY, "--out", "run"]
+    r = run_script("vaegan.py", *args, "--epochs", "1", "--n-gen", "30", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    check_generated(tmp_path / "run" / "generated.h5", 30)
+    with h5py.File(tmp_path / "run" / "generated.h5", "r") as f:
+        assert "energy" not in f                                 # the input had none
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["epoch"] == 1
     r = run_script("vaegan.py", *args, "--epochs", "2", "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stdout and "epoch 2/2" in r.stdout and "epoch 1/2" not in r.stdout
+    check_generated(tmp_path / "run" / "generated.h5", 60)
     a = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     b = torch.load(run30[0] / "ckpt.pt", weights_only=False)
     assert a["epoch"] == 2 and a["step"] == b["step"]
@@ -228,14 +222,18 @@ def test_torchrun_two_processes_match_single(run30, ild_file, tmp_path):
         torch.testing.assert_close(ma["model"]["dec.lc1.weight"], mb["model"]["dec.lc1.weight"])
 
 
-def test_benchmark_and_help(tmp_path):
+def test_benchmark_and_help(tmp_path, capsys):
     r = run_script("vaegan.py", "--benchmark", "--ensemble", "2", "--channels", "4,8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["script"] == "vaegan.py" and res["gen_showers_per_s"] > 0 and res["train_samples_per_s"] > 0
+    lines = r.stdout.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert len(lines) == 1 and res["script"] == "vaegan.py"
+    assert res["gen_showers_per_s"] > 0 and res["train_samples_per_s"] > 0
     assert list(tmp_path.iterdir()) == []                      # no files written
-    r = run_script("vaegan.py", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "--amplify" in r.stdout and "--ensemble" in r.stdout
+    with pytest.raises(SystemExit) as e:
+        vaegan.get_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--amplify" in out and "--ensemble" in out
 
 
 # ---------------------------------------------------------------- bad input
@@ -268,21 +266,33 @@ def _bad_files(d):
     return files
 
 
-def test_bad_inputs(tmp_path):
-    for name, path in _bad_files(tmp_path / "in").items():
-        r = run_script("vaegan.py", "--data", path, "--n-train", "100", "--epochs", "1", "--out", "o",
-                       cwd=tmp_path)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2, (name, r.stderr)
-        assert len(lines) == 1 and lines[0].startswith("vaegan.py: error: ") and name in lines[0], (name, r.stderr)
+def test_bad_inputs(tmp_path, monkeypatch, capsys):
+    """Each bad file: exit 2, one stderr line naming the file, nothing written. In-process through
+    main() (a subprocess per file costs a torch import each); one file also as a real subprocess."""
+    files = _bad_files(tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    for name, path in files.items():
+        rc = vaegan.main(["--data", str(path), "--n-train", "100", "--epochs", "1", "--out", "o"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, (name, lines)
+        assert len(lines) == 1 and lines[0].startswith("vaegan.py: error: ") and name in lines[0], (name, lines)
         assert not (tmp_path / "o").exists(), name
+    r = run_script("vaegan.py", "--data", files["nan.h5"], "--out", "o", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "nan.h5" in r.stderr and not (tmp_path / "o").exists()
 
 
-def test_bad_flags_and_ckpt(tmp_path):
-    r = run_script("vaegan.py", "--ensemble", "0", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+def test_bad_flags_and_ckpt(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for bad in (["--ensemble", "0"], ["--channels", "4"], ["--label-smooth", "0.7"], ["--generate", "5"]):
+        with pytest.raises(SystemExit) as e:
+            vaegan.get_args(bad)
+        assert e.value.code == 2, bad
+    capsys.readouterr()
     (tmp_path / "bad.pt").write_text("nope")
-    r = run_script("vaegan.py", "--generate", "5", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "g.h5",
-                   cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.pt" in r.stderr
+    rc = vaegan.main(["--generate", "5", "--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "g.h5")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "bad.pt" in err
     assert not (tmp_path / "g.h5").exists()
+    rc = vaegan.main(["--data", "x.h5", "--out", "o", "--resume"])     # missing file first
+    assert rc == 2 and "x.h5" in capsys.readouterr().err
