@@ -84,7 +84,9 @@ def get_args(argv=None):
     p.add_argument("--cls-patience", type=int, default=5, help="early stopping: epochs without validation gain")
     p.add_argument("--cls-batch", type=int, default=256, help="classifier batch size")
     p.add_argument("--cls-lr", type=float, default=1e-3, help="classifier Adam learning rate")
-    p.add_argument("--cls-max-events", type=int, default=50000, help="classifier: at most this many showers per class")
+    p.add_argument("--cls-max-events", type=int, default=None,
+                   help="classifier: at most this many showers per class (default: 50000 on CUDA; on CPU "
+                        "min(50000, 2e8 / number of inputs), e.g. 12800 for LCD's 15626 inputs)")
     p.add_argument("--quantiles", type=int, default=50, help="ILD: quantile bins of the JSD (>= 10 real showers each)")
     p.add_argument("--prd-runs", type=int, default=10, help="LHCb: k-means runs averaged in PRD")
     p.add_argument("--prd-max", type=int, default=10000, help="LHCb: at most this many showers per sample in PRD")
@@ -374,10 +376,11 @@ class Classifier(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def classifier_inputs(d):
-    """Voxels / E_inc plus log10(E_inc / GeV) (CaloChallenge low-level classifier input)."""
-    e_gev = d["e_inc"] / (1000.0 if d["geom"].unit == "MeV" else 1.0)
-    return np.concatenate([d["cells"] / d["e_inc"][:, None].astype(np.float32),
+def classifier_inputs(d, idx):
+    """Showers idx of sample d: voxels / E_inc plus log10(E_inc / GeV) (CaloChallenge low-level input)."""
+    e = d["e_inc"][idx]
+    e_gev = e / (1000.0 if d["geom"].unit == "MeV" else 1.0)
+    return np.concatenate([d["cells"][idx] / e[:, None].astype(np.float32),
                            np.log10(e_gev)[:, None].astype(np.float32)], 1)
 
 
@@ -394,26 +397,43 @@ def auc_score(y, s):
     return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def two_sample_test(x_real, x_gen, args, device, log, tag):
-    """Train the classifier real (1) vs generated (0); calibrated test AUC, BCE and JSD."""
+def _inputs(sample, idx):
+    """Classifier inputs of rows idx: a shower sample (dict of load()) or a plain (N, D) array."""
+    return classifier_inputs(sample, idx) if isinstance(sample, dict) else np.asarray(sample[idx], np.float32)
+
+
+def two_sample_test(real, gen, args, device, log, tag):
+    """Train the classifier real (1) vs generated (0); calibrated test AUC, BCE and JSD.
+    real, gen: samples of load() (inputs built only for the showers used) or (N, D) arrays."""
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
-    m = min(len(x_real), len(x_gen), args.cls_max_events)
+    n_r, n_g = (s["n"] if isinstance(s, dict) else len(s) for s in (real, gen))
+    n_in = _inputs(real, np.arange(1)).shape[1]
+    cap = args.cls_max_events or (50000 if device.type == "cuda" else int(min(50000, 2e8 / n_in)))
+    m = min(n_r, n_g, cap)
     if m < 10:
         return {"skipped": f"too few showers ({m}) per class"}
     parts = {}
     # the same shower indices from both files: a generated file conditioned on the real file event by
     # event keeps each (real i, generated i) pair in one split, so conditions cannot leak across splits
-    idx = rng.permutation(min(len(x_real), len(x_gen)))[:m]
+    idx = rng.permutation(min(n_r, n_g))[:m]
     a, b = int(0.6 * m), int(0.8 * m)
-    for y, x in ((1, x_real), (0, x_gen)):
+    for y, sample in ((1, real), (0, gen)):
         for name, sl in (("train", idx[:a]), ("val", idx[a:b]), ("test", idx[b:])):
-            parts.setdefault(name, []).append((x[sl], np.full(len(sl), y, np.float32)))
-    data = {k: (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v])) for k, v in parts.items()}
+            parts.setdefault(name, []).append((_inputs(sample, np.sort(sl)), np.full(len(sl), y, np.float32)))
+    data = {}
+    for k in ("train", "val", "test"):
+        v = parts.pop(k)
+        data[k] = (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v]))
+        del v
     mu, sd = data["train"][0].mean(0), data["train"][0].std(0)
-    sd = np.maximum(sd, 1e-3 * sd.max() + 1e-12)
-    T = {k: (torch.tensor((x - mu) / sd, dtype=torch.float32, device=device), torch.tensor(y, device=device))
-         for k, (x, y) in data.items()}
+    # standardised inputs; a floor on the std keeps never-hit voxels from blowing up
+    mu, sd = mu.astype(np.float32), np.maximum(sd, 1e-3 * sd.max() + 1e-12).astype(np.float32)
+    T = {}
+    for k, (x, y) in data.items():   # in place: LCD inputs are 15626 wide
+        x -= mu
+        x /= sd
+        T[k] = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
     model = Classifier(T["train"][0].shape[1], args.cls_hidden, args.cls_layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.cls_lr)
     bce = nn.BCEWithLogitsLoss()
@@ -716,7 +736,6 @@ def run(args, log=print):
     fgs = [features(g)[0] for g in gens]
     n_min = min(d["n"] for d in data)
     bins = args.bins or int(np.clip(round(math.sqrt(n_min)), 10, 50))
-    x_real = None if args.no_classifier else classifier_inputs(real)
     rows, plot_extra = [], []
     for i, (g, fg, lab) in enumerate(zip(gens, fgs, args.labels)):
         sp, floor = {}, {}
@@ -731,7 +750,7 @@ def run(args, log=print):
                "separation_power_mean": float(np.mean(list(sp.values()))),
                "frechet_distance": max(0.0, common.frechet_distance(standardised(fr, fr), standardised(fr, fg)))}
         if not args.no_classifier:
-            row["classifier"] = two_sample_test(x_real, classifier_inputs(g), args, device, log, lab)
+            row["classifier"] = two_sample_test(real, g, args, device, log, lab)
             row["auc"] = row["classifier"].get("auc")
         pe = {}
         if det == "lcd":
