@@ -157,6 +157,10 @@ def test_correlation_matrix(tiny_chunks):
     r = 1 / math.sqrt(10)
     expected = [[1, -1, r, 0], [-1, 1, -r, 0], [r, -r, 1, 0], [0, 0, 0, 1]]
     np.testing.assert_allclose(cm.correlation_matrix(np.array([a, b, c, d], float).T), expected, atol=1e-12)
+    # constant cells whose float mean is not exact (0.1*3/3 != 0.1) leave rounding residues
+    # that must not read as a perfect correlation: still the identity
+    const = np.array([[0.1, 0.7]] * 3)
+    np.testing.assert_array_equal(cm.correlation_matrix(const), np.eye(2))
 
 
 def test_correlation_mse():
@@ -336,6 +340,7 @@ def test_quantile_jsd_ties():
     # constant reference: one bin holding that value
     assert cm.quantile_jsd(np.full(20, 5.0), [5.0, 5.0], 2) == 0.0
     assert cm.quantile_jsd(np.full(20, 5.0), [6.0], 2) == pytest.approx(1.0)
+    assert cm.quantile_jsd(np.full(20, 5.0), [4.0], 2) == pytest.approx(1.0)
 
 
 def test_separation_power():
@@ -401,5 +406,9 @@ def test_amplification_limits():
     ref, pool = rng.standard_normal(2000), rng.standard_normal(2000)
     # generated = the reference itself: JSD 0, no truth subset reaches it -> inf
     assert cm.amplification(ref, pool, ref, n_bins=10)["equivalent_size"] == math.inf
+    # given sizes are kept where they fit, and both curves end at the full sample
+    r = cm.amplification(ref, pool, pool[:1000], n_bins=10, sizes=[50, 500, 5000], n_rep=2)
+    np.testing.assert_array_equal(r["truth_sizes"], [50, 500, 2000])
+    np.testing.assert_array_equal(r["gen_sizes"], [50, 500, 1000])
     # generated far off: worse than the smallest truth subset -> None
     assert cm.amplification(ref, pool, ref + 5.0, n_bins=10, sizes=[20, 200])["equivalent_size"] is None
