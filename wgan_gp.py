@@ -39,6 +39,9 @@ Deviations from the original (reference.md) and why:
   itself (as in the original) and the generated cells sum to it exactly before the noise cuts.
 - Negative cells of ATLAS files are accepted (real cell energies carry signed noise) and removed
   by the noise cut; negative CaloChallenge voxels and non-positive energies are bad input.
+- --seeds K: seeds seed..seed+K-1 share the train/validation split (made with --seed) and write
+  ckpt_seed<s>.pt; generated.h5 pools their samples (K showers per held-out event). --resume on
+  one process continues bit for bit; under torchrun, ranks > 0 are reseeded on resume.
 - generated.h5 of an ATLAS model: `energy` holds the true energy of the held-out event whose
   cluster total conditioned it; with --generate --energy it holds the conditioning cluster total
   (the model does not know the true energy; file attribute energy_is says which).
