@@ -48,6 +48,8 @@ Choices and deviations from the original (reference.md) and why:
   2dgan.py holds out its own --val-frac (seeded by the component's seed, --seed + t) for its best epoch.
 - Ensemble sampling draws Ep ~ U(--energy) as in the reference; the generated.h5 written at the end
   of training uses the held-out real Ep instead (the convention of all scripts here).
+- The data are read into memory once (weighted draws need them there; 2dgan.py's file streaming for data
+  larger than memory is not used), and handed whole to every component without copies.
 - --benchmark measures ensemble generation and MIXDISC training; the base learner's training speed
   is `2dgan.py --benchmark`.
 """
