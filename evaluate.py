@@ -207,6 +207,8 @@ def load(path, max_events=None):
             n = ecal.shape[0]
             crop = ecal.shape[1] == 51
             ekey = "target" if "target" in keys else "energy"
+            if ekey not in keys:
+                raise DataError(f"{path}: missing key 'target' (or 'energy'): the primary energy Ep")
             e = _need(path, keys, ekey, None, n)
             if ekey == "target" and (len(e.shape) != 2 or e.shape[1] < 2):
                 raise DataError(f"{path}: 'target' has shape {e.shape}, expected (N, >=2) with Ep in column 1")
@@ -532,7 +534,8 @@ def atlas_extra(real, gen, args, plot):
         _, db = common.nearest_neighbours(qb, pool, k=5)
         out["nn_median_dist_gen"] = float(np.median(dg[:, 0]))
         out["nn_median_dist_real"] = float(np.median(db[:, 0]))
-        out["nn_ratio"] = _num(out["nn_median_dist_gen"] / out["nn_median_dist_real"]) if out["nn_median_dist_real"] > 0 else None
+        ref = out["nn_median_dist_real"]
+        out["nn_ratio"] = _num(out["nn_median_dist_gen"] / ref) if ref > 0 else None
     return out
 
 
@@ -728,7 +731,7 @@ def run(args, log=print):
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: CUDA is not available")
-    os.makedirs(os.path.join(args.out, "plots"), exist_ok=True)
+    os.makedirs(args.out if args.no_plots else os.path.join(args.out, "plots"), exist_ok=True)
     log(f"{title}: real {data[0]['n']} showers ({data[0]['path']}), generated "
         + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, data[1:])))
     real, gens = data[0], data[1:]
@@ -767,7 +770,8 @@ def run(args, log=print):
         rows.append(row)
         plot_extra.append(pe)
         log(f"{lab}: AUC {_fmt(row.get('auc'))} | Frechet {row['frechet_distance']:.4g} | mean separation "
-            f"{row['separation_power_mean']:.4f} | flagged {', '.join(flagged) or 'none'} | {row['verdict']}")
+            f"{row['separation_power_mean']:.4f} | flagged {len(flagged)}: {', '.join(flagged[:5]) or 'none'}"
+            f"{', ...' if len(flagged) > 5 else ''} | {row['verdict']}")
     plots = [] if args.no_plots else make_plots(args, title, real, gens, fr, groups, fgs, plot_extra, bins)
     metrics = {"script": "evaluate.py", "detector": det, "geometry": real["geom"].name, "toy": toy,
                "real": {"path": real["path"], "n_events": real["n"], "toy": real["toy"]},
@@ -781,6 +785,11 @@ def run(args, log=print):
 
 def _fmt(v, f="{:.3f}"):
     return "-" if v is None else f.format(v)
+
+
+def _eq(v):
+    """Equivalent truth size as text: a number, 'inf' (beats the pool) or None (worse than any subset)."""
+    return f"{v:.0f}" if isinstance(v, float) else str(v)
 
 
 def report_md(m, title):
@@ -811,6 +820,16 @@ def report_md(m, title):
     for r in m["generated"]:
         lines.append(f"- {r['label']}: " + (", ".join(f"{k} {r['separation_power'][k]:.3f}" for k in r["flagged"])
                                              or "none"))
+    amps = [r for r in m["generated"] if r.get("ild", {}).get("amplification")]
+    if amps:
+        lines += ["", "Amplification: number of real showers the generated sample is worth, per observable "
+                  "(inf = better than the whole truth pool, None = worse than the smallest subset):", ""]
+    for r in amps:
+        amp = r["ild"]["amplification"]
+        if amp:
+            lines.append(f"- {r['label']}: " + ", ".join(
+                f"{k} {_eq(v['equivalent_size'])}" for k, v in amp["observables"].items())
+                + f" (truth pool {amp['n_truth_pool']}, generated {r['n_events']})")
     lines += ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable "
               "(best published CaloChallenge ds1 photons ~0.63). JSD = (ln2 - BCE)/ln2 of the Platt-calibrated "
               "classifier on its test split. Details: metrics.json; plots: plots/.", ""]
@@ -869,7 +888,9 @@ def make_plots(args, title, real, gens, fr, groups, fgs, pe, bins):
                 for p, c, lab in zip(pe, P.colors, args.labels):
                     a = p["amplification"][k]
                     ax.plot(a["gen_sizes"], a["gen_jsd"], "-s", ms=3, color=c, label=lab)
-                ax.set(xscale="log", yscale="log", xlabel="number of showers", ylabel="quantile JSD", title=k)
+                eq = ", ".join(_eq(p["amplification"][k]["equivalent_size"]) for p in pe)
+                ax.set(xscale="log", yscale="log", xlabel="number of showers", ylabel="quantile JSD",
+                       title=f"{k} (equivalent truth size: {eq})")
                 ax.legend(fontsize=7)
             P._finish(fig, "amplification", "JSD vs sample size (crossing = equivalent truth size)")
     return P.written

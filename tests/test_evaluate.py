@@ -201,8 +201,8 @@ def test_bad_inputs_exit_2_one_line(toy, tmp_path, capsys):
         assert not out.exists(), msg
 
 
-@pytest.mark.parametrize("argv", [["only_one.h5"], ["a.h5", "b.h5", "--labels", "x,y"], ["a.h5", "b.h5", "--bins", "-1"],
-                                  ["a.h5", "b.h5", "--max-events", "0"]])
+@pytest.mark.parametrize("argv", [["only_one.h5"], ["a.h5", "b.h5", "--labels", "x,y"],
+                                  ["a.h5", "b.h5", "--bins", "-1"], ["a.h5", "b.h5", "--max-events", "0"]])
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(argv)
