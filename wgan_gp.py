@@ -332,6 +332,34 @@ def critic_loss(critic, real, fake, c, gp_weight):
     return -wdist + gp_weight * gp, wdist
 
 
+def train_step(nets, opts, real, cond, args, amp, g_step):
+    """One critic step, then a generator step if g_step -> (loss_d, wdist, loss_g or None).
+    nets: (generator, critic, generator for sampling, unwrapped critic); DDP-wrapped or not."""
+    gen, crit, g_fast, d_raw = nets
+    opt_g, opt_d = opts
+    z = lambda: torch.randn(len(real), args.latent, device=real.device)  # noqa: E731
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        fake = g_fast(z(), cond)[0].float()
+    with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        loss_d, wdist = critic_loss(crit, real, fake, cond, args.gp)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    loss_g = None
+    if g_step:
+        d_raw.requires_grad_(False)     # the unwrapped critic: its DDP wrapper sees one forward per step
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            fake, logits = gen(z(), cond)
+            loss_g = -d_raw(fake, cond).mean()
+            if args.l1:
+                loss_g = loss_g + args.l1 * logits.abs().sum(1).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        d_raw.requires_grad_(True)
+    return loss_d, wdist, loss_g
+
+
 def train(args, run_seed, data, device, ckpt_path, log, amp, world=(0, 1)):
     """Train one seed; returns (unwrapped generator, history). Resumes from ckpt_path if asked."""
     rank, size = world
@@ -377,27 +405,11 @@ def train(args, run_seed, data, device, ckpt_path, log, amp, world=(0, 1)):
             idx = perm[(b * bs) % len(perm):][:bs]
             if len(idx) < bs:
                 idx = perm[:bs]
-            real, cond = x[idx], c[idx]
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                fake = g_fast(torch.randn(bs, args.latent, device=device), cond)[0].float()
-            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                loss_d, wdist = critic_loss(crit, real, fake, cond, args.gp)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
+            loss_d, wdist, loss_g = train_step((gen, crit, g_fast, d_raw), (opt_g, opt_d), x[idx], c[idx], args,
+                                               amp, g_step=(b + 1) % args.n_critic == 0)
             seen += bs
             sums[:2] += loss_d.item(), wdist.item()
-            if (b + 1) % args.n_critic == 0:
-                d_raw.requires_grad_(False)
-                with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                    fake, logits = gen(torch.randn(bs, args.latent, device=device), cond)
-                    loss_g = -d_raw(fake, cond).mean()
-                    if args.l1:
-                        loss_g = loss_g + args.l1 * logits.abs().sum(1).mean()
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
-                d_raw.requires_grad_(True)
+            if loss_g is not None:
                 step += 1
                 sums[2] += loss_g.item()
         n_g = max(1, n_batches // args.n_critic)
@@ -509,19 +521,8 @@ def benchmark(args, device, amp):
     def train_run(reps):
         for i in range(reps):
             idx = torch.randint(0, 4096, (tb,), device=device)
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                fake = gen(torch.randn(tb, args.latent, device=device), cond[idx])[0].float()
-            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                loss, _ = critic_loss(crit, real[idx], fake, cond[idx], args.gp)
-            opt_d.zero_grad()
-            loss.backward()
-            opt_d.step()
-            if (i + 1) % args.n_critic == 0:
-                with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                    loss_g = -crit(gen(torch.randn(tb, args.latent, device=device), cond[idx])[0], cond[idx]).mean()
-                opt_g.zero_grad()
-                loss_g.backward()
-                opt_g.step()
+            train_step((gen, crit, gen, crit), (opt_g, opt_d), real[idx], cond[idx], args, amp,
+                       g_step=(i + 1) % args.n_critic == 0)[0].item()
     rates = []
     for fn, chunk, per in ((gen_run, 1, gb), (train_run, 50, tb)):
         fn(chunk)                                                      # warm-up
