@@ -600,6 +600,21 @@ def _num(v):
     return None if math.isnan(v) else ("inf" if math.isinf(v) else v)
 
 
+def _clean(obj):
+    """Valid JSON: numpy scalars to Python, NaN -> null, inf -> "inf", recursively."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _num(obj)
+    return obj
+
+
 def _list(a):
     return [_num(v) for v in np.asarray(a, np.float64).ravel()]
 
@@ -740,7 +755,7 @@ def run(args, log=print):
     n_min = min(d["n"] for d in data)
     bins = args.bins or int(np.clip(round(math.sqrt(n_min)), 10, 50))
     rows, plot_extra = [], []
-    for i, (g, fg, lab) in enumerate(zip(gens, fgs, args.labels)):
+    for g, fg, lab in zip(gens, fgs, args.labels):
         sp, floor = {}, {}
         for k in fr:
             edges, _ = edges_for(fr[k], [fg[k]], bins)
@@ -776,8 +791,8 @@ def run(args, log=print):
     metrics = {"script": "evaluate.py", "detector": det, "geometry": real["geom"].name, "toy": toy,
                "real": {"path": real["path"], "n_events": real["n"], "toy": real["toy"]},
                "features": list(fr), "bins": bins, "generated": rows, "plots": plots,
-               "settings": {k: v for k, v in vars(args).items()}}
-    write_text(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1, default=_num) + "\n")
+               "settings": vars(args)}
+    write_text(os.path.join(args.out, "metrics.json"), json.dumps(_clean(metrics), indent=1) + "\n")
     write_text(os.path.join(args.out, "report.md"), report_md(metrics, title))
     log(f"wrote {args.out}/metrics.json, {args.out}/report.md and {len(plots)} plots in {args.out}/plots/")
     return metrics
