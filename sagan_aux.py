@@ -45,6 +45,13 @@ Choices and deviations (reference.md marks some points unconfirmed):
   the first two moments), or counts of cells above a fraction (sparsity). So R is a per-cell MLP
   (1x1 convolutions) pooled as sum(fraction * h) and mean(h) over the cells (a deep set), then an
   MLP with the conditions: the right form for all three, and much cheaper than a CNN at 30x30.
+  Its per-cell inputs include tanh(2 along), tanh(2 across) (cells): which side of the lines
+  through the centre a cell is on; without them a 2-layer MLP found the step slowly and not for
+  every seed. Measured on 500 toy showers, 200 Adam steps: RMSE/std 0.2 (asymmetries), 0.25
+  (sparsity), but ~0.9 for the widths (their spread is 0.15 cell on 1.1), so --aux width is weak.
+- common.py's LHCb metrics read images as [n, iy, ix] (the MLHEP metric code), while API.md,
+  the toy files and this script use [n, ix, iy]; aux_target() probes which one common.py takes
+  and transposes if needed, so the targets are right whichever way common.py settles.
 - Targets: asymmetry = (longitudinal, transverse) asymmetry; width = (along, across) widths;
   sparsity = the 20-point sparsity curve; each standardised on the training set.
 - Energies are modelled as t = log1p(E / e0) / s (e0 = 1st percentile of the non-zero training
@@ -181,12 +188,21 @@ def conditions(d):
     return np.concatenate([d["ParticleMomentum"], d["ParticlePoint"][:, :2]], axis=1).astype(np.float64)
 
 
+def _common_takes_yx():
+    """True if common.lhcb_asymmetry reads images as [n, iy, ix] (the MLHEP metric code) rather
+    than [n, ix, iy] (API.md, the toy files, this script). Probe: one cell at x = -4.5, y = 0.5,
+    p along +x: asymmetry -1 if axis 0 is x."""
+    img = np.zeros((1, 30, 30))
+    img[0, 10, 15] = 1.0
+    return common.lhcb_asymmetry(img, np.array([[1.0, 0.0, 1e4]]), np.zeros((1, 3)))[0] > 0
+
+
 def aux_target(kind, images, mom, point):
-    """(N, k) physics metric the regressor learns (common.py MLHEP metrics)."""
-    if kind == "asymmetry":
-        return np.stack([common.lhcb_asymmetry(images, mom, point, orthogonal=o) for o in (False, True)], 1)
-    if kind == "width":
-        return np.stack([common.lhcb_width(images, mom, point, orthogonal=o) for o in (False, True)], 1)
+    """(N, k) physics metric the regressor learns (common.py MLHEP metrics), for images[n, ix, iy]."""
+    if kind in ("asymmetry", "width"):
+        fn = common.lhcb_asymmetry if kind == "asymmetry" else common.lhcb_width
+        img = np.asarray(images).transpose(0, 2, 1) if _common_takes_yx() else images
+        return np.stack([fn(img, mom, point, orthogonal=o) for o in (False, True)], 1)
     if kind == "sparsity":
         return common.lhcb_sparsity(images)
     return np.zeros((len(images), 0))
@@ -282,19 +298,20 @@ class Discriminator(nn.Module):
 
 class Regressor(nn.Module):
     """Auxiliary regressor: image (linear energies) + frame maps + conditions -> metric.
-    A per-cell MLP on (fraction of E_total, its log10, along, across in units of 1/3 cell, so
-    that the first layer resolves the side of the split line at init) gives features
+    A per-cell MLP on (fraction of E_total, its log10, along, across, and tanh(2 along),
+    tanh(2 across) in cells: which side of the lines through the centre) gives features
     h; they are pooled as sum(fraction * h) (asymmetries, widths) and mean(h) (sparsity), then
     an MLP with the conditions gives the standardised metric."""
 
     def __init__(self, out_dim=2, cond_dim=5, width=32):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(4, width, 1), nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU())
+        self.net = nn.Sequential(nn.Conv2d(6, width, 1), nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU())
         self.head = nn.Sequential(nn.Linear(2 * width + cond_dim, 64), nn.ReLU(), nn.Linear(64, out_dim))
 
     def forward(self, energy, frame, cond):
         frac = energy / energy.sum((2, 3), keepdim=True).clamp_min(1e-12)
-        h = self.net(torch.cat([frac, torch.log10(frac + 1e-7) / 7.0 + 1.0, frame * (3 * FRAME_SCALE)], 1))
+        cells = frame * FRAME_SCALE
+        h = self.net(torch.cat([frac, torch.log10(frac + 1e-7) / 7.0 + 1.0, frame, torch.tanh(2.0 * cells)], 1))
         return self.head(torch.cat([(frac * h).sum((2, 3)), h.mean((2, 3)), cond], 1))
 
 
