@@ -551,9 +551,9 @@ def benchmark_main(args):
     norm = {"e0": 1e-4, "s": 11.0}
     cuda = run.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    gb, tb = (10000 if cuda else 1024), args.batch_size
+    gb, tb = (10000 if cuda else 512), args.batch_size
 
-    def timed(fn, n_items, budget=2.0):
+    def timed(fn, n_items, budget=2.0 if cuda else 1.0):
         for _ in range(2 if cuda else 1):   # warm-up
             fn()
         sync()
