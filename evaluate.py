@@ -794,7 +794,8 @@ def run(args, log=print):
                "settings": vars(args)}
     write_text(os.path.join(args.out, "metrics.json"), json.dumps(_clean(metrics), indent=1) + "\n")
     write_text(os.path.join(args.out, "report.md"), report_md(metrics, title))
-    log(f"wrote {args.out}/metrics.json, {args.out}/report.md and {len(plots)} plots in {args.out}/plots/")
+    j = lambda *a: os.path.join(args.out, *a)  # noqa: E731
+    log(f"wrote {j('metrics.json')}, {j('report.md')} and {len(plots)} plots in {j('plots')}")
     return metrics
 
 

@@ -50,6 +50,7 @@ def test_detect_and_load(toy, kind, det, cells):
 def test_detect_other_layouts(toy, tmp_path):
     # LHCb .npz; ILD already reduced (vaegan.py's generated format); LCD 51x51x25 cropped to 25x25x25
     assert ev.load(toy("lhcb", 20, suffix=".npz"))["detector"] == "lhcb"
+    assert ev.load(toy("atlas89", 20), max_events=7)["cells"].shape == (7, 89)   # --max-events
     with h5py.File(toy("ild", 20), "r") as f:
         layers, energy = f["30x30/layers"][...], f["30x30/energy"][...]
     red = tmp_path / "ild_reduced.h5"
@@ -199,6 +200,13 @@ def test_bad_inputs_exit_2_one_line(toy, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("evaluate.py: error: ") and msg in err[0], (msg, err)
         assert not out.exists(), msg
+
+
+@pytest.mark.skipif(ev.torch.cuda.is_available(), reason="checks the error when CUDA is missing")
+def test_device_cuda_without_cuda(toy, tmp_path, capsys):
+    real = toy("atlas89", 20)
+    assert ev.main([real, real, "--device", "cuda", "--out", str(tmp_path / "rep")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err and not (tmp_path / "rep").exists()
 
 
 @pytest.mark.parametrize("argv", [["only_one.h5"], ["a.h5", "b.h5", "--labels", "x,y"],
