@@ -358,6 +358,14 @@ def from_model(y, scale):
     return torch.where(e < MIP, torch.zeros_like(e), e)
 
 
+def to_cpu(obj):
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj.detach().cpu() if torch.is_tensor(obj) else obj
+
+
 class Member:
     """One ensemble member: model, optimisers, its own random generator, best epoch so far."""
 
@@ -372,9 +380,9 @@ class Member:
         self.fns["feat"] = m.disc.features
 
     def state(self):
-        cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
-        return {"model": cpu(self.model.state_dict()), "optim": {n: o.state_dict() for n, o in self.opt.items()},
-                "gen": self.gen.get_state(), "best": {**self.best, "dec": cpu(self.best["dec"])}}
+        """Everything of this member on the CPU (for the checkpoint and the torchrun gather)."""
+        return to_cpu({"model": self.model.state_dict(), "optim": {n: o.state_dict() for n, o in self.opt.items()},
+                       "gen": self.gen.get_state(), "best": self.best})
 
     def load(self, st):
         self.model.load_state_dict(st["model"])
