@@ -475,6 +475,11 @@ def autocast_fn(args, device):
     return lambda: torch.autocast("cpu", enabled=False)
 
 
+def json_num(v):
+    """inf (the generated sample beats the whole truth pool) as the string "inf": strict JSON."""
+    return "inf" if v is not None and math.isinf(v) else v
+
+
 def fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -573,6 +578,8 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
     history, start, step = [], 0, 0
     if args.resume:
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if len(ck["members"]) != args.ensemble:
+            raise DataError(f"{ckpt_path}: holds {len(ck['members'])} ensemble members, --ensemble is {args.ensemble}")
         for mb, st in zip(members, ck["members"]):
             mb.load(st)
         start, step, history, scale = ck["epoch"], ck["step"], ck["history"], ck["scale"]
@@ -659,8 +666,8 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
         eqs = {k: r["equivalent_size"] for k, r in amp.items()}
         metrics["amplification"] = {
             "n_generated": args.amp_n, "n_reference": len(truth) // 2, "n_truth_pool": len(truth) - len(truth) // 2,
-            "bins": args.amp_bins, "equivalent_size": eqs,
-            "amplification_factor": {k: (v / len(train_idx) if v is not None else None) for k, v in eqs.items()},
+            "bins": args.amp_bins, "equivalent_size": {k: json_num(v) for k, v in eqs.items()},
+            "amplification_factor": {k: json_num(v if v is None else v / len(train_idx)) for k, v in eqs.items()},
             "curves": {k: {c: np.asarray(v).tolist() for c, v in r.items() if c != "equivalent_size"}
                        for k, r in amp.items()}}
         log("amplification (equivalent number of real showers, training set " f"{len(train_idx)}): "

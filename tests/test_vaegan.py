@@ -296,3 +296,13 @@ def test_bad_flags_and_ckpt(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "g.h5").exists()
     rc = vaegan.main(["--data", "x.h5", "--out", "o", "--resume"])     # missing file first
     assert rc == 2 and "x.h5" in capsys.readouterr().err
+
+
+def test_resume_with_other_ensemble_size(run30, ild_file, tmp_path, monkeypatch, capsys):
+    import shutil
+    shutil.copytree(run30[0], tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    flags = [f if f != "2" or i != TINY.index("--ensemble") + 1 else "3" for i, f in enumerate(TINY)]
+    rc = vaegan.main(["--data", ild_file, *flags, "--epochs", "3", "--out", "run", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ckpt.pt" in err and "ensemble" in err, err
