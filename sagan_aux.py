@@ -49,9 +49,7 @@ Choices and deviations (reference.md marks some points unconfirmed):
   through the centre a cell is on; without them a 2-layer MLP found the step slowly and not for
   every seed. Measured on 500 toy showers, 200 Adam steps: RMSE/std 0.2 (asymmetries), 0.25
   (sparsity), but ~0.9 for the widths (their spread is 0.15 cell on 1.1), so --aux width is weak.
-- common.py's LHCb metrics read images as [n, iy, ix] (the MLHEP metric code), while API.md,
-  the toy files and this script use [n, ix, iy]; aux_target() probes which one common.py takes
-  and transposes if needed, so the targets are right whichever way common.py settles.
+- Images are [n, iy, ix] (x along the last axis), as in the MLHEP metric code and common.py.
 - Targets: asymmetry = (longitudinal, transverse) asymmetry; width = (along, across) widths;
   sparsity = the 20-point sparsity curve; each standardised on the training set.
 - Energies are modelled as t = log1p(E / e0) / s (e0 = 1st percentile of the non-zero training
@@ -188,21 +186,11 @@ def conditions(d):
     return np.concatenate([d["ParticleMomentum"], d["ParticlePoint"][:, :2]], axis=1).astype(np.float64)
 
 
-def _common_takes_yx():
-    """True if common.lhcb_asymmetry reads images as [n, iy, ix] (the MLHEP metric code) rather
-    than [n, ix, iy] (API.md, the toy files, this script). Probe: one cell at x = -4.5, y = 0.5,
-    p along +x: asymmetry -1 if axis 0 is x."""
-    img = np.zeros((1, 30, 30))
-    img[0, 10, 15] = 1.0
-    return common.lhcb_asymmetry(img, np.array([[1.0, 0.0, 1e4]]), np.zeros((1, 3)))[0] > 0
-
-
 def aux_target(kind, images, mom, point):
-    """(N, k) physics metric the regressor learns (common.py MLHEP metrics), for images[n, ix, iy]."""
+    """(N, k) physics metric the regressor learns (common.py MLHEP metrics)."""
     if kind in ("asymmetry", "width"):
         fn = common.lhcb_asymmetry if kind == "asymmetry" else common.lhcb_width
-        img = np.asarray(images).transpose(0, 2, 1) if _common_takes_yx() else images
-        return np.stack([fn(img, mom, point, orthogonal=o) for o in (False, True)], 1)
+        return np.stack([fn(images, mom, point, orthogonal=o) for o in (False, True)], 1)
     if kind == "sparsity":
         return common.lhcb_sparsity(images)
     return np.zeros((len(images), 0))
@@ -211,7 +199,7 @@ def aux_target(kind, images, mom, point):
 def frame_maps(raw):
     """(B, 2, 30, 30) coordinates of every cell along and across p_xy, relative to the shower
     centre point_xy + 25 p_xy / p_z, in units of 15 cells. raw: (B, 5) (px, py, pz, x, y).
-    images[n, ix, iy]: x along axis 0, cell centres at -14.5..14.5."""
+    images[n, iy, ix] (MLHEP): x along the last axis, cell centres at -14.5..14.5."""
     g = torch.arange(30, device=raw.device, dtype=raw.dtype) - 14.5
     cx = raw[:, 3] + 25.0 * raw[:, 0] / raw[:, 2]
     cy = raw[:, 4] + 25.0 * raw[:, 1] / raw[:, 2]
@@ -219,8 +207,8 @@ def frame_maps(raw):
     ok = norm > 0
     ux = torch.where(ok, raw[:, 0] / torch.where(ok, norm, torch.ones_like(norm)), torch.ones_like(norm))
     uy = torch.where(ok, raw[:, 1] / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-    dx = g[None, :, None] - cx[:, None, None]   # varies along axis 0 (x)
-    dy = g[None, None, :] - cy[:, None, None]   # varies along axis 1 (y)
+    dx = g[None, None, :] - cx[:, None, None]   # varies along the last axis (x)
+    dy = g[None, :, None] - cy[:, None, None]   # varies along axis 1 of the batch (y)
     along = dx * ux[:, None, None] + dy * uy[:, None, None]
     across = -dx * uy[:, None, None] + dy * ux[:, None, None]
     return torch.stack([along, across], 1) / FRAME_SCALE
@@ -325,8 +313,9 @@ def build(args):
 
 
 def to_energy(t, norm):
-    """Model units -> energy in the file's unit."""
-    return norm["e0"] * torch.expm1(t * norm["s"])
+    """Model units -> energy in the file's unit. t is capped at 1.5 (cells up to (max/e0)^1.5 e0):
+    an untrained G's t ~ 2 would otherwise mean 1e5 GeV cells."""
+    return norm["e0"] * torch.expm1(t.clamp(max=1.5) * norm["s"])
 
 
 # ---------------------------------------------------------------- train
@@ -477,7 +466,7 @@ def make_plots(real, gen, mom, feats, folder, label):
     fig, ax = plt.subplots(1, 2, figsize=(9, 4))
     vmax = max(real.mean(0).max(), gen.mean(0).max())
     for a, img, t in ((ax[0], real, "real"), (ax[1], gen, "generated")):
-        im = a.imshow(img.mean(0).T, origin="lower", extent=(-15, 15, -15, 15), vmin=0, vmax=vmax)
+        im = a.imshow(img.mean(0), origin="lower", extent=(-15, 15, -15, 15), vmin=0, vmax=vmax)
         a.set(title=f"{label}mean image, {t}", xlabel="x [cells]", ylabel="y [cells]")
     fig.colorbar(im, ax=list(ax), shrink=0.8)
     fig.savefig(os.path.join(folder, "mean_image.tmp.png"), dpi=80)

@@ -86,13 +86,23 @@ def test_shapes_and_parameter_counts():
 
 
 def test_frame_maps_follow_the_momentum():
-    # p along +x from point (0, 0): centre at x = 25 * 0.2 = 5 cells; images[n, ix, iy]
+    # p along +x from point (0, 0): centre at x = 25 * 0.2 = 5 cells; images[n, iy, ix]
     fr = S.frame_maps(torch.tensor([[2.0, 0.0, 10.0, 0.0, 0.0]]))[0] * 15
-    assert fr[0, 20, 7].item() == pytest.approx(20 - 14.5 - 5)     # along = x - 5
-    assert fr[1, 20, 7].item() == pytest.approx(7 - 14.5)          # across = y
+    assert fr[0, 7, 20].item() == pytest.approx(20 - 14.5 - 5)     # along = x - 5
+    assert fr[1, 7, 20].item() == pytest.approx(7 - 14.5)          # across = y
     fr = S.frame_maps(torch.tensor([[0.0, 3.0, 10.0, 1.0, 0.0]]))[0] * 15   # p along +y
-    assert fr[0, 3, 25].item() == pytest.approx(25 - 14.5 - 7.5)
-    assert fr[1, 3, 25].item() == pytest.approx(-(3 - 14.5 - 1.0))
+    assert fr[0, 25, 3].item() == pytest.approx(25 - 14.5 - 7.5)
+    assert fr[1, 25, 3].item() == pytest.approx(-(3 - 14.5 - 1.0))
+
+
+def test_frame_maps_agree_with_common_asymmetry():
+    d = common.make_toy("lhcb", 50, seed=1)
+    fr = S.frame_maps(torch.tensor(S.conditions(d))).numpy()
+    e = d["EnergyDeposit"].astype(np.float64)
+    for k in (0, 1):
+        mine = np.where(fr[:, k] >= 0, e, -e).sum((1, 2)) / e.sum((1, 2))
+        np.testing.assert_allclose(mine, S.aux_target("asymmetry", e, d["ParticleMomentum"], d["ParticlePoint"])[:, k],
+                                   atol=1e-6)
 
 
 def test_regressor_learns_toy_asymmetry():
