@@ -589,12 +589,13 @@ def write_plots(st, out):
 
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     real = st["eval_real"]
+    lo = min(np.log10(f["edge"] + 1e-9).min() for f in [real] + [ensemble_features(st, t) for t in range(T)])
     for t in [-1] + list(range(T)):
         f = real if t < 0 else ensemble_features(st, t)
         kw = dict(color="k", lw=2, label="real") if t < 0 else dict(color=col[t], label=f"T={t + 1}")
         ax[0].plot(np.log10(f["x"].mean(0) + 1e-12), **kw)
         ax[1].plot(np.log10(f["ring"].mean(0) + 1e-12), **kw)
-        ax[2].hist(np.log10(f["edge"] + 1e-9), bins=40, range=(-9, 0), histtype="step", density=True, **kw)
+        ax[2].hist(np.log10(f["edge"] + 1e-9), bins=40, range=(np.floor(lo), 0), histtype="step", density=True, **kw)
     ax[0].set(xlabel="x cell", ylabel="log10 mean energy [GeV]", title="transverse profile" + tag)
     ax[1].set(xlabel="ring (cells from centre; >=10 = outer edge)", ylabel="log10 mean energy [GeV]",
               title="energy per square ring" + tag)
