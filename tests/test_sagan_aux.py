@@ -105,7 +105,15 @@ def test_frame_maps_agree_with_common_asymmetry():
                                    atol=1e-6)
 
 
-def test_regressor_learns_toy_asymmetry():
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)      # small tensors: threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_regressor_learns_toy_asymmetry(one_thread):
     torch.manual_seed(0)
     d = common.make_toy("lhcb", 400, seed=3)
     y = S.aux_target("asymmetry", d["EnergyDeposit"], d["ParticleMomentum"], d["ParticlePoint"])
