@@ -20,6 +20,7 @@ Every file it writes carries the HDF5 attribute toy=True; toy data are labelled 
 they are shown.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -340,7 +341,7 @@ def make_toy(kind, n, seed=0, energy=None, chunk=500):
         raise ValueError(f"number of showers must be positive, got {n}")
     rng = np.random.default_rng(seed)
     geom, det = geometry(kind), TOY[kind]
-    lo_hi = energy
+    lo_hi = energy          # (lo, hi) GeV or None
     if kind == "lcd":
         E = rng.uniform(*(lo_hi or (2.0, 500.0)), n)
     elif kind.startswith("atlas"):
@@ -432,8 +433,12 @@ def write_toy(kind, path, n, seed=0, energy=None, workers=None, progress=False):
     tmp = path + f".tmp{os.getpid()}" + (".npz" if npz else "")
     t0 = time.time()
     try:
-        with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
-            parts = _bounded_map(pool, _toy_block, blocks, 2 * workers)
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                pool = stack.enter_context(ProcessPoolExecutor(workers))
+                parts = _bounded_map(pool, _toy_block, blocks, 2 * workers)
+            else:
+                parts = map(_toy_block, blocks)
             if npz:
                 parts = list(parts)
                 np.savez(tmp, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
@@ -442,9 +447,7 @@ def write_toy(kind, path, n, seed=0, energy=None, workers=None, progress=False):
                     f.attrs["toy"] = True
                     f.attrs["detector"] = kind
                     f.attrs["seed"] = seed
-                    s = 0
-                    for part in parts:
-                        m = len(next(iter(v for k, v in part.items() if not k.startswith("cell_"))))
+                    for (_, m, _, _), part, s in zip(blocks, parts, range(0, n, step)):
                         for key, arr in part.items():
                             if key.startswith("cell_"):       # per-cell constants, written once
                                 if s == 0:
@@ -454,34 +457,16 @@ def write_toy(kind, path, n, seed=0, energy=None, workers=None, progress=False):
                                 f.create_dataset(key, shape=(n,) + arr.shape[1:], dtype=arr.dtype,
                                                  chunks=(min(n, 256),) + arr.shape[1:])
                             f[key][s:s + m] = arr
-                        s += m
                         if progress:
-                            rate = s / (time.time() - t0)
-                            print(f"toy {kind}: {s}/{n} showers, {rate:.0f}/s, ETA {(n - s) / rate:.0f} s",
+                            done = s + m
+                            rate = done / (time.time() - t0)
+                            print(f"toy {kind}: {done}/{n} showers, {rate:.0f}/s, ETA {(n - done) / rate:.0f} s",
                                   file=sys.stderr, flush=True)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-class _Serial:
-    """Stand-in for a process pool with one worker (no fork)."""
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def submit(self, fn, *args):
-        class Done:
-            def __init__(self, value):
-                self.value = value
-
-            def result(self):
-                return self.value
-        return Done(fn(*args))
 
 
 def _bounded_map(pool, fn, items, window):
