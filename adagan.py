@@ -1,14 +1,12 @@
 """AdaGAN ensemble of 2DGANs for the CLIC/LCD 25x25x25 ECAL (Jaruskova & Vallecorsa, CERN openlab;
 AdaGAN: Tolstikhin et al., NIPS 2017).
 
-T 2DGANs are trained in sequence. Component 0 is a plain 2DGAN. Before each next component a
-mixture discriminator (MIXDISC) learns to tell real showers (label 1) from samples of the current
-mixture (label 0); its output D_i on every real training shower gives the ratio r_i = (1-D_i)/D_i
-(how much the mixture over-covers point i), the AdaGAN weights w_i = (lambda* - (1-beta) r_i)_+ /
-(N beta) put the training mass where the mixture is thin, and the next 2DGAN draws its minibatches
-with probabilities w. The mixture is P = sum_t beta_t P_t. The base learner (model, losses,
-training loop, checkpoint, LCD reading/writing) is `2dgan.py`, imported with importlib; this file
-adds only the ensemble logic.
+T 2DGANs are trained in sequence; component 0 is a plain 2DGAN. Before each next one a mixture
+discriminator (MIXDISC) tells real showers (1) from mixture samples (0); its output D_i on each real
+training shower gives r_i = (1-D_i)/D_i, the AdaGAN weights w_i = (lambda* - (1-beta) r_i)_+ / (N beta)
+put the mass where the mixture is thin, and the next 2DGAN draws its minibatches with probabilities w.
+The mixture is P = sum_t beta_t P_t. The base learner is `2dgan.py` (imported with importlib); this
+file adds only the ensemble logic.
 
 Run commands:
 
@@ -20,38 +18,31 @@ Run commands:
     python adagan.py --benchmark --width 0.25
     torchrun --nproc_per_node=4 adagan.py --data 'EleEscan/*.h5'          # DDP inside each 2DGAN's training
 
-Outputs in --out DIR: ensemble.pt (the ensemble state: components, betas, mixture weights, the data
-weights of every component, the held-out split, evaluation features), component_<t>/ckpt.pt (2dgan.py
-checkpoints), generated.h5 (LCD format, conditioned on the held-out real Ep), metrics.json,
-plots/{sampling_fraction,shower_shapes,data_weights}.png (curves for the ensembles of 1, 2, ..., T
-components; refreshed after every component that took over a minute, and at the end), log.txt.
-A stopped run resumes with --resume at the component it was working on: the data weights of a pending
-component are saved before its training starts (not recomputed), and its 2DGAN continues from
-component_<t>/ckpt.pt with 2dgan.py's own --resume. --resume --components T' > T adds components.
+Outputs in --out DIR: ensemble.pt (components, betas, mixture and data weights, held-out split,
+evaluation features), component_<t>/ckpt.pt (2dgan.py checkpoints), generated.h5 (LCD, held-out real Ep),
+metrics.json, plots/{sampling_fraction,shower_shapes,data_weights}.png (curves for the ensembles of
+1..T components; refreshed after each component that took over a minute, and at the end), log.txt.
+--resume continues at the pending component: its data weights were saved before its training (not
+recomputed), and its 2DGAN continues from component_<t>/ckpt.pt with 2dgan.py's --resume.
+--resume --components T' > T adds components.
 
 Choices and deviations from the original (reference.md) and why:
-- MIXDISC architecture (not given in the reference): a small 3D conv net (three stride-2 4^3 convs,
-  25^3 -> 12^3 -> 6^3 -> 3^3, LeakyReLU 0.2, then a 64-unit dense layer), 97k parameters at width 8,
-  on log-scaled cells log10(1 + E/1e-6)/7 (so that the faint edge cells, 1e-6..1e-3 GeV, are visible
-  to it), plus two scalars: log(Ep/100) and log(50 Ecal/Ep) (the sampling fraction, which the paper's
-  ensemble aims to improve). Real and mixture showers are paired at the same Ep (mixture samples are
-  generated at the Ep of the real showers they are paired with), so Ep alone tells nothing.
-  --mixdisc-n (default 10000) caps the real/mixture set sizes (1:1); the reference uses all data.
-- D is clipped to [1e-6, 1-1e-6] before r = (1-D)/D so that r stays finite; the weights are the
-  positive part of lambda* - (1-beta) r (clipping at 0), renormalised to sum 1; if no lambda* is
-  found or the weights are degenerate, the uniform weights are used and a warning is printed.
-- Every stage is seeded from --seed and the component index alone (not from a running RNG state),
-  so a resumed run makes the same ensemble as an uninterrupted one.
-- The held-out split (--val-frac) is taken here: the weights given to 2dgan.py's train() are 0 on the
-  held-out events, so no component ever trains on them (the arrays are passed whole, not copied).
-  Component 0's weights are uniform over the training part (draws with replacement, as all components).
-  2dgan.py holds out its own --val-frac (seeded by the component's seed, --seed + t) for its best epoch.
-- Ensemble sampling draws Ep ~ U(--energy) as in the reference; the generated.h5 written at the end
-  of training uses the held-out real Ep instead (the convention of all scripts here).
-- The data are read into memory once (weighted draws need them there; 2dgan.py's file streaming for data
-  larger than memory is not used), and handed whole to every component without copies.
-- --benchmark measures ensemble generation and MIXDISC training; the base learner's training speed
-  is `2dgan.py --benchmark`.
+- MIXDISC architecture (not in the reference): three stride-2 4^3 3D convs (25^3 -> 12^3 -> 6^3 -> 3^3,
+  LeakyReLU 0.2) and a 64-unit dense layer, 97k parameters at width 8, on log10(1 + E/1e-6)/7 (so the
+  faint edge cells, 1e-6..1e-3 GeV, are visible) plus log(Ep/100) and log(50 Ecal/Ep) (the sampling
+  fraction the paper's ensemble aims to improve). Real and mixture showers are paired at the same Ep,
+  so Ep alone tells nothing. --mixdisc-n (default 10000) caps the set sizes; the reference uses all data.
+- D is clipped to [1e-6, 1-1e-6] so r = (1-D)/D stays finite; the weights (clipped at 0) are
+  renormalised to sum 1; with no lambda* or degenerate weights, uniform weights and a warning.
+- Every stage is seeded from --seed and the component index alone, so a resumed run makes the same
+  ensemble as an uninterrupted one.
+- The held-out split (--val-frac) is taken here: the weights given to 2dgan.py's train() are 0 on it
+  (arrays passed whole, not copied); component 0's are uniform over the training part (draws with
+  replacement, as all). 2dgan.py holds out its own --val-frac (seed --seed + t) for its best epoch.
+- Ensemble sampling draws Ep ~ U(--energy) as in the reference; generated.h5 at the end of training
+  uses the held-out real Ep (the convention of all scripts here).
+- The data are read into memory once (weighted draws need them; 2dgan.py's file streaming is not used).
+- --benchmark measures ensemble generation and MIXDISC training; the base learner's is `2dgan.py --benchmark`.
 """
 import argparse
 import contextlib
@@ -72,6 +63,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROG = "adagan.py"
 SF_BINS = np.arange(0.0, 510.0, 10.0)       # 10 GeV bins of Ep for the sampling-fraction ratio
+SF_CENTRES = 0.5 * (SF_BINS[1:] + SF_BINS[:-1])
 EDGE_RING = 10                               # cells with Chebyshev distance >= 10 from the centre: outer ring
 D_CLIP = 1e-6
 
@@ -201,7 +193,6 @@ def adagan_weights(d, beta, log=None):
     Returns (w (N,) float64 >= 0 summing to 1, lambda* or None, used_uniform_fallback)."""
     d = np.clip(np.asarray(d, np.float64), D_CLIP, 1 - D_CLIP)
     n = len(d)
-    uniform = np.full(n, 1.0 / n)
     if not 0 < beta <= 1:
         raise ValueError(f"beta must be in (0, 1], got {beta}")
     r = (1 - d) / d
@@ -212,15 +203,13 @@ def adagan_weights(d, beta, log=None):
         warnings.warn(msg)
         if log:
             log("warning: " + msg)
-        return uniform, lam, True
+        return np.full(n, 1.0 / n), lam, True
     return w / w.sum(), lam, False
 
 
 def beta_for(t, schedule, const=0.5):
     """beta of component t (0-based): the first component has beta 1; uniform 1/(t+1); constant `const`."""
-    if t == 0:
-        return 1.0
-    return 1.0 / (t + 1) if schedule == "uniform" else float(const)
+    return 1.0 if t == 0 else 1.0 / (t + 1) if schedule == "uniform" else float(const)
 
 
 def mixture_weights(betas):
@@ -250,26 +239,16 @@ def load_data(args, log, rank=0):
     """(ecal, ep, source label, toy flag); toy LCD showers cached under data/ when --data is not given."""
     import common
     m = base()
-    if args.data is None:
-        path = common.toy_path("lcd", args.toy_n, args.seed)
-        log(f"no --data: training on TOY lcd showers ({path})")
-        if rank == 0 and not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            common.write_toy("lcd", path, args.toy_n, args.seed)
-        while not os.path.exists(path):                     # other ranks wait for rank 0's file
-            time.sleep(0.5)
-        ecal, ep = m.load_lcd(path)
-        return ecal, ep, path, True
-    ecal, ep = m.load_lcd(args.data)
-    return ecal, ep, args.data, False
-
-
-def split(n, val_frac, seed):
-    idx = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(n * val_frac)))
-    if n - n_val < 8:
-        raise DataError(f"only {n} events: too few to train and hold out {n_val}")
-    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+    if args.data is not None:
+        return (*m.load_lcd(args.data), args.data, False)
+    path = common.toy_path("lcd", args.toy_n, args.seed)
+    log(f"no --data: training on TOY lcd showers ({path})")
+    if rank == 0 and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        common.write_toy("lcd", path, args.toy_n, args.seed)
+    while not os.path.exists(path):                         # other ranks wait for rank 0's file
+        time.sleep(0.5)
+    return (*m.load_lcd(path), path, True)
 
 
 def features(ecal, ep):
@@ -368,35 +347,19 @@ def mixdisc_predict(net, ecal, ep, idx, device, batch=512):
     return np.concatenate(out).astype(np.float64)
 
 
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def to_tensors(x):
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+def tree_map(f, x):
+    """f on every leaf of nested dicts/lists (tuples become lists): numpy <-> torch for ensemble.pt."""
     if isinstance(x, dict):
-        return {k: to_tensors(v) for k, v in x.items()}
+        return {k: tree_map(f, v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [to_tensors(v) for v in x]
-    return x
-
-
-def to_numpy(x):
-    if isinstance(x, torch.Tensor):
-        return x.numpy()
-    if isinstance(x, dict):
-        return {k: to_numpy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [to_numpy(v) for v in x]
-    return x
+        return [tree_map(f, v) for v in x]
+    return f(x)
 
 
 def load_state(path):
     try:
-        return to_numpy(torch.load(path, map_location="cpu", weights_only=True))
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        return tree_map(lambda v: v.numpy() if isinstance(v, torch.Tensor) else v, st)
     except Exception as exc:  # noqa: BLE001  (corrupt or foreign file)
         raise DataError(f"{path}: not a readable adagan ensemble state ({type(exc).__name__})")
 
@@ -416,7 +379,11 @@ def train(args, log):
     if old is not None and (old["n_events"] != len(ep) or old["source"] != source):
         raise DataError(f"{state_path}: was trained on {old['source']} ({old['n_events']} events), "
                         f"not {source} ({len(ep)} events)")
-    tr, va = split(len(ep), args.val_frac, args.seed)
+    n, n_val = len(ep), max(1, int(round(len(ep) * args.val_frac)))
+    if n - n_val < 8:
+        raise DataError(f"only {n} events: too few to train and hold out {n_val}")
+    idx = np.random.default_rng(args.seed).permutation(n)
+    tr, va = np.sort(idx[n_val:]), np.sort(idx[:n_val])
     for t in range(args.components):
         gan_args(args, t)                                   # bad --gan-args fail here, before any output
     if rank == 0:
@@ -436,7 +403,9 @@ def train(args, log):
 
     def save():
         if rank == 0:
-            atomic_save(to_tensors(st), state_path)
+            torch.save(tree_map(lambda v: torch.from_numpy(np.ascontiguousarray(v))
+                                if isinstance(v, np.ndarray) else v, st), state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
 
     for t in range(len(gens), args.components):
         t0 = time.time()
@@ -454,8 +423,7 @@ def train(args, log):
                 beta = beta_for(t, args.beta, args.beta_const)
                 rng = np.random.default_rng(args.seed * 1000 + t)
                 sub = tr[np.sort(rng.choice(len(tr), min(args.mixdisc_n, len(tr)), replace=False))]
-                gen = lambda G, e, seed: m.generate(G, e, device=device, seed=seed, dtype=dtype)  # noqa: E731
-                fake, _ = sample_mixture(gens, st["mix_weights"][-1], ep[sub], rng, gen)
+                fake, _ = ensemble_sample(gens, st["mix_weights"][-1], ep[sub], device, rng, dtype)
                 net, info = train_mixdisc(ecal[sub], ep[sub], fake, args, device, args.seed * 1000 + t, log)
                 del fake
                 d = mixdisc_predict(net, ecal, ep, tr, device)
@@ -527,7 +495,7 @@ def load_ensemble(ckpt, device):
 
 
 def ensemble_sample(gens, mix_w, ep, device, seed, dtype="fp32"):
-    """Ensemble showers at the given Ep: component ~ Cat(mix_w) per event (seeded)."""
+    """Ensemble showers at the given Ep: component ~ Cat(mix_w) per event (seed: int or numpy Generator)."""
     dtype = dtype if device.startswith("cuda") else "fp32"
     gen = lambda G, e, s: base().generate(G, e, device=device, seed=s, dtype=dtype)  # noqa: E731
     return sample_mixture(gens, mix_w, ep, np.random.default_rng(seed), gen)
@@ -551,7 +519,7 @@ def sf_ratio(st, t):
         s = b == i
         if s.any() and fg[s].mean() > 0:
             ratio[i] = fr[s].mean() / fg[s].mean()
-    return 0.5 * (SF_BINS[1:] + SF_BINS[:-1]), ratio
+    return SF_CENTRES, ratio
 
 
 def sf_error(st, t):
@@ -606,12 +574,12 @@ def write_plots(st, out):
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     ep_tr = st["train_ep"]
+    b = np.digitize(ep_tr, SF_BINS) - 1
     for t in range(1, T):
         nw = np.asarray(st["data_weights"][t]) * len(ep_tr)
         ax[0].hist(np.log10(nw + 1e-6), bins=50, range=(-6, 2), histtype="step", color=col[t], label=f"component {t}")
-        b = np.digitize(ep_tr, SF_BINS) - 1
-        mean = [nw[b == i].mean() if (b == i).any() else np.nan for i in range(len(SF_BINS) - 1)]
-        ax[1].plot(0.5 * (SF_BINS[1:] + SF_BINS[:-1]), mean, "o-", ms=3, color=col[t])
+        ax[1].plot(SF_CENTRES, [nw[b == i].mean() if (b == i).any() else np.nan for i in range(len(SF_CENTRES))],
+                   "o-", ms=3, color=col[t])
     ax[0].set(xlabel="log10 (N x data weight); 0 = uniform", ylabel="training showers",
               title="AdaGAN data weights" + tag)
     if T > 1:
@@ -695,14 +663,10 @@ class Log:
         self.rank, self.path, self.buf = rank, None, []
 
     def __call__(self, msg):
-        if self.rank != 0:
-            return
-        print(msg, flush=True)
-        self.buf.append(msg)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write("\n".join(self.buf) + "\n")
-            self.buf = []
+        if self.rank == 0:
+            print(msg, flush=True)
+            self.buf.append(msg)
+            self.start(self.path)
 
     def start(self, path):
         """From now on lines also go to `path` (the lines logged so far are written first)."""
@@ -710,7 +674,7 @@ class Log:
         if self.path and self.buf:
             with open(self.path, "a") as f:
                 f.write("\n".join(self.buf) + "\n")
-        self.buf = []
+            self.buf = []
 
 
 def main(argv=None):
