@@ -12,51 +12,44 @@ Run:
     python vaegan.py --benchmark
     torchrun --nproc_per_node=3 vaegan.py --data ild_photons.h5 --ensemble 3   # one member per rank
 
-Data: the ILD HDF5 layout (group `30x30`: `energy` (N,1) GeV, `layers` (N,30,30,30) MeV) is
-reduced with common.reduce_ild (cells below the 0.1 MeV MIP cut set to 0, summed over the 30
-layers and 3x3 cells) to 10x10 pixels of 15 mm (geometry "ild10"); a file that holds `showers`
-(N,10,10) MeV is taken as already reduced. The first --n-train showers of a seeded permutation
-train; the rest are held out as truth (their indices go in metrics.json).
+Data: the ILD layout (group `30x30`: `energy` (N,1) GeV, `layers` (N,30,30,30) MeV) is reduced
+with common.reduce_ild (0.1 MeV MIP cut, 30 layers and 3x3 cells summed) to 10x10 pixels of 15 mm
+(geometry "ild10"); a file with `showers` (N,10,10) MeV is taken as already reduced. The first
+--n-train showers of a seeded permutation train; the rest are held-out truth (indices in metrics.json).
 
-Output format: a 30x30x30 shower cannot be recovered from its 10x10 reduction, so generated.h5
-is ALWAYS the reduced format: `showers` (N,10,10) MeV (plus `energy` (N,1) GeV, copied from the
-held-out showers, when the input had it). truth.h5 holds the held-out real showers in the same
-reduced format, so that `evaluate.py truth.h5 generated.h5` compares like with like.
+Output: a 30x30x30 shower cannot be recovered from its 10x10 reduction, so generated.h5 is ALWAYS
+reduced: `showers` (N,10,10) MeV (plus the held-out `energy` (N,1) GeV when the input had it).
+truth.h5 holds the held-out showers in the same format, for `evaluate.py truth.h5 generated.h5`.
 
-Epoch selection observables (after each epoch, generated vs training set, common.quantile_jsd
-over --select-bins quantiles, averaged over the five; the best epoch of each member is kept and
-is what sampling uses):
+Epoch selection (after each epoch, generated vs training set, common.quantile_jsd over
+--select-bins quantiles, mean of the five; each member's best epoch is what sampling uses):
     1. e_vis   total visible energy: sum of the 100 pixels (MeV)
     2. n_hits  number of pixels above the 0.1 MeV MIP cut
     3. cog_x   energy-weighted centre of gravity in x (mm)
     4. cog_y   energy-weighted centre of gravity in y (mm)
     5. pixel   per-pixel energy spectrum: all pixel energies above the cut, pooled (MeV)
 
-Model (Larsen et al. VAE/GAN): encoder and decoder of locally connected layers (a convolution
-whose weights are NOT shared across positions); the discriminator's hidden-layer features
-replace the element-wise reconstruction loss ("feature-wise similarity"), plus the adversarial
-loss on reconstructed and prior-sampled showers, the KL term, one-sided label smoothing and
-mini-batch discrimination (Salimans et al. 2016). Flags to switch each off: --recon pixel,
---adv-weight 0, --kl-weight, --label-smooth 0, --mbd-kernels 0. Pixels are modelled as
-log(1 + E/MeV) / s (s = log(1 + largest training pixel)); generated pixels below the MIP cut
-are set to 0, as in the data.
+Model (Larsen et al. VAE/GAN): encoder and decoder of locally connected layers (convolutions
+without weight sharing); discriminator hidden features replace the element-wise reconstruction
+loss ("feature-wise similarity"), plus the adversarial loss on reconstructed and prior samples,
+KL, one-sided label smoothing and mini-batch discrimination (Salimans et al. 2016); switched off
+by --recon pixel, --adv-weight 0, --kl-weight, --label-smooth 0, --mbd-kernels 0. Pixels are
+modelled as log(1 + E/MeV) / log(1 + largest training pixel); generated pixels below the MIP
+cut are set to 0, as in the data.
 
 Deviations from the paper and why:
 - Layer sizes, latent size (16), optimiser (Adam 1e-3, betas 0.5/0.999, batch 32) and loss
   weights are our choice (*unconfirmed* in reference.md); the discriminator uses ordinary
-  convolutions (the paper's locally connected layers are asked for in the encoder and decoder).
-- The discriminator also sees log(total visible energy) beside its hidden features
-  (--disc-energy 1, our addition): it helps the narrow visible-energy peak. One member, 12
-  epochs, 2000 toy showers (1000 train): held-out mean JSD 0.098 with it, 0.191 without
-  (--disc-energy 0); single runs, one seed.
+  convolutions (locally connected layers are asked for in the encoder and decoder only).
+- The discriminator also sees log(total visible energy) (--disc-energy 1, our addition): it
+  helps the narrow visible-energy peak. One member, 12 epochs, 2000 toy showers (1000 train):
+  held-out mean JSD 0.098 with it, 0.191 without; single runs, one seed.
 - The five selection observables are the natural ones reference.md suggests (unconfirmed).
-- Amplification (--amplify) uses common.amplification per shower-level observable (e_vis,
-  n_hits, cog_x, cog_y); the held-out truth is split in two disjoint halves: the reference and
-  the pool that truth subsets are drawn from. The paper used 218k truth and 1M generated; the
-  sizes here follow --amp-n and the file.
-- torchrun distributes the ensemble members over the ranks (member k on rank k % world): with
-  1,000 training showers there is nothing to gain from splitting a batch. Each member has its
-  own random generator, so the result does not depend on the number of processes.
+- Amplification (--amplify): common.amplification per shower-level observable (e_vis, n_hits,
+  cog_x, cog_y), the held-out truth split into a reference half and a disjoint pool half. The
+  paper used 218k truth and 1M generated; here --amp-n and the file set the sizes.
+- torchrun puts member k on rank k % world (1,000 training showers gain nothing from splitting
+  a batch); each member has its own random generator, so results do not depend on the world size.
 """
 import argparse
 import copy
@@ -69,6 +62,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -132,13 +126,12 @@ def get_args(argv=None):
         assert len(args.channels) == 2 and min(args.channels) > 0
     except (ValueError, AssertionError):
         p.error(f"--channels must be two positive integers C1,C2, got {args.channels!r}")
-    for name in ("toy_n", "n_train", "epochs", "batch_size", "ensemble", "latent", "select_bins",
-                 "amp_n", "amp_bins", "ckpt_every", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "feat_weight", "adv_weight", "kl_weight", "mbd_kernels"):
-        if not getattr(args, name) >= 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for lo, names in ((1, ("toy_n", "n_train", "epochs", "batch_size", "ensemble", "latent", "select_bins",
+                           "amp_n", "amp_bins", "ckpt_every", "log_every")),
+                      (0, ("lr", "feat_weight", "adv_weight", "kl_weight", "mbd_kernels"))):
+        for name in names:
+            if not getattr(args, name) >= lo:
+                p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     if not 0 <= args.label_smooth < 0.5:
         p.error(f"--label-smooth must be in [0, 0.5), got {args.label_smooth}")
     if args.generate is not None and (args.generate < 1 or not args.ckpt or not args.out):
@@ -149,6 +142,15 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------- data
+
+
+def _check(path, what, *arrays):
+    """DataError if any of the arrays (None = absent) holds NaN/inf or negative values."""
+    arrays = [a for a in arrays if a is not None]
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise DataError(f"{path}: {what}holds NaN or inf")
+    if any((a < 0).any() for a in arrays):
+        raise DataError(f"{path}: {what}holds negative energies")
 
 
 def load_showers(path):
@@ -178,10 +180,7 @@ def load_showers(path):
             parts = []
             for s in range(0, lay.shape[0], 1000):
                 block = np.asarray(lay[s:s + 1000], np.float32)
-                if not np.isfinite(block).all():
-                    raise DataError(f"{path}: 30x30/layers holds NaN or inf")
-                if (block < 0).any():
-                    raise DataError(f"{path}: 30x30/layers holds negative energies")
+                _check(path, "30x30/layers ", block)
                 parts.append(common.reduce_ild(block))
             showers = np.concatenate(parts) if parts else np.zeros((0, 10, 10), np.float32)
         elif "showers" in f:
@@ -199,10 +198,7 @@ def load_showers(path):
             raise DataError(f"{path}: missing key 30x30/layers (ILD layout) or showers (reduced 10x10)")
     if len(showers) == 0:
         raise DataError(f"{path}: empty file (0 showers)")
-    if not np.isfinite(showers).all() or (energy is not None and not np.isfinite(energy).all()):
-        raise DataError(f"{path}: holds NaN or inf")
-    if (showers < 0).any() or (energy is not None and (energy < 0).any()):
-        raise DataError(f"{path}: holds negative energies")
+    _check(path, "", showers, energy)
     return showers, energy, toy
 
 
@@ -346,6 +342,14 @@ def build(args):
     return VAEGAN(args["latent"], tuple(args["channels"]), args["mbd_kernels"], bool(args.get("disc_energy", 1)))
 
 
+def load_decoders(args, bests, device):
+    """The decoders of each member's best epoch, in eval mode."""
+    decs = [build(args).dec.to(device).eval() for _ in bests]
+    for d, b in zip(decs, bests):
+        d.load_state_dict(b["dec"])
+    return decs
+
+
 # ---------------------------------------------------------------- train
 
 
@@ -462,12 +466,6 @@ def write_h5(path, showers, energy=None, toy=False):
     os.replace(tmp, path)
 
 
-def atomic_json(path, obj):
-    with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    os.replace(path + ".tmp", path)
-
-
 def autocast_fn(args, device):
     """bf16 autocast on CUDA with --dtype bf16, otherwise a no-op context."""
     if args.dtype == "bf16" and device.type == "cuda":
@@ -478,11 +476,6 @@ def autocast_fn(args, device):
 def json_num(v):
     """inf (the generated sample beats the whole truth pool) as the string "inf": strict JSON."""
     return "inf" if v is not None and math.isinf(v) else v
-
-
-def fmt_time(s):
-    s = int(max(s, 0))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def amplification_study(truth, gen_showers, args, seed):
@@ -501,7 +494,10 @@ def make_plots(out, title, train, truth, gen, amp, history, n_train):
     import matplotlib.pyplot as plt
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
 
-    def save(fig, name):
+    def save(fig, name, suptitle=None):
+        if suptitle:
+            fig.suptitle(f"{title}: {suptitle}")
+            fig.tight_layout()
         p = os.path.join(out, "plots", name)
         fig.savefig(p + ".tmp.png", dpi=90)
         plt.close(fig)
@@ -519,9 +515,7 @@ def make_plots(out, title, train, truth, gen, amp, history, n_train):
             a.set_xscale("log")
             a.set_yscale("log")
     ax[0].legend()
-    fig.suptitle(f"{title}: selection observables")
-    fig.tight_layout()
-    save(fig, "observables.png")
+    save(fig, "observables.png", "selection observables")
 
     fig, a = plt.subplots(figsize=(7, 4.5))
     bins = np.geomspace(MIP, max([v["pixel"].max() for v in o.values() if len(v["pixel"])] + [1.0]) * 1.1, 80)
@@ -555,9 +549,7 @@ def make_plots(out, title, train, truth, gen, amp, history, n_train):
             a.set(xscale="log", yscale="log", xlabel="number of showers", ylabel="quantile JSD vs reference",
                   title=f"{k}: worth {eq if eq is None or not np.isfinite(eq) else round(eq)} real")
             a.legend(fontsize=7)
-        fig.suptitle(f"{title}: amplification")
-        fig.tight_layout()
-        save(fig, "amplification.png")
+        save(fig, "amplification.png", "amplification")
 
 
 def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
@@ -568,7 +560,6 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
     title = ("TOY " if toy else "") + "ILD photons 10x10"
     x_np = showers[train_idx]
     scale = float(np.log1p(x_np.max()))
-    X = to_model(torch.from_numpy(x_np).to(device), scale)         # training set on the device
     ref_obs = observables(x_np)
     autocast = autocast_fn(args, device)
     members = [Member(k, A, device) for k in range(args.ensemble)]
@@ -583,13 +574,13 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
         for mb, st in zip(members, ck["members"]):
             mb.load(st)
         start, step, history, scale = ck["epoch"], ck["step"], ck["history"], ck["scale"]
-        X = to_model(torch.from_numpy(x_np).to(device), scale)
         random.setstate(ck["rng"]["python"])
         np.random.set_state(ck["rng"]["numpy"])
         torch.set_rng_state(ck["rng"]["torch"])
         if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         log(f"resumed from {ckpt_path} at epoch {start}", out, rank)
+    X = to_model(torch.from_numpy(x_np).to(device), scale)         # training set on the device
     if args.compile:
         for mb in mine:
             mb.fns = {n: torch.compile(fn) for n, fn in mb.fns.items()}
@@ -611,11 +602,10 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
             if score < mb.best["score"]:
                 mb.best = {"epoch": epoch, "score": score, "dec": copy.deepcopy(mb.model.dec.state_dict())}
         step += len(range(0, n - bs + 1, bs))
-        states = {mb.k: mb.state() for mb in mine}
         if world > 1:
-            import torch.distributed as dist
             got = [None] * world
-            dist.all_gather_object(got, (states, losses, history[-len(mine):] if mine else []))
+            mine_hist = history[-len(mine):] if mine else []
+            dist.all_gather_object(got, ({mb.k: mb.state() for mb in mine}, losses, mine_hist))
             states, losses = {}, []
             history = [h for h in history if h["epoch"] < epoch]
             for st, ls, hs in got:
@@ -628,27 +618,28 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
         if rank == 0 and (epoch % args.log_every == 0 or epoch == args.epochs):
             ld, lg, kl = np.mean(losses, 0) if losses else (0, 0, 0)
             rate = done * world / max(time.time() - t0, 1e-9)
-            eta = (time.time() - t0) / (epoch - start) * (args.epochs - epoch)
+            eta = int(max((time.time() - t0) / (epoch - start) * (args.epochs - epoch), 0))
             best = " ".join(f"m{mb.k}:{mb.best['score']:.4f}@{mb.best['epoch']}" for mb in members)
             log(f"epoch {epoch}/{args.epochs} | step {step} | loss_d {ld:.3f} loss_g {lg:.3f} kl {kl:.2f} | "
-                f"{rate:.0f} samples/s | ETA {fmt_time(eta)} | best JSD {best}", out, rank)
+                f"{rate:.0f} samples/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d} | "
+                f"best JSD {best}", out, rank)
         if rank == 0 and (epoch % args.ckpt_every == 0 or epoch == args.epochs):
-            save_ckpt(ckpt_path, members, epoch, step, A, scale, history, train_idx, held_idx)
+            ck = {"members": [mb.state() for mb in members], "epoch": epoch, "step": step, "args": A,
+                  "scale": scale, "geometry": "ild10", "history": history, "train_indices": train_idx,
+                  "heldout_indices": held_idx, "rng": {
+                      "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+            torch.save(ck, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
     if rank != 0:
         return 0
     # ---- after training: sample from the best epochs of all members, write, evaluate
-    decs = []
-    for mb in members:
-        d = build(A).dec.to(device).eval()
-        d.load_state_dict(mb.best["dec"])
-        decs.append(d)
+    decs = load_decoders(A, [mb.best for mb in members], device)
     g = torch.Generator(device).manual_seed(args.seed + 12345)
     truth = showers[held_idx]
     n_gen = args.n_gen or len(held_idx)
     gen = sample_decoders(decs, n_gen, args.latent, scale, g, device)
-    en = None
-    if energy is not None:
-        en = energy[held_idx][np.arange(n_gen) % len(held_idx)]
+    en = None if energy is None else energy[held_idx][np.arange(n_gen) % len(held_idx)]
     write_h5(os.path.join(out, "generated.h5"), gen, en, toy)
     write_h5(os.path.join(out, "truth.h5"), truth, None if energy is None else energy[held_idx], toy)
     score, per = selection_score(observables(truth), gen, args.select_bins)
@@ -674,19 +665,13 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
             + ", ".join(f"{k} {v if v is None else round(v, 1)}" for k, v in eqs.items()), out, rank)
     make_plots(out, title, x_np, truth, gen, amp, history, len(train_idx))
     metrics["history"] = history
-    atomic_json(os.path.join(out, "metrics.json"), metrics)
+    path = os.path.join(out, "metrics.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(metrics, fh, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    os.replace(path + ".tmp", path)
     log(f"held-out JSD mean {score:.4f}; wrote {out}/generated.h5 ({n_gen} showers, reduced 10x10 format), "
         f"truth.h5, metrics.json, plots/", out, rank)
     return 0
-
-
-def save_ckpt(path, members, epoch, step, A, scale, history, train_idx, held_idx):
-    ck = {"members": [mb.state() for mb in members], "epoch": epoch, "step": step, "args": A, "scale": scale,
-          "geometry": "ild10", "history": history, "train_indices": train_idx, "heldout_indices": held_idx,
-          "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    torch.save(ck, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def log(msg, out, rank=0):
@@ -706,11 +691,8 @@ def generate(args, device):
         raise DataError(f"{args.ckpt}: no such checkpoint")
     try:
         ck = torch.load(args.ckpt, map_location=device, weights_only=False)
-        A, decs = ck["args"], []
-        for st in ck["members"]:
-            d = build(A).dec.to(device).eval()
-            d.load_state_dict(st["best"]["dec"])
-            decs.append(d)
+        A = ck["args"]
+        decs = load_decoders(A, [st["best"] for st in ck["members"]], device)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is bad input
         raise DataError(f"{args.ckpt}: not a vaegan.py checkpoint ({type(e).__name__})")
     folder = os.path.dirname(os.path.abspath(args.out))
@@ -736,25 +718,25 @@ def benchmark(args, device):
     gb = 10000 if device.type == "cuda" else 2000
     g = torch.Generator(device).manual_seed(0)
     res = {"script": SCRIPT, "device": device.type, "dtype": args.dtype, "ensemble": args.ensemble}
-    with autocast():
-        sample_decoders(decs, gb, args.latent, 6.0, g, device)
+
+    def per_s(fn, n, warmup, min_reps):
+        """n items per call: calls per second (after warmup calls, >= 1.5 s and min_reps calls) times n."""
+        for _ in range(warmup):
+            fn()
         sync()
         t0, reps = time.time(), 0
-        while time.time() - t0 < 1.5 or reps < 2:
-            sample_decoders(decs, gb, args.latent, 6.0, g, device)
+        while time.time() - t0 < 1.5 or reps < min_reps:
+            fn()
             sync()
             reps += 1
-    res.update(gen_batch=gb, gen_showers_per_s=round(gb * reps / (time.time() - t0), 1))
+        return round(n * reps / (time.time() - t0), 1)
+
+    with autocast():
+        res.update(gen_batch=gb, gen_showers_per_s=per_s(
+            lambda: sample_decoders(decs, gb, args.latent, 6.0, g, device), gb, 1, 2))
     x = torch.rand(args.batch_size, 1, 10, 10, generator=g, device=device)
-    for _ in range(3):
-        train_step(mb, x, A, autocast)
-    sync()
-    t0, reps = time.time(), 0
-    while time.time() - t0 < 1.5 or reps < 3:
-        train_step(mb, x, A, autocast)
-        sync()
-        reps += 1
-    res.update(train_batch=args.batch_size, train_samples_per_s=round(args.batch_size * reps / (time.time() - t0), 1))
+    res.update(train_batch=args.batch_size,
+               train_samples_per_s=per_s(lambda: train_step(mb, x, A, autocast), args.batch_size, 3, 3))
     print(json.dumps(res))
     return 0
 
@@ -785,17 +767,14 @@ def main(argv=None):
             return generate(args, device)
         args.out = args.out or os.path.join("runs", "vaegan")
         if args.data is None:
-            path = common.toy_path("ild", args.toy_n, args.seed)
+            args.data = common.toy_path("ild", args.toy_n, args.seed)
             if rank == 0:
-                print(f"no --data: training on TOY ild showers ({path})", flush=True)
-                if not os.path.exists(path):
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    common.write_toy("ild", path, args.toy_n, args.seed)
-            if ddp:
-                _init_dist(cuda)
-            args.data = path
-        elif ddp:
-            _init_dist(cuda)
+                print(f"no --data: training on TOY ild showers ({args.data})", flush=True)
+                if not os.path.exists(args.data):
+                    os.makedirs(os.path.dirname(args.data), exist_ok=True)
+                    common.write_toy("ild", args.data, args.toy_n, args.seed)
+        if ddp and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
         showers, energy, toy = load_showers(args.data)
         if len(showers) <= args.n_train:
             raise DataError(f"{args.data}: {len(showers)} showers, need more than --n-train {args.n_train} "
@@ -814,7 +793,6 @@ def main(argv=None):
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
         if ddp:
-            import torch.distributed as dist
             dist.barrier()
         log(f"{len(showers)} showers from {args.data}{' (TOY)' if toy else ''}: {len(train_idx)} train, "
             f"{len(held_idx)} held out; ensemble of {args.ensemble} on {device}", args.out, rank)
@@ -823,17 +801,9 @@ def main(argv=None):
         print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if ddp:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
     return rc
-
-
-def _init_dist(cuda):
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
 
 
 if __name__ == "__main__":
