@@ -23,44 +23,41 @@ conditioned on the held-out events), metrics.json (PRD-AUC on raw images, on the
 features, and their minimum = the challenge score), plots/*.png, log.txt.
 
 Choices and deviations (reference.md marks some points unconfirmed):
-- Where attention sits: one self-attention block in G at the 16x16 feature map (before the last
-  upsampling to 32x32) and one in D at its 16x16 map (after the first downsampling), as SAGAN
-  puts attention on the later, larger maps. 16x16 is the largest map where the (HW)^2 attention
-  matrix is cheap (256^2 per image); at 2x2..8x8 a shower (a few cells wide) is already one
-  position, so attention would have nothing to relate.
-- How R joins D: R's prediction (standardised target units) is concatenated with the 5
-  conditions and D's flattened features before D's final SN-MLP (the LHCb baseline D also took
-  its conditions there). R is a separate network in D's optimiser, trained with
-  loss_D = hinge + w * MSE(R(real), metric(real)); the hinge term also reaches R, and w sets how
-  strongly R stays a regressor of the metric (reference: higher w -> better regressor). G's loss
-  -D(G(z), c, R(G(z))) reaches G through R as well.
-- Both D and R see the image together with two coordinate maps of each cell in the shower's
-  own frame (along and across p_xy, relative to the centre point_xy + 25 p_xy/p_z, in units of
-  15 cells): the three MLHEP metrics are defined in that frame, and a conditional image D
-  learns the position condition more easily from maps than from a 5-vector. The same maps are
-  used by --baseline, so the comparison isolates attention + regressor.
-- R sees the image normalised to its total energy (linear and log10), since asymmetry, widths
-  and sparsity are all ratios to the total. All three metrics are energy-weighted sums over
-  cells of a function of the cell's position in the shower frame (asymmetry: its side; widths:
-  the first two moments), or counts of cells above a fraction (sparsity). So R is a per-cell MLP
-  (1x1 convolutions) pooled as sum(fraction * h) and mean(h) over the cells (a deep set), then an
-  MLP with the conditions: the right form for all three, and much cheaper than a CNN at 30x30.
-  Its per-cell inputs include tanh(2 along), tanh(2 across) (cells): which side of the lines
-  through the centre a cell is on; without them a 2-layer MLP found the step slowly and not for
-  every seed. Measured on 500 toy showers, 200 Adam steps: RMSE/std 0.2 (asymmetries), 0.25
-  (sparsity), but ~0.9 for the widths (their spread is 0.15 cell on 1.1), so --aux width is weak.
+- Attention: one self-attention block in G at the 16x16 map (before the last upsampling) and one
+  in D at its 16x16 map (after the first downsampling), as SAGAN puts attention on the later,
+  larger maps. 16x16 is the largest map where the (HW)^2 matrix is cheap; at 2x2..8x8 a shower
+  (a few cells wide) is one position, so attention would have nothing to relate.
+- How R joins D: R's prediction (standardised units) is concatenated with the 5 conditions and
+  D's flattened features before D's final SN-MLP (the LHCb baseline D took its conditions there).
+  R is a separate network in D's optimiser: loss_D = hinge + w * MSE(R(real), metric(real)); the
+  hinge term also reaches R, and w sets how strongly R stays a regressor (reference: higher w ->
+  better regressor). G's loss -D(G(z), c, R(G(z))) reaches G through R as well.
+- D and R see the image with two coordinate maps of each cell in the shower's own frame (along
+  and across p_xy, relative to the centre point_xy + 25 p_xy/p_z, in units of 15 cells): the
+  MLHEP metrics are defined in that frame, and a conditional D learns position more easily from
+  maps than from a 5-vector. --baseline uses the same maps, so the comparison isolates
+  attention + regressor.
+- R sees the image normalised to its total energy (linear and log10): all three metrics are
+  energy-weighted sums over cells of a function of the cell's position in the shower frame, or
+  counts of cells above a fraction. So R is a per-cell MLP (1x1 convolutions) pooled as
+  sum(fraction * h) and mean(h) (a deep set), then an MLP with the conditions: the right form
+  for all three, and much cheaper than a CNN. Its per-cell inputs include tanh(2 along),
+  tanh(2 across) (cells), the side of the lines through the centre; without them a 2-layer MLP
+  found the step slowly and not for every seed. Measured on 500 toy showers, 200 Adam steps:
+  RMSE/std 0.2 (asymmetries), 0.25 (sparsity), ~0.9 (widths: spread 0.15 cell on 1.1), so
+  --aux width is weak.
 - Images are [n, iy, ix] (x along the last axis), as in the MLHEP metric code and common.py.
-- Targets: asymmetry = (longitudinal, transverse) asymmetry; width = (along, across) widths;
-  sparsity = the 20-point sparsity curve; each standardised on the training set.
+- Targets: asymmetry = (longitudinal, transverse); width = (along, across); sparsity = the
+  20-point sparsity curve; each standardised on the training set.
 - Energies are modelled as t = log1p(E / e0) / s (e0 = 1st percentile of the non-zero training
-  cells, s = t of the largest cell), G ends with ReLU so empty cells are exactly 0 and E >= 0.
-  The LHCb baseline generated linear energies; cell energies span 5 decades, which the
-  sparsity metric (alpha down to 1e-5) probes.
+  cells, s = t of the largest cell); G ends with ReLU so empty cells are exactly 0. The LHCb
+  baseline generated linear energies; cell energies span 5 decades, which the sparsity metric
+  (alpha down to 1e-5) probes.
 - G follows the LHCb baseline (Linear(nz+5 -> 4C) -> (C,2,2) -> four ConvT(k3,s2,p1,op1)
   C -> C/2 -> C/4 -> C/8 -> 1 with BN+ReLU, 32x32 cropped to 30x30) plus spectral norm (SAGAN).
   D mirrors it with SN convolutions (k4, s2) 32 -> 16 -> 8 -> 4 -> 2 and LeakyReLU(0.1).
 - PRD-AUC on physics features standardises each feature with the held-out real mean/std first
-  (features have very different scales; k-means would otherwise see only the widths).
+  (k-means would otherwise see only the widths).
 """
 import argparse
 import json
@@ -204,21 +201,17 @@ def frame_maps(raw):
     cx = raw[:, 3] + 25.0 * raw[:, 0] / raw[:, 2]
     cy = raw[:, 4] + 25.0 * raw[:, 1] / raw[:, 2]
     norm = torch.hypot(raw[:, 0], raw[:, 1])
-    ok = norm > 0
-    ux = torch.where(ok, raw[:, 0] / torch.where(ok, norm, torch.ones_like(norm)), torch.ones_like(norm))
-    uy = torch.where(ok, raw[:, 1] / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    ok = norm > 0   # p_xy = 0: the frame is the x, y axes
+    safe = torch.where(ok, norm, torch.ones_like(norm))
+    ux = torch.where(ok, raw[:, 0] / safe, torch.ones_like(norm))[:, None, None]
+    uy = torch.where(ok, raw[:, 1] / safe, torch.zeros_like(norm))[:, None, None]
     dx = g[None, None, :] - cx[:, None, None]   # varies along the last axis (x)
     dy = g[None, :, None] - cy[:, None, None]   # varies along axis 1 of the batch (y)
-    along = dx * ux[:, None, None] + dy * uy[:, None, None]
-    across = -dx * uy[:, None, None] + dy * ux[:, None, None]
+    along, across = dx * ux + dy * uy, -dx * uy + dy * ux
     return torch.stack([along, across], 1) / FRAME_SCALE
 
 
 # ---------------------------------------------------------------- model
-
-def _sn(module, on=True):
-    return spectral_norm(module) if on else module
-
 
 class SelfAttention(nn.Module):
     """SAGAN self-attention: out = x + gamma * softmax(q^T k) v; query/key with C/8 channels,
@@ -226,9 +219,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, c, sn=True):
         super().__init__()
-        k = max(1, c // 8)
-        self.query, self.key = _sn(nn.Conv2d(c, k, 1), sn), _sn(nn.Conv2d(c, k, 1), sn)
-        self.value = _sn(nn.Conv2d(c, c, 1), sn)
+        k, sn = max(1, c // 8), spectral_norm if sn else (lambda m: m)
+        self.query, self.key, self.value = sn(nn.Conv2d(c, k, 1)), sn(nn.Conv2d(c, k, 1)), sn(nn.Conv2d(c, c, 1))
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, x):
@@ -285,11 +277,9 @@ class Discriminator(nn.Module):
 
 
 class Regressor(nn.Module):
-    """Auxiliary regressor: image (linear energies) + frame maps + conditions -> metric.
-    A per-cell MLP on (fraction of E_total, its log10, along, across, and tanh(2 along),
-    tanh(2 across) in cells: which side of the lines through the centre) gives features
-    h; they are pooled as sum(fraction * h) (asymmetries, widths) and mean(h) (sparsity), then
-    an MLP with the conditions gives the standardised metric."""
+    """Auxiliary regressor: image (linear energies) + frame maps + conditions -> standardised
+    metric. A per-cell MLP on (fraction of E_total, its log10, along, across, tanh(2 along),
+    tanh(2 across) in cells), pooled as sum(fraction * h) and mean(h), then an MLP (see top)."""
 
     def __init__(self, out_dim=2, cond_dim=5, width=32):
         super().__init__()
@@ -306,10 +296,8 @@ class Regressor(nn.Module):
 def build(args):
     """Networks from the run's args: (G, D, R or None)."""
     k = AUX_DIMS[args.aux]
-    g = Generator(args.nz, 5, args.ch, attention=not args.baseline)
-    d = Discriminator(5, k, args.ch, attention=not args.baseline)
-    r = Regressor(k, 5) if k else None
-    return g, d, r
+    return (Generator(args.nz, 5, args.ch, attention=not args.baseline),
+            Discriminator(5, k, args.ch, attention=not args.baseline), Regressor(k, 5) if k else None)
 
 
 def to_energy(t, norm):
@@ -388,11 +376,6 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -429,18 +412,14 @@ def write_mlhep(path, images, mom, point, pdg, toy=False):
     os.replace(tmp, path)
 
 
-def features(images, mom, point):
-    """(N, 24) MLHEP physics features: asymmetry along/across, width along/across, sparsity curve."""
-    return np.concatenate([aux_target("asymmetry", images, mom, point), aux_target("width", images, mom, point),
-                           common.lhcb_sparsity(images)], axis=1)
-
-
 def evaluate(real, gen, mom, point, seed=0):
     """PRD-AUC on raw images and on standardised physics features; score = their minimum."""
     out = {}
     if 2 * len(real) < 20:
         return {"prd_auc_images": None, "prd_auc_physics": None, "score": None}, None
-    fr, fg = features(real, mom, point), features(gen, mom, point)
+    # (N, 24) MLHEP physics features: asymmetry along/across, width along/across, sparsity curve
+    fr, fg = (np.concatenate([aux_target("asymmetry", x, mom, point), aux_target("width", x, mom, point),
+                              common.lhcb_sparsity(x)], axis=1) for x in (real, gen))
     mu, sd = fr.mean(0), fr.std(0) + 1e-12
     for name, a, b in (("images", real.reshape(len(real), -1), gen.reshape(len(gen), -1)),
                        ("physics", (fr - mu) / sd, (fg - mu) / sd)):
@@ -457,8 +436,9 @@ def make_plots(real, gen, mom, feats, folder, label):
     os.makedirs(folder, exist_ok=True)
     fr, fg = feats
 
-    def save(fig, name):
-        fig.tight_layout()
+    def save(fig, name, tight=True):
+        if tight:   # not with the shared colorbar
+            fig.tight_layout()
         fig.savefig(os.path.join(folder, name + ".tmp.png"), dpi=80)
         plt.close(fig)
         os.replace(os.path.join(folder, name + ".tmp.png"), os.path.join(folder, name + ".png"))
@@ -469,9 +449,7 @@ def make_plots(real, gen, mom, feats, folder, label):
         im = a.imshow(img.mean(0), origin="lower", extent=(-15, 15, -15, 15), vmin=0, vmax=vmax)
         a.set(title=f"{label}mean image, {t}", xlabel="x [cells]", ylabel="y [cells]")
     fig.colorbar(im, ax=list(ax), shrink=0.8)
-    fig.savefig(os.path.join(folder, "mean_image.tmp.png"), dpi=80)
-    plt.close(fig)
-    os.replace(os.path.join(folder, "mean_image.tmp.png"), os.path.join(folder, "mean_image.png"))
+    save(fig, "mean_image", tight=False)
     for name, cols, titles in (("asymmetry", (0, 1), ("asymmetry along p_xy", "asymmetry across p_xy")),
                                ("width", (2, 3), ("width along p_xy [cells]", "width across p_xy [cells]"))):
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -495,14 +473,13 @@ def make_plots(real, gen, mom, feats, folder, label):
     er, eg = real.sum((1, 2)), gen.sum((1, 2))
     p = np.linalg.norm(mom, axis=1)
     bins = np.logspace(np.log10(max(min(er.min(), eg.min()), 1e-6)), np.log10(max(er.max(), eg.max())), 41)
-    ax[0].hist(er, bins, histtype="step", label="real")
-    ax[0].hist(eg, bins, histtype="step", label="generated")
+    for e, t in ((er, "real"), (eg, "generated")):
+        ax[0].hist(e, bins, histtype="step", label=t)
+        ax[1].scatter(p, e, s=2, label=t)
     ax[0].set(xscale="log", title=label + "energy sum", xlabel="sum of cells")
-    ax[0].legend()
-    ax[1].scatter(p, er, s=2, label="real")
-    ax[1].scatter(p, eg, s=2, label="generated")
     ax[1].set(xscale="log", yscale="log", xlabel="|p|", ylabel="sum of cells", title=label + "energy sum vs |p|")
-    ax[1].legend()
+    for a in ax:
+        a.legend()
     save(fig, "energy_sum")
 
 
@@ -585,9 +562,8 @@ def train_main(args):
     out = args.out or os.path.join("runs", "sagan_aux")
     ckpt_path = os.path.join(out, "ckpt.pt")
     toy = args.data is None
-    path = args.data
+    path = common.toy_path("lhcb", args.toy_n, 0) if toy else args.data
     if toy:
-        path = common.toy_path("lhcb", args.toy_n, 0)
         if run.main:
             print(f"no --data: training on TOY lhcb showers ({path})", flush=True)
             if not os.path.isfile(path):
@@ -639,7 +615,6 @@ def train_main(args):
 
     random.seed(args.seed + run.rank)
     np.random.seed(args.seed + run.rank)
-    torch.manual_seed(args.seed + run.rank)
     torch.manual_seed(args.seed)                      # same initial weights on every rank
     G, D, R = (m.to(dev) if m is not None else None for m in build(args))
     torch.manual_seed(args.seed + run.rank)
@@ -647,28 +622,24 @@ def train_main(args):
     opt_d = torch.optim.Adam(list(D.parameters()) + (list(R.parameters()) if R else []), args.lr_d, betas=(0.0, 0.9))
     epoch0, step = 0, 0
     if resume is not None:
-        G.load_state_dict(resume["model"]["G"])
-        D.load_state_dict(resume["model"]["D"])
-        if R is not None:
-            R.load_state_dict(resume["model"]["R"])
+        for k, m in (("G", G), ("D", D), ("R", R)):
+            if m is not None:
+                m.load_state_dict(resume["model"][k])
         opt_g.load_state_dict(resume["optim"]["G"])
         opt_d.load_state_dict(resume["optim"]["D"])
         epoch0, step = resume["epoch"], resume["step"]
         rngs = resume["rng"]
         set_rng_state(rngs[run.rank] if run.rank < len(rngs) else rngs[0])
-    Gt, Dt, Rt = G, D, R
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        Gt, Dt = DDP(G), DDP(D)
-        Rt = DDP(R) if R is not None else None
-    Dp, Rp = D, R
-    if args.compile:
-        Gt, Dt, Dp = torch.compile(Gt), torch.compile(Dt), torch.compile(D)
-        Rt, Rp = (torch.compile(Rt), torch.compile(R)) if R is not None else (None, None)
+    # training views: DDP-wrapped for D's step; Dp, Rp (plain) score G's fakes; all compiled with --compile
+    Gt, Dt, Rt = (DDP(m) if run.ddp and m is not None else m for m in (G, D, R))
+    Gt, Dt, Rt, Dp, Rp = (torch.compile(m) if args.compile and m is not None else m for m in (Gt, Dt, Rt, D, R))
     if args.dtype == "bf16" and dev.type != "cuda" and run.main:
         print("--dtype bf16 is ignored on CPU (autocast is used on CUDA only)", flush=True)
 
     log = open(os.path.join(out, "log.txt"), "a") if run.main else None
+    npar = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
 
     def say(msg):
         if run.main:
@@ -680,11 +651,11 @@ def train_main(args):
     steps_per_epoch = max(1, len(tr_idx) // (b * run.world))
     say(f"{SCRIPT}: {'baseline GAN' if args.baseline else 'SAGAN + aux regressor (' + args.aux + ')'} | "
         f"{label}data {path}: {len(tr_idx)} train, {len(val_idx)} held out | device {dev} | "
-        f"G {sum(p.numel() for p in G.parameters())} D {sum(p.numel() for p in D.parameters())} "
-        f"R {sum(p.numel() for p in R.parameters()) if R else 0} parameters")
+        f"G {npar(G)} D {npar(D)} R {npar(R)} parameters")
     t0, done, last = time.time(), 0, {}
     for epoch in range(epoch0, args.epochs):
-        G.train(), D.train(), R.train() if R is not None else None
+        for m in (G, D, R):
+            m.train() if m is not None else None
         order = tr[torch.randperm(len(tr), device=dev)]
         for i in range(steps_per_epoch):
             idx = order[(i * b) % len(order):][:b]
@@ -703,12 +674,11 @@ def train_main(args):
             rngs = [None] * run.world
             dist.all_gather_object(rngs, rng_state())
         if run.main and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
-            models = {"G": G.state_dict(), "D": D.state_dict()}
-            if R is not None:
-                models["R"] = R.state_dict()
-            atomic_save({"model": models, "optim": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                         "epoch": epoch + 1, "step": step, "args": vars(args), "rng": rngs, "norm": norm,
-                         "geometry": "lhcb", "toy": toy}, ckpt_path)
+            models = {k: m.state_dict() for k, m in (("G", G), ("D", D), ("R", R)) if m is not None}
+            torch.save({"model": models, "optim": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                        "epoch": epoch + 1, "step": step, "args": vars(args), "rng": rngs, "norm": norm,
+                        "geometry": "lhcb", "toy": toy}, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
 
     if run.main:
         final(args, G, R, norm, d, images, raw, val_idx, tr_idx, path, out, toy, label, epoch0, step, dev, say)
@@ -732,12 +702,10 @@ def final(args, G, R, norm, d, images, raw, val_idx, tr_idx, path, out, toy, lab
     metrics, feats = evaluate(real, gen[:m], mom[:m], point[:m], seed=args.seed)
     if R is not None:   # regressor's error on held-out real showers, in target units
         R.eval()
+        rr, t = raw[val_idx][:m], (lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev))
         with torch.no_grad():
-            e = torch.as_tensor(real, device=dev).unsqueeze(1)
-            rr = torch.as_tensor(raw[val_idx][:m], dtype=torch.float32, device=dev)
-            c = torch.as_tensor((raw[val_idx][:m] - norm["cond_mean"]) / norm["cond_std"], dtype=torch.float32,
-                                device=dev)
-            pred = R(e, frame_maps(rr), c).cpu().numpy() * norm["aux_std"] + norm["aux_mean"]
+            pred = R(t(real).unsqueeze(1), frame_maps(t(rr)), t((rr - norm["cond_mean"]) / norm["cond_std"]))
+        pred = pred.cpu().numpy() * norm["aux_std"] + norm["aux_mean"]
         truth = aux_target(args.aux, real, mom[:m], point[:m])
         metrics["aux_rmse_val"] = np.sqrt(((pred - truth) ** 2).mean(0)).tolist()
         metrics["aux_target_std_val"] = truth.std(0).tolist()
