@@ -380,8 +380,7 @@ class Member:
         self.opt = {n: torch.optim.Adam(getattr(m, n).parameters(), lr, betas=betas) for n in ("enc", "dec", "disc")}
         self.gen = torch.Generator(device).manual_seed(args["seed"] * 1000 + k)
         self.best = {"epoch": 0, "score": math.inf, "dec": copy.deepcopy(m.dec.state_dict())}
-        self.fns = {n: getattr(m, n) for n in ("enc", "dec", "disc")}
-        self.fns["feat"] = m.disc.features
+        self.fns = {"enc": m.enc, "dec": m.dec, "disc": m.disc, "feat": m.disc.features}
 
     def state(self):
         """Everything of this member on the CPU (for the checkpoint and the torchrun gather)."""
@@ -512,8 +511,7 @@ def make_plots(out, title, train, truth, gen, amp, history, n_train):
             a.hist(v[k], bins, density=True, histtype="step", label=n)
         a.set_xlabel(k)
         if k == "pixel":
-            a.set_xscale("log")
-            a.set_yscale("log")
+            a.set(xscale="log", yscale="log")
     ax[0].legend()
     save(fig, "observables.png", "selection observables")
 
