@@ -201,81 +201,59 @@ def load(path, max_events=None):
     keys, toy, close = _open(path)
     try:
         det = _detect(path, keys)
-        extra = {}
+        extra, e, ekey, transform = {}, None, None, None
         if det == "lcd":
-            ecal = _need(path, keys, "ECAL", [(25, 25, 25), (51, 51, 25)])
-            n = ecal.shape[0]
-            crop = ecal.shape[1] == 51
+            ckey = "ECAL"
+            ds = _need(path, keys, ckey, [(25, 25, 25), (51, 51, 25)])
+            if ds.shape[1] == 51:
+                transform = lambda a: a[:, 13:38, 13:38, :]  # noqa: E731
             ekey = "target" if "target" in keys else "energy"
             if ekey not in keys:
                 raise DataError(f"{path}: missing key 'target' (or 'energy'): the primary energy Ep")
-            e = _need(path, keys, ekey, None, n)
+            e = _need(path, keys, ekey, None, ds.shape[0])
             if ekey == "target" and (len(e.shape) != 2 or e.shape[1] < 2):
                 raise DataError(f"{path}: 'target' has shape {e.shape}, expected (N, >=2) with Ep in column 1")
-            n = min(n, max_events or n)
-            cells = _read_checked(path, "ECAL", ecal, n,
-                                  transform=(lambda a: a[:, 13:38, 13:38, :]) if crop else None).reshape(n, -1)
-            e_inc = np.asarray(e[:n], np.float64)
-            e_inc = e_inc[:, 1] if ekey == "target" else e_inc.reshape(n, -1)[:, 0]
-            geom = "lcd"
-        elif det.startswith("atlas"):
-            ds = _need(path, keys, "cells")
-            n = min(ds.shape[0], max_events or ds.shape[0])
-            e = _need(path, keys, "energy", [(), (1,)], ds.shape[0])
-            cells, e_inc = _read_checked(path, "cells", ds, n), np.asarray(e[:n], np.float64).reshape(n)
-            geom = det
-        elif det == "calochallenge1":
-            ds = _need(path, keys, "showers", [(368,)])
-            e = _need(path, keys, "incident_energies", [(), (1,)], ds.shape[0])
-            n = min(ds.shape[0], max_events or ds.shape[0])
-            cells, e_inc = _read_checked(path, "showers", ds, n), np.asarray(e[:n], np.float64).reshape(n)
-            geom = det
+        elif det.startswith("atlas") or det == "calochallenge1":
+            ckey, ekey = ("cells", "energy") if det.startswith("atlas") else ("showers", "incident_energies")
+            ds = _need(path, keys, ckey, None if det.startswith("atlas") else [(368,)])
+            e = _need(path, keys, ekey, [(), (1,)], ds.shape[0])
         elif det == "lhcb":
-            ds = _need(path, keys, "EnergyDeposit", [(30, 30)])
-            n0 = ds.shape[0]
-            mom = _need(path, keys, "ParticleMomentum", [(3,)], n0)
-            pt = _need(path, keys, "ParticlePoint", [(3,), (2,)], n0)
-            n = min(n0, max_events or n0)
-            cells = _read_checked(path, "EnergyDeposit", ds, n).reshape(n, -1)
-            extra["momentum"] = np.asarray(mom[:n], np.float64)
-            p = np.asarray(pt[:n], np.float64)
+            ckey = "EnergyDeposit"
+            ds = _need(path, keys, ckey, [(30, 30)])
+            mom = _need(path, keys, "ParticleMomentum", [(3,)], ds.shape[0])
+            pt = _need(path, keys, "ParticlePoint", [(3,), (2,)], ds.shape[0])
+        elif "30x30/layers" in keys:  # ild, full 30x30x30 layers reduced to 10x10
+            ckey, ekey, transform = "30x30/layers", "30x30/energy", common.reduce_ild
+            ds = _need(path, keys, ckey, [(30, 30, 30)])
+            e = _need(path, keys, ekey, [(), (1,)], ds.shape[0])
+        else:  # ild, already reduced; 50 GeV without an energy key
+            ckey = "showers"
+            ds = _need(path, keys, ckey, [(10, 10), (100,)])
+            ekey = next((k for k in ("energy", "30x30/energy") if k in keys), None)
+            e = None if ekey is None else _need(path, keys, ekey, [(), (1,)], ds.shape[0])
+        n = min(ds.shape[0], max_events or ds.shape[0])
+        cells = _read_checked(path, ckey, ds, n, transform=transform).reshape(n, -1)
+        if det == "lhcb":
+            extra["momentum"], p = np.asarray(mom[:n], np.float64), np.asarray(pt[:n], np.float64)
             extra["point"] = np.c_[p, np.zeros(n)] if p.shape[1] == 2 else p
-            for k in ("momentum", "point"):
+            for k, key in (("momentum", "ParticleMomentum"), ("point", "ParticlePoint")):
                 if not np.isfinite(extra[k]).all():
-                    raise DataError(f"{path}: '{'ParticleMomentum' if k == 'momentum' else 'ParticlePoint'}' "
-                                    "has NaN or inf values")
+                    raise DataError(f"{path}: '{key}' has NaN or inf values")
             if (extra["momentum"][:, 2] <= 0).any():
                 raise DataError(f"{path}: 'ParticleMomentum' has p_z <= 0")
             e_inc = np.linalg.norm(extra["momentum"], axis=1)
-            geom = "lhcb"
-        else:  # ild
-            if "30x30/layers" in keys:
-                ds = _need(path, keys, "30x30/layers", [(30, 30, 30)])
-                e = _need(path, keys, "30x30/energy", [(), (1,)], ds.shape[0])
-                n = min(ds.shape[0], max_events or ds.shape[0])
-                cells = _read_checked(path, "30x30/layers", ds, n, transform=common.reduce_ild).reshape(n, -1)
-            else:
-                ds = _need(path, keys, "showers", [(10, 10), (100,)])
-                ekey = next((k for k in ("energy", "30x30/energy") if k in keys), None)
-                e = None if ekey is None else _need(path, keys, ekey, [(), (1,)], ds.shape[0])
-                n = min(ds.shape[0], max_events or ds.shape[0])
-                cells = _read_checked(path, "showers", ds, n).reshape(n, -1)
-            e_inc = (np.full(n, 50.0) if e is None else np.asarray(e[:n], np.float64).reshape(n)) * 1000.0
-            geom = "ild10"
+        else:
+            e_inc = np.full(n, 50.0) if e is None else np.asarray(e[:n], np.float64)
+            e_inc = e_inc[:, 1] if ekey == "target" else e_inc.reshape(n, -1)[:, 0]
+            e_inc = e_inc * 1000.0 if det == "ild" else e_inc
         if not np.isfinite(e_inc).all() or (e_inc <= 0).any():
             raise DataError(f"{path}: the incident energy has NaN, inf or non-positive values")
     finally:
         close()
-    return {"path": path, "detector": det, "geom": common.geometry(geom), "cells": cells, "e_inc": e_inc,
-            "toy": toy, "n": len(cells), **extra}
+    return {"path": path, "detector": det, "geom": common.geometry("ild10" if det == "ild" else det), "cells": cells,
+            "e_inc": e_inc, "toy": toy, "n": len(cells), **extra}
 
 # ---------------------------------------------------------------- observables
-
-
-def _cell_count(cells, geom):
-    """(N, n_layers) fraction of each layer's cells that are hit (> 0)."""
-    onehot = (geom.layer[:, None] == np.arange(geom.n_layers)[None, :]).astype(np.float32)
-    return ((cells > 0).astype(np.float32) @ onehot) / onehot.sum(0)
 
 
 def features(d):
@@ -293,11 +271,13 @@ def features(d):
                        [f"{k}_{ax}" for k in ("centre", "width") for ax in "xyz"]))
     elif g.name.startswith("atlas") or g.name == "calochallenge1":
         ax = ("eta", "phi") if g.xy_unit == "eta/phi" else ("x", "y")
-        epl, fpl = common.energy_per_layer(cells, g), common.fraction_per_layer(cells, g)
         cw = common.centre_width_per_layer(cells, g)
-        occ = _cell_count(cells, g)
-        blocks = {"e": epl, "frac": fpl, f"centre_{ax[0]}": cw["centre_x"], f"centre_{ax[1]}": cw["centre_y"],
-                  f"width_{ax[0]}": cw["width_x"], f"width_{ax[1]}": cw["width_y"], "sparsity": 1 - occ}
+        onehot = (g.layer[:, None] == np.arange(g.n_layers)[None, :]).astype(np.float32)
+        occ = ((cells > 0).astype(np.float32) @ onehot) / onehot.sum(0)  # fraction of each layer's cells hit
+        blocks = {"e": common.energy_per_layer(cells, g), "frac": common.fraction_per_layer(cells, g),
+                  f"centre_{ax[0]}": cw["centre_x"], f"centre_{ax[1]}": cw["centre_y"],
+                  f"width_{ax[0]}": cw["width_x"], f"width_{ax[1]}": cw["width_y"],
+                  "sparsity": 1 - occ}
         for key, arr in blocks.items():
             names = [f"{key}_{ln}" for ln in g.layer_names]
             for i, nm in enumerate(names):
@@ -309,16 +289,13 @@ def features(d):
     elif g.name == "lhcb":
         img = cells.reshape(n, 30, 30)
         mom, pt = d["momentum"], d["point"]
-        f["asym_long"] = common.lhcb_asymmetry(img, mom, pt)
-        f["asym_trans"] = common.lhcb_asymmetry(img, mom, pt, orthogonal=True)
-        f["width_long"] = common.lhcb_width(img, mom, pt)
-        f["width_trans"] = common.lhcb_width(img, mom, pt, orthogonal=True)
+        for kind, fn in (("asym", common.lhcb_asymmetry), ("width", common.lhcb_width)):
+            f[f"{kind}_long"], f[f"{kind}_trans"] = fn(img, mom, pt), fn(img, mom, pt, orthogonal=True)
         sp = common.lhcb_sparsity(img, LHCB_ALPHAS)
         for j in (5, 10, 15):
             f[f"sparsity_{LHCB_ALPHAS[j]:.0e}"] = sp[:, j]
         d["sparsity_curve"] = sp.mean(0)
-        groups.append(("MLHEP physics metrics", ["asym_long", "asym_trans", "width_long", "width_trans"]
-                       + [k for k in f if k.startswith("sparsity")]))
+        groups.append(("MLHEP physics metrics", list(f)[3:]))
     else:  # ild10
         cw = common.centre_width_per_layer(cells, g)
         f.update(cog_x=cw["centre_x"][:, 0], cog_y=cw["centre_y"][:, 0],
@@ -353,11 +330,10 @@ def sep_power(real, gen, edges):
 
 def standardised(feat_real, feat):
     """(N, D) feature matrix standardised with the real sample's mean and std (std 0 -> 1)."""
-    names = list(feat_real)
-    r = np.stack([feat_real[k] for k in names], 1)
+    r = np.stack(list(feat_real.values()), 1)
     mu, sd = r.mean(0), r.std(0)
     sd[sd == 0] = 1.0
-    return (np.stack([feat[k] for k in names], 1) - mu) / sd
+    return (np.stack([feat[k] for k in feat_real], 1) - mu) / sd
 
 # ---------------------------------------------------------------- model: classifier two-sample test
 
@@ -379,7 +355,10 @@ class Classifier(nn.Module):
 
 
 def classifier_inputs(d, idx):
-    """Showers idx of sample d: voxels / E_inc plus log10(E_inc / GeV) (CaloChallenge low-level input)."""
+    """Rows idx of d: a plain (N, D) array as is; of a shower sample (dict of load()), voxels / E_inc
+    plus log10(E_inc / GeV) (CaloChallenge low-level input)."""
+    if not isinstance(d, dict):
+        return np.asarray(d[idx], np.float32)
     e = d["e_inc"][idx]
     e_gev = e / (1000.0 if d["geom"].unit == "MeV" else 1.0)
     return np.concatenate([d["cells"][idx] / e[:, None].astype(np.float32),
@@ -390,18 +369,10 @@ def auc_score(y, s):
     """Area under the ROC curve (Mann-Whitney, ties count 1/2)."""
     order = np.argsort(s, kind="stable")
     ranks = np.empty(len(s))
-    ss = s[order]
-    # average ranks over ties
-    _, first, counts = np.unique(ss, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
+    _, first, counts = np.unique(s[order], return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1.0, counts)  # average ranks over ties
     n1, n0 = y.sum(), len(y) - y.sum()
     return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def _inputs(sample, idx):
-    """Classifier inputs of rows idx: a shower sample (dict of load()) or a plain (N, D) array."""
-    return classifier_inputs(sample, idx) if isinstance(sample, dict) else np.asarray(sample[idx], np.float32)
 
 
 def two_sample_test(real, gen, args, device, log, tag):
@@ -410,24 +381,18 @@ def two_sample_test(real, gen, args, device, log, tag):
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     n_r, n_g = (s["n"] if isinstance(s, dict) else len(s) for s in (real, gen))
-    n_in = _inputs(real, np.arange(1)).shape[1]
+    n_in = classifier_inputs(real, np.arange(1)).shape[1]
     cap = args.cls_max_events or (50000 if device.type == "cuda" else int(min(50000, 2e8 / n_in)))
     m = min(n_r, n_g, cap)
     if m < 10:
         return {"skipped": f"too few showers ({m}) per class"}
-    parts = {}
     # the same shower indices from both files: a generated file conditioned on the real file event by
     # event keeps each (real i, generated i) pair in one split, so conditions cannot leak across splits
     idx = rng.permutation(min(n_r, n_g))[:m]
     a, b = int(0.6 * m), int(0.8 * m)
-    for y, sample in ((1, real), (0, gen)):
-        for name, sl in (("train", idx[:a]), ("val", idx[a:b]), ("test", idx[b:])):
-            parts.setdefault(name, []).append((_inputs(sample, np.sort(sl)), np.full(len(sl), y, np.float32)))
-    data = {}
-    for k in ("train", "val", "test"):
-        v = parts.pop(k)
-        data[k] = (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v]))
-        del v
+    data = {name: (np.concatenate([classifier_inputs(real, np.sort(sl)), classifier_inputs(gen, np.sort(sl))]),
+                   np.repeat(np.float32([1, 0]), len(sl)))
+            for name, sl in (("train", idx[:a]), ("val", idx[a:b]), ("test", idx[b:]))}
     mu, sd = data["train"][0].mean(0), data["train"][0].std(0)
     # standardised inputs; a floor on the std keeps never-hit voxels from blowing up
     mu, sd = mu.astype(np.float32), np.maximum(sd, 1e-3 * sd.max() + 1e-12).astype(np.float32)
@@ -502,8 +467,7 @@ def lcd_extra(real, gen, plot):
     prof = [[p.mean(0) for p in common.axis_profiles(d["cells"].reshape(-1, 25, 25, 25))] for d in (real, gen)]
     prof_err = {ax: float(np.sum(np.abs(prof[1][a] - prof[0][a])) / np.sum(prof[0][a]))
                 for a, ax in enumerate("xyz")}
-    plot["sf_bins"] = (edges, sf)
-    plot["profiles"] = prof
+    plot.update(sf_bins=(edges, sf), profiles=prof)
     return {"sampling_fraction_bins_GeV": edges.tolist(),
             "sampling_fraction_real": _list(sf[0][0]), "sampling_fraction_gen": _list(sf[1][0]),
             "sampling_fraction_ratio": _list(np.where(ok, ratio, np.nan)),
@@ -530,12 +494,8 @@ def atlas_extra(real, gen, args, plot):
     pool, qb = norm[0][perm[:half]], norm[0][perm[half:]][:args.nn_queries]
     qg = norm[1][rng.permutation(gen["n"])[:args.nn_queries]]
     if len(pool) >= 5 and len(qb):
-        _, dg = common.nearest_neighbours(qg, pool, k=5)
-        _, db = common.nearest_neighbours(qb, pool, k=5)
-        out["nn_median_dist_gen"] = float(np.median(dg[:, 0]))
-        out["nn_median_dist_real"] = float(np.median(db[:, 0]))
-        ref = out["nn_median_dist_real"]
-        out["nn_ratio"] = _num(out["nn_median_dist_gen"] / ref) if ref > 0 else None
+        dg, db = (float(np.median(common.nearest_neighbours(q, pool, k=5)[1][:, 0])) for q in (qg, qb))
+        out.update(nn_median_dist_gen=dg, nn_median_dist_real=db, nn_ratio=_num(dg / db) if db > 0 else None)
     return out
 
 
@@ -546,13 +506,11 @@ def lhcb_extra(real, gen, fr, fg, args, plot):
     ig = rng.permutation(gen["n"])[:args.prd_max]
     k = min(20, len(ir) + len(ig))
     p_raw = common.prd(real["cells"][ir], gen["cells"][ig], num_clusters=k, num_runs=args.prd_runs, seed=args.seed)
-    phys = [k2 for k2 in fr if k2 not in ("e_vis", "e_ratio", "n_hits")]
-    p_phys = common.prd(standardised({k2: fr[k2] for k2 in phys}, fr)[ir],
-                        standardised({k2: fr[k2] for k2 in phys}, fg)[ig], num_clusters=k,
+    phys = {k2: v for k2, v in fr.items() if k2 not in ("e_vis", "e_ratio", "n_hits")}
+    p_phys = common.prd(standardised(phys, fr)[ir], standardised(phys, fg)[ig], num_clusters=k,
                         num_runs=args.prd_runs, seed=args.seed)
     a_raw, a_phys = common.prd_auc(*p_raw), common.prd_auc(*p_phys)
-    plot["prd"] = (p_raw, p_phys)
-    plot["sparsity"] = (real["sparsity_curve"], gen["sparsity_curve"])
+    plot.update(prd=(p_raw, p_phys), sparsity=(real["sparsity_curve"], gen["sparsity_curve"]))
     return {"prd_auc_images": a_raw, "prd_auc_physics": a_phys, "prd_auc_score": min(a_raw, a_phys),
             "sparsity_curve_alphas": LHCB_ALPHAS.tolist(), "sparsity_curve_real": _list(real["sparsity_curve"]),
             "sparsity_curve_gen": _list(gen["sparsity_curve"])}
@@ -561,15 +519,10 @@ def lhcb_extra(real, gen, fr, fg, args, plot):
 ILD_OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel_spectrum")
 
 
-def ild_obs(d, f):
-    out = {k: f[k] for k in ILD_OBS[:4]}
-    out["pixel_spectrum"] = d["cells"][d["cells"] > 0].astype(np.float64)
-    return out
-
-
 def ild_extra(real, gen, fr, fg, args, plot):
     """Quantile JSD of the five observables (Calomplification), amplification if asked."""
-    orr, og = ild_obs(real, fr), ild_obs(gen, fg)
+    orr, og = ({**{k: f[k] for k in ILD_OBS[:4]}, "pixel_spectrum": d["cells"][d["cells"] > 0].astype(np.float64)}
+               for d, f in ((real, fr), (gen, fg)))
     out = {"quantile_jsd": {}}
     for k in ILD_OBS:
         nb = min(args.quantiles, len(orr[k]) // 10)
@@ -619,13 +572,6 @@ def _list(a):
     return [_num(v) for v in np.asarray(a, np.float64).ravel()]
 
 
-def _save(fig, path_noext):
-    for ext in ("png", "pdf"):
-        tmp = f"{path_noext}.tmp{os.getpid()}.{ext}"
-        fig.savefig(tmp, format=ext, dpi=110 if ext == "png" else None)
-        os.replace(tmp, f"{path_noext}.{ext}")
-
-
 class Plotter:
     def __init__(self, folder, title, labels):
         import matplotlib
@@ -655,17 +601,27 @@ class Plotter:
 
     def _finish(self, fig, name, subtitle):
         fig.suptitle(f"{self.title}: {subtitle}")
-        _save(fig, os.path.join(self.folder, name))
+        for ext in ("png", "pdf"):
+            tmp = os.path.join(self.folder, f"{name}.tmp{os.getpid()}.{ext}")
+            fig.savefig(tmp, format=ext, dpi=110 if ext == "png" else None)
+            os.replace(tmp, os.path.join(self.folder, f"{name}.{ext}"))
         self.plt.close(fig)
         self.written.append(name)
 
-    def _ratio(self, ax, x, ref, vals, step=True):
-        ax.axhline(1.0, color="k", lw=0.8)
+    def _labels_and_ratio(self, top, bot, ylabel, xlabel, logx, x, ref, vals, step):
+        """Labels of a (top, bottom) panel; the bottom one shows gen / real (steps for histograms)."""
+        top.set_ylabel(ylabel)
+        top.legend(fontsize=7)
+        top.tick_params(labelbottom=False)
+        bot.axhline(1.0, color="k", lw=0.8)
         for v, c in zip(vals, self.colors):
             r = np.divide(v, ref, out=np.full(len(ref), np.nan), where=ref > 0)
-            (ax.step(x, np.r_[r, r[-1:]], where="post", color=c) if step else ax.plot(x, r, color=c, marker="."))
-        ax.set_ylim(0.5, 1.5)
-        ax.set_ylabel("gen / real")
+            (bot.step(x, np.r_[r, r[-1:]], where="post", color=c) if step else bot.plot(x, r, color=c, marker="."))
+        bot.set_ylim(0.5, 1.5)
+        bot.set_ylabel("gen / real")
+        bot.set_xlabel(xlabel)
+        if logx:
+            bot.set_xscale("log")
 
     def hists(self, name, subtitle, keys, fr, fgs, bins, labels=None):
         fig, axes = self._grid(len(keys))
@@ -679,13 +635,8 @@ class Plotter:
             pos = np.concatenate([x[x > 0] for x in h])
             if len(pos) and pos.max() / pos.min() > 100:
                 top.set_yscale("log")
-            top.set_ylabel("fraction of showers")
-            top.legend(fontsize=7)
-            top.tick_params(labelbottom=False)
-            self._ratio(bot, edges, h[0], h[1:])
-            bot.set_xlabel((labels or LABEL).get(k, k))
-            if log:
-                bot.set_xscale("log")
+            self._labels_and_ratio(top, bot, "fraction of showers", (labels or LABEL).get(k, k), log, edges, h[0],
+                                   h[1:], step=True)
         self._finish(fig, name, subtitle)
 
     def curves(self, name, subtitle, xs, real_curves, gen_curves, xlabels, ylabel, logy=True, logx=False):
@@ -697,26 +648,20 @@ class Plotter:
                 top.plot(xs[i], gc[i], color=c, marker=".", label=lab)
             if logy and np.nanmin(real_curves[i]) > 0:
                 top.set_yscale("log")
-            top.set_ylabel(ylabel)
-            top.legend(fontsize=7)
-            top.tick_params(labelbottom=False)
-            self._ratio(bot, xs[i], np.asarray(real_curves[i]), [np.asarray(gc[i]) for gc in gen_curves], step=False)
-            bot.set_xlabel(xlabels[i])
-            if logx:
-                bot.set_xscale("log")
+            self._labels_and_ratio(top, bot, ylabel, xlabels[i], logx, xs[i], np.asarray(real_curves[i]),
+                                   [np.asarray(gc[i]) for gc in gen_curves], step=False)
         self._finish(fig, name, subtitle)
 
 
 def verdict(row, n_feat):
     auc, nflag = row.get("auc"), len(row["flagged"])
-    mem = row.get("memorisation")
     if (auc is None or auc <= 0.55) and nflag == 0:
         v = "PASS: indistinguishable at this sample size" + (" (observables only)" if auc is None else "")
     elif (auc is None or auc <= 0.75) and nflag <= max(1, n_feat // 5):
         v = "CLOSE: small differences (see flagged observables)"
     else:
         v = "FAIL: distinguishable"
-    return v + ("; WARNING: memorisation suspected" if mem else "")
+    return v + ("; WARNING: memorisation suspected" if row.get("memorisation") else "")
 
 
 def write_text(path, text):
@@ -730,9 +675,8 @@ def write_text(path, text):
 
 def run(args, log=print):
     data = [load(p, args.max_events) for p in args.files]
-    dets = {d["detector"] for d in data}
-    if len(dets) > 1:
-        other = next(d for d in data if d["detector"] != data[0]["detector"])
+    other = next((d for d in data if d["detector"] != data[0]["detector"]), None)
+    if other:
         raise DataError(f"{other['path']}: detector {other['detector']} differs from the real file's "
                         f"{data[0]['detector']}; all files must be of the same detector")
     det = data[0]["detector"]
@@ -752,8 +696,7 @@ def run(args, log=print):
     real, gens = data[0], data[1:]
     fr, groups = features(real)
     fgs = [features(g)[0] for g in gens]
-    n_min = min(d["n"] for d in data)
-    bins = args.bins or int(np.clip(round(math.sqrt(n_min)), 10, 50))
+    bins = args.bins or int(np.clip(round(math.sqrt(min(d["n"] for d in data))), 10, 50))
     rows, plot_extra = [], []
     for g, fg, lab in zip(gens, fgs, args.labels):
         sp, floor = {}, {}
@@ -810,8 +753,11 @@ def _eq(v):
 
 def report_md(m, title):
     det = m["detector"]
-    head = {"lcd": "max abs SF ratio - 1", "atlas89": "corr. MSE", "atlas247": "corr. MSE",
-            "lhcb": "PRD-AUC score", "ild": "mean quantile JSD", "calochallenge1": None}[det]
+    mse = ("corr. MSE", lambda r: r["atlas"]["correlation_mse"])
+    head, col = {"lcd": ("max abs SF ratio - 1", lambda r: r["lcd"]["sampling_fraction_max_abs_ratio_minus_1"]),
+                 "atlas89": mse, "atlas247": mse, "lhcb": ("PRD-AUC score", lambda r: r["lhcb"]["prd_auc_score"]),
+                 "ild": ("mean quantile JSD", lambda r: np.mean([v for v in r["ild"]["quantile_jsd"].values()
+                                                                 if v is not None]))}.get(det, (None, None))
     lines = [f"# Validation report: {title}", "",
              f"Real: `{m['real']['path']}` ({m['real']['n_events']} showers{', TOY' if m['real']['toy'] else ''}). "
              f"{len(m['features'])} high-level observables, {m['bins']} bins.", "",
@@ -821,14 +767,7 @@ def report_md(m, title):
     for r in m["generated"]:
         c = r.get("classifier", {})
         worst = max(r["separation_power"], key=r["separation_power"].get)
-        extra = ""
-        if head:
-            x = r.get("lcd") or r.get("atlas") or r.get("lhcb") or r.get("ild")
-            val = {"lcd": lambda: x["sampling_fraction_max_abs_ratio_minus_1"],
-                   "lhcb": lambda: x["prd_auc_score"],
-                   "ild": lambda: np.mean([v for v in x["quantile_jsd"].values() if v is not None])}.get(
-                det, lambda: x["correlation_mse"])()
-            extra = f"{_fmt(val, '{:.4g}')} | "
+        extra = f"{_fmt(col(r), '{:.4g}')} | " if head else ""
         lines.append(f"| {r['label']}{' (TOY)' if r['toy'] else ''} | {r['n_events']} | {_fmt(c.get('auc'))} | "
                      f"{_fmt(c.get('jsd'))} | {r['frechet_distance']:.4g} | {r['separation_power_mean']:.4f} | "
                      f"{worst} ({r['separation_power'][worst]:.3f}) | {extra}{r['verdict']} |")
@@ -842,10 +781,9 @@ def report_md(m, title):
                   "(inf = better than the whole truth pool, None = worse than the smallest subset):", ""]
     for r in amps:
         amp = r["ild"]["amplification"]
-        if amp:
-            lines.append(f"- {r['label']}: " + ", ".join(
-                f"{k} {_eq(v['equivalent_size'])}" for k, v in amp["observables"].items())
-                + f" (truth pool {amp['n_truth_pool']}, generated {r['n_events']})")
+        lines.append(f"- {r['label']}: " + ", ".join(
+            f"{k} {_eq(v['equivalent_size'])}" for k, v in amp["observables"].items())
+            + f" (truth pool {amp['n_truth_pool']}, generated {r['n_events']})")
     lines += ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable "
               "(best published CaloChallenge ds1 photons ~0.63). JSD = (ln2 - BCE)/ln2 of the Platt-calibrated "
               "classifier on its test split. Details: metrics.json; plots: plots/.", ""]
@@ -874,12 +812,11 @@ def make_plots(args, title, real, gens, fr, groups, fgs, pe, bins):
         vr = pe[0]["variance"][0]
         P.curves("cell_variance", "variance per cell", [np.arange(len(vr))], [vr],
                  [[p["variance"][1]] for p in pe], ["cell index"], "variance [MeV^2]")
-        wk = "width_phi_Middle"
         e_edges = np.geomspace(max(real["e_inc"].min(), 1e-3), real["e_inc"].max() * 1.0001, 9)
-        mid = np.sqrt(e_edges[1:] * e_edges[:-1])
-        w = [common.binned_stat(real["e_inc"], fr[wk], e_edges)[0]]
-        P.curves("width_phi_middle_vs_energy", "mean width in phi of Middle vs energy", [mid], w,
-                 [[common.binned_stat(g["e_inc"], fg[wk], e_edges)[0]] for g, fg in zip(gens, fgs)],
+        w = [common.binned_stat(d["e_inc"], f["width_phi_Middle"], e_edges)[0]
+             for d, f in zip([real] + gens, [fr] + fgs)]
+        P.curves("width_phi_middle_vs_energy", "mean width in phi of Middle vs energy",
+                 [np.sqrt(e_edges[1:] * e_edges[:-1])], w[:1], [[x] for x in w[1:]],
                  ["E_true [MeV]"], "mean width phi", logy=False, logx=True)
     elif det == "lhcb":
         P.curves("sparsity_curve", "mean sparsity vs alpha", [LHCB_ALPHAS], [pe[0]["sparsity"][0]],
