@@ -18,29 +18,27 @@ and Ecal = the plain sum of the input image. Losses: BCE with soft labels 0.9/0.
 
 Choices and deviations (the original Keras code was not available; reference.md gives the layers):
 - Block = conv -> LeakyReLU(0.3) -> BatchNorm(momentum 0.01 = Keras 0.99, eps 1e-3) -> Dropout(0.2); convs
-  feeding a BatchNorm have no bias, the two transposed convs have one. This gives, counted the Keras way
-  (trainable + BatchNorm moving mean/variance), 2,055,349 generator parameters (original 2,055,324: the
-  25 left over is the merge conv's bias) and exactly 714,114 for the discriminator. "same" padding of even
-  kernels is TF's asymmetric one (extra row/column at the end); ConvT k5 "same" is padding 1 (stride 3),
-  padding 2 + output_padding 1 (stride 2).
-- Images are multiplied by --xscale 50 inside the networks (sum ~ Ep, as in the 3DGAN code of the same
-  group); files and generated.h5 stay in GeV. Generated cells below the 1e-6 GeV threshold are set to 0.
-- Learning-rate decay is not given in reference.md: ExponentialLR per epoch with --lr-decay 0.97. Adam with
-  Keras' defaults (betas 0.9/0.999, eps 1e-7). The generator step targets the soft "real" label 0.9.
-- After the first --early-epochs (3) epochs, whose fakes get Ep ~ U(100, 400) GeV, fakes take the Ep of the
-  real minibatch (so a weighted draw, as adagan.py makes, also shapes the fakes' Ep distribution).
-- Validation metric (lower is better, best epoch kept): for events of the held-out set within +-5 GeV of
-  0, 50, 100, 200, 250, 300, 400, 500 GeV, mean relative error of the first two moments along x, y, z plus
-  mean relative L1 error of the mean x, y, z profiles, averaged over windows; windows with fewer than
-  --val-min events are skipped, and if none is left the whole held-out set is one window (small toy runs).
-- Data on the device when it fits (the dataset's size vs --max-data-gb, default half of the free device
-  memory on CUDA, half of the available RAM on CPU); otherwise the files are streamed one by one each
-  epoch (the held-out events of every file are skipped; weighted draws need the in-memory mode).
+  feeding a BatchNorm have no bias except the two transposed ones. Counted the Keras way (+ BatchNorm moving
+  mean/variance): 2,055,349 generator parameters (original 2,055,324; +25 = the merge conv's bias), exactly
+  714,114 discriminator.
+  "same" padding of even kernels is TF's (extra row/column at the end); ConvT k5 "same" is padding 1
+  (stride 3), padding 2 + output_padding 1 (stride 2).
+- Images are multiplied by --xscale 50 inside the networks (sum ~ Ep, as in the group's 3DGAN code); files
+  stay in GeV. Generated cells below 1e-6 GeV are set to 0.
+- Not in reference.md: ExponentialLR per epoch (--lr-decay 0.97); Adam with Keras' defaults (eps 1e-7); the
+  generator step targets the soft "real" label 0.9.
+- Fakes get Ep ~ U(100, 400) GeV for the first --early-epochs (3), then the real minibatch's Ep (so a
+  weighted draw, as adagan.py makes, also shapes the fakes' Ep distribution).
+- Validation metric (lower is better, best epoch kept): in +-5 GeV windows around 0, 50, 100, 200, 250, 300,
+  400, 500 GeV of the held-out set, relative error of the first two moments along x, y, z plus relative L1
+  error of the mean profiles, averaged over windows with >= --val-min events (else all in one window).
+- Data on the device when it fits (size vs --max-data-gb, default half the free device memory / available
+  RAM); otherwise the files are streamed one by one each epoch, without their held-out events (weighted
+  draws need the in-memory mode).
 """
 import argparse
 import glob
 import json
-import math
 import os
 import random
 import sys
@@ -104,21 +102,17 @@ def get_args(argv=None):
                                                    "8 on CPU)")
     a("--bench-batch", type=int, default=None, help="training batch of --benchmark (default --batch-size on "
                                                      "CUDA, 4 on CPU, where the full-size model is slow)")
-    a("--benchmark", action="store_true", help="print one JSON line of generation and training speed, write "
-                                               "nothing")
+    a("--benchmark", action="store_true", help="print one JSON line of generation and training speed, write nothing")
     a("--bench-steps", type=int, default=3, help="timed iterations of --benchmark (after one warm-up)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", "val_max", "bench_steps"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", "val_max", "bench_steps",
+                 "gen_batch", "bench_batch", "generate"):         # the last three may be None (= default)
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.val_frac < 1:
         p.error("--val-frac must be in (0, 1)")
     if args.width <= 0 or args.xscale <= 0:
         p.error("--width and --xscale must be > 0")
-    if (args.gen_batch is not None and args.gen_batch < 1) or (args.bench_batch is not None and args.bench_batch < 1):
-        p.error("--gen-batch and --bench-batch must be >= 1")
-    if args.generate is not None and args.generate < 1:
-        p.error("--generate must be >= 1")
     try:
         lo, hi = (float(v) for v in args.energy.split(":"))
     except ValueError:
@@ -172,6 +166,12 @@ def _lcd_header(path):
         raise DataError(f"{path}: cannot read as HDF5 ({e.__class__.__name__})")
 
 
+def _ep_column(e, ekey):
+    """Ep (n,) GeV from the 'target' (n,>=2) or 'energy' (n,...) dataset."""
+    e = np.asarray(e, np.float32)
+    return e[:, 1] if ekey == "target" else e.reshape(len(e), -1)[:, 0]
+
+
 def _read_lcd(path, idx=None):
     """Read one file (all events or the sorted indices idx): ECAL (n,25,25,25) GeV and Ep (n,) GeV."""
     import h5py
@@ -182,9 +182,7 @@ def _read_lcd(path, idx=None):
         e = f[ekey][sel]
     if x.shape[1] == 51:
         x = x[:, 13:38, 13:38, :]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    ep = np.asarray(e, np.float32)
-    ep = ep[:, 1] if ekey == "target" else ep.reshape(len(ep), -1)[:, 0]
+    x, ep = np.ascontiguousarray(x, dtype=np.float32), _ep_column(e, ekey)
     if not np.isfinite(x).all():
         raise DataError(f"{path}: ECAL has NaN or inf values")
     if (x < 0).any():
@@ -200,8 +198,8 @@ def load_lcd(pattern):
     files = lcd_files(pattern)
     for f in files:            # check every header before reading any cell
         _lcd_header(f)
-    parts = [_read_lcd(f) for f in files]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    xs, eps = zip(*[_read_lcd(f) for f in files])
+    return np.concatenate(xs), np.concatenate(eps)
 
 
 def write_lcd(path, ecal, ep):
@@ -232,12 +230,8 @@ class LCDStream:
     """Files too large for the device: read one file at a time; per-file seeded split."""
 
     def __init__(self, files, val_frac, seed):
-        self.files, self.counts = files, [_lcd_header(f)[0] for f in files]
-        self.splits = [split_indices(n, val_frac, seed + 7919 * i) for i, n in enumerate(self.counts)]
-
-    @property
-    def n_train(self):
-        return sum(len(s[0]) for s in self.splits)
+        self.files = files
+        self.splits = [split_indices(_lcd_header(f)[0], val_frac, seed + 7919 * i) for i, f in enumerate(files)]
 
     def train_part(self, i):
         return _read_lcd(self.files[i], self.splits[i][0])
@@ -246,36 +240,29 @@ class LCDStream:
         import h5py
         out = []
         for f, (_, v) in zip(self.files, self.splits):
+            key = _lcd_header(f)[1]
             with h5py.File(f, "r") as h:
-                key = _lcd_header(f)[1]
-                e = np.asarray(h[key][v], np.float32)
-                out.append(e[:, 1] if key == "target" else e.reshape(len(e), -1)[:, 0])
+                out.append(_ep_column(h[key][v], key))
         return np.concatenate(out)
 
     def val_events(self, max_events):
-        xs, es, left = [], [], max_events
+        parts, left = [], max_events
         for f, (_, v) in zip(self.files, self.splits):
             if left <= 0:
                 break
-            x, e = _read_lcd(f, v[:left])
-            xs.append(x)
-            es.append(e)
-            left -= len(e)
-        return np.concatenate(xs), np.concatenate(es)
+            parts.append(_read_lcd(f, v[:left]))
+            left -= len(parts[-1][1])
+        return tuple(np.concatenate(a) for a in zip(*parts))
 
 
 def is_toy(files):
     """True if any file carries the toy=True attribute of common.write_toy."""
     import h5py
-    for f in files:
+
+    def toy(f):
         with h5py.File(f, "r") as h:
-            if bool(h.attrs.get("toy", False)):
-                return True
-    return False
-
-
-def dataset_bytes(files):
-    return sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4
+            return bool(h.attrs.get("toy", False))
+    return any(toy(f) for f in files)
 
 
 def memory_budget(device, max_gb=None):
@@ -428,33 +415,6 @@ def shower_metric(real, fake, ep, min_count=5):
     return float(np.mean(errs))
 
 
-def _fmt_time(s):
-    s = int(max(0, s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def _rng_state(gen):
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-          "gen": gen.get_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st, gen):
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    gen.set_state(st["gen"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def train(args, ecal, ep, weights=None, out_dir=None, log=print):
     """Train a 2DGAN. ecal (N,25,25,25) GeV and ep (N,) GeV numpy arrays (or ecal an LCDStream, ep None).
     weights: optional sampling probabilities of the training events (length N_train = len(train_idx) of
@@ -475,7 +435,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
     if stream:
         if weights is not None:
             raise ValueError("weighted minibatch draws need the data in memory (not streamed)")
-        n_train = ecal.n_train
+        n_train = sum(len(tr) for tr, _ in ecal.splits)
         val_x, val_ep = ecal.val_events(args.val_max)
         x0, e0 = ecal.train_part(0)                    # the fit uses the first file
         sf0 = common.sampling_fraction(x0, e0)
@@ -506,22 +466,24 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
 
     G = Generator(args.latent, args.width, args.xscale).to(device)
     D = Discriminator(args.width).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, eps=1e-7)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, eps=1e-7)
-    sch_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, args.lr_decay)
-    sch_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, args.lr_decay)
+    nets = (("G", G), ("D", D))
+    opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=lr, eps=1e-7) for net, lr in ((G, args.lr_g), (D, args.lr_d)))
+    sch_g, sch_d = (torch.optim.lr_scheduler.ExponentialLR(opt, args.lr_decay) for opt in (opt_g, opt_d))
     start_epoch, step, history, best = 0, 0, [], {"epoch": -1, "metric": float("inf"), "G": None, "D": None}
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if out_dir else None
     if args.resume and ckpt_path and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        G.load_state_dict(ck["model"]["G"])
-        D.load_state_dict(ck["model"]["D"])
-        opt_g.load_state_dict(ck["optim"]["G"])
-        opt_d.load_state_dict(ck["optim"]["D"])
-        sch_g.load_state_dict(ck["sched"]["G"])
-        sch_d.load_state_dict(ck["sched"]["D"])
+        for key, pair in (("model", (G, D)), ("optim", (opt_g, opt_d)), ("sched", (sch_g, sch_d))):
+            for name, obj in zip("GD", pair):
+                obj.load_state_dict(ck[key][name])
         start_epoch, step, history, best = ck["epoch"], ck["step"], ck["history"], ck["best"]
-        _set_rng_state(ck["rng"], gen)
+        st = ck["rng"]
+        random.setstate(st["python"])
+        np.random.set_state(st["numpy"])
+        torch.set_rng_state(st["torch"])
+        gen.set_state(st["gen"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda"])
         if rank == 0:
             log(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
 
@@ -562,32 +524,35 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
             perm = torch.randperm(len(e), device=device, generator=gen)[:m * bs].view(m, bs)
             yield torch.from_numpy(x).to(device), torch.from_numpy(e).to(device), perm
 
-    def labels(value, size):
-        flip = torch.rand(size, device=device, generator=gen) < args.label_flip
-        return torch.where(flip, torch.full((size,), 1.0 - value, device=device),
-                           torch.full((size,), value, device=device))
-
-    def fake_ep(real_ep, epoch):
-        if epoch < args.early_epochs:
-            return 100.0 + 300.0 * torch.rand(real_ep.shape, device=device, generator=gen)
-        return real_ep
+    def labels(value):
+        flip = torch.rand(bs, device=device, generator=gen) < args.label_flip
+        return torch.where(flip, torch.full((bs,), 1.0 - value, device=device), torch.full((bs,), value, device=device))
 
     def noise(e):
         return torch.randn(len(e), args.latent, device=device, generator=gen) * (e[:, None] / 100.0)
 
+    def gan_loss(d_out, target, e_t, ecal_t):
+        logit, ep_p, ecal_p = d_out
+        return (args.w_gan * F.binary_cross_entropy_with_logits(logit.float(), target)
+                + args.w_ep * mape(e_t / 100.0, ep_p.float()) + args.w_ecal * mape(ecal_t, ecal_p.float()))
+
+    def speed():
+        rate = (step - done0) * bs * world / (time.time() - t0)
+        eta = int(max(0, (args.epochs * steps_per_epoch - step) * bs * world / max(rate, 1e-9)))
+        return f"{rate:.0f} samples/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
+
     t0, done0 = time.time(), step
-    total_steps = args.epochs * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
         G.relu_out.fill_(epoch >= args.relu_epoch)
-        G_run.train()
-        D_run.train()
-        sums = np.zeros(2)
-        n_b = 0
+        for net in (G_run, D_run):
+            net.train()
+        sums, n_b = np.zeros(2), 0
         for xc, ec, batches in chunks(epoch):
             for bidx in batches:
                 real = xc[bidx].float() * xs
                 e_real = ec[bidx].float()
-                e_fake = fake_ep(e_real, epoch)
+                e_fake = (100.0 + 300.0 * torch.rand(e_real.shape, device=device, generator=gen)
+                          if epoch < args.early_epochs else e_real)
                 ecal_fake = xs * e_fake * sum(c * e_fake ** i for i, c in enumerate(sf_t))
                 with torch.no_grad(), amp:
                     fake = G(noise(e_fake)).float()
@@ -595,20 +560,14 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
                 for img, lab, e_t, ecal_t in ((real, 0.9, e_real, real.sum((1, 2, 3))),
                                                (fake, 0.1, e_fake, ecal_fake)):
                     with amp:
-                        logit, ep_p, ecal_p = D_run(img)
-                        loss_d = (args.w_gan * F.binary_cross_entropy_with_logits(logit.float(), labels(lab, bs))
-                                  + args.w_ep * mape(e_t / 100.0, ep_p.float())
-                                  + args.w_ecal * mape(ecal_t, ecal_p.float()))
+                        loss_d = gan_loss(D_run(img), labels(lab), e_t, ecal_t)
                     opt_d.zero_grad(set_to_none=True)
                     loss_d.backward()
                     opt_d.step()
                 # one G step
                 with amp:
-                    logit, ep_p, ecal_p = D_run(G_run(noise(e_fake)))
-                    loss_g = (args.w_gan * F.binary_cross_entropy_with_logits(
-                        logit.float(), torch.full((bs,), 0.9, device=device))
-                        + args.w_ep * mape(e_fake / 100.0, ep_p.float())
-                        + args.w_ecal * mape(ecal_fake, ecal_p.float()))
+                    loss_g = gan_loss(D_run(G_run(noise(e_fake))), torch.full((bs,), 0.9, device=device), e_fake,
+                                      ecal_fake)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
@@ -616,42 +575,40 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
                 n_b += 1
                 sums += (loss_d.item(), loss_g.item())
                 if rank == 0 and (step % args.log_every == 0):
-                    rate = (step - done0) * bs * world / (time.time() - t0)
-                    eta = (total_steps - step) * bs * world / max(rate, 1e-9)
                     log(f"epoch {epoch + 1}/{args.epochs} | step {step} | loss_d {loss_d.item():.4g} "
-                        f"loss_g {loss_g.item():.4g} | {rate:.0f} samples/s | ETA {_fmt_time(eta)}")
+                        f"loss_g {loss_g.item():.4g} | {speed()}")
         sch_g.step()
         sch_d.step()
         # validation metric on the held-out events of the Ep windows
         G.eval()
         metric = shower_metric(val_x, generate(G, val_ep, device=device, seed=args.seed), val_ep, args.val_min)
-        rate = (step - done0) * bs * world / (time.time() - t0)
-        eta = (total_steps - step) * bs * world / max(rate, 1e-9)
         rec = {"epoch": epoch + 1, "step": step, "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
                "val_metric": metric, "lr_g": opt_g.param_groups[0]["lr"], "lr_d": opt_d.param_groups[0]["lr"]}
         history.append(rec)
         if metric < best["metric"]:
             best = {"epoch": epoch + 1, "metric": metric,
-                    "G": {k: v.detach().cpu().clone() for k, v in G.state_dict().items()},
-                    "D": {k: v.detach().cpu().clone() for k, v in D.state_dict().items()}}
+                    **{name: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} for name, net in nets}}
         if rank == 0:
             log(f"epoch {epoch + 1}/{args.epochs} | step {step} | loss_d {rec['loss_d']:.4g} loss_g "
                 f"{rec['loss_g']:.4g} | val_metric {metric:.4f} (best {best['metric']:.4f} @ {best['epoch']}) | "
-                f"{rate:.0f} samples/s | ETA {_fmt_time(eta)}")
+                f"{speed()}")
         if rank == 0 and ckpt_path and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
-            _atomic_save({"model": {"G": G.state_dict(), "D": D.state_dict()},
-                          "optim": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                          "sched": {"G": sch_g.state_dict(), "D": sch_d.state_dict()},
-                          "epoch": epoch + 1, "step": step, "history": history, "best": best,
-                          "args": {k: v for k, v in vars(args).items()}, "rng": _rng_state(gen),
-                          "sf_poly": sf_poly.tolist(), "geometry": "lcd", "xscale": args.xscale,
-                          "latent": args.latent, "width": args.width,
-                          "val_idx": None if val_idx is None else val_idx.tolist()}, ckpt_path)
-    if best["G"] is not None:
-        G.load_state_dict(best["G"])
-        D.load_state_dict(best["D"])
-    G.eval()
-    D.eval()
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                   "gen": gen.get_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save({"model": {"G": G.state_dict(), "D": D.state_dict()},
+                        "optim": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                        "sched": {"G": sch_g.state_dict(), "D": sch_d.state_dict()},
+                        "epoch": epoch + 1, "step": step, "history": history, "best": best, "args": dict(vars(args)),
+                        "rng": rng, "sf_poly": sf_poly.tolist(), "geometry": "lcd", "xscale": args.xscale,
+                        "latent": args.latent, "width": args.width,
+                        "val_idx": None if val_idx is None else val_idx.tolist()}, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
+    for name, net in nets:
+        if best["G"] is not None:
+            net.load_state_dict(best[name])
+        net.eval()
     return {"generator": G, "discriminator": D, "best_epoch": best["epoch"], "history": history,
             "metric": best["metric"], "train_idx": train_idx, "val_idx": val_idx, "sf_poly": sf_poly}
 
@@ -701,6 +658,7 @@ def make_plots(real, fake, ep, folder, toy):
     import matplotlib.pyplot as plt
     os.makedirs(folder, exist_ok=True)
     tag = "TOY " if toy else ""
+    sets = (("real", real, "o"), ("2DGAN", fake, "s"))
 
     def save(fig, name):
         tmp = os.path.join(folder, f".{name}.tmp.png")
@@ -711,31 +669,28 @@ def make_plots(real, fake, ep, folder, toy):
     # sampling fraction vs Ep, and the ratio in 10 GeV bins
     edges = np.arange(0.0, max(510.0, ep.max() + 10), 10.0)
     c = 0.5 * (edges[1:] + edges[:-1])
-    mr, sr, _ = common.binned_stat(ep, common.sampling_fraction(real, ep), edges)
-    mf, sf, _ = common.binned_stat(ep, common.sampling_fraction(fake, ep), edges)
     fig, ax = plt.subplots(2, 1, figsize=(6, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax[0].errorbar(c, mr, sr, fmt="o", ms=3, label="real")
-    ax[0].errorbar(c, mf, sf, fmt="s", ms=3, label="2DGAN")
-    ax[0].set_ylabel("Ecal / Ep")
+    means = []
+    for label, x, mk in sets:
+        m, sd, _ = common.binned_stat(ep, common.sampling_fraction(x, ep), edges)
+        ax[0].errorbar(c, m, sd, fmt=mk, ms=3, label=label)
+        means.append(m)
+    ax[0].set(ylabel="Ecal / Ep", title=f"{tag}sampling fraction vs Ep")
     ax[0].legend()
-    ax[0].set_title(f"{tag}sampling fraction vs Ep")
-    ax[1].plot(c, mf / mr, "k.")
+    ax[1].plot(c, means[1] / means[0], "k.")
     ax[1].axhline(1, color="grey", lw=0.5)
-    ax[1].set_ylabel("gen / real")
-    ax[1].set_xlabel("Ep [GeV]")
+    ax[1].set(ylabel="gen / real", xlabel="Ep [GeV]")
     save(fig, "sampling_fraction.png")
     # profiles along x, y, z
     fig, ax = plt.subplots(2, 3, figsize=(12, 6), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
     for k, (pr, pf) in enumerate(zip(common.axis_profiles(real), common.axis_profiles(fake))):
         r, f = pr.mean(0), pf.mean(0)
-        ax[0, k].plot(np.log10(np.maximum(r, 1e-12)), "o-", ms=3, label="real")
-        ax[0, k].plot(np.log10(np.maximum(f, 1e-12)), "s-", ms=3, label="2DGAN")
-        ax[0, k].set_title(f"{tag}profile along {'xyz'[k]}")
-        ax[0, k].set_ylabel("log10 mean deposit [GeV]")
+        for (label, _, mk), v in zip(sets, (r, f)):
+            ax[0, k].plot(np.log10(np.maximum(v, 1e-12)), mk + "-", ms=3, label=label)
+        ax[0, k].set(title=f"{tag}profile along {'xyz'[k]}", ylabel="log10 mean deposit [GeV]")
         with np.errstate(divide="ignore", invalid="ignore"):
             ax[1, k].plot(r / f, "k.")
-        ax[1, k].set_ylabel("real / gen")
-        ax[1, k].set_xlabel(f"{'xyz'[k]} cell" + (" (depth)" if k == 2 else ""))
+        ax[1, k].set(ylabel="real / gen", xlabel=f"{'xyz'[k]} cell" + (" (depth)" if k == 2 else ""))
     ax[0, 0].legend()
     save(fig, "profiles.png")
     # first two moments per axis
@@ -744,28 +699,21 @@ def make_plots(real, fake, ep, folder, toy):
     for (axis, order), v in mr.items():
         a = ax[order - 1, axis]
         lo, hi = np.percentile(np.r_[v, mf[(axis, order)]], [0.5, 99.5])
-        bins = np.linspace(lo, hi + 1e-9, 40)
-        a.hist(v, bins, histtype="step", density=True, label="real")
-        a.hist(mf[(axis, order)], bins, histtype="step", density=True, label="2DGAN")
+        for label, vals in (("real", v), ("2DGAN", mf[(axis, order)])):
+            a.hist(vals, np.linspace(lo, hi + 1e-9, 40), histtype="step", density=True, label=label)
         a.set_title(f"{tag}{'xyz'[axis]} {'centre' if order == 1 else 'variance'} [cells]")
     ax[0, 0].legend()
     save(fig, "moments.png")
     # cell-energy spectrum and hit counts
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    bins = np.logspace(-6, 1, 60)
-    ax[0].hist(real[real > 0].ravel(), bins, histtype="step", label="real")
-    ax[0].hist(fake[fake > 0].ravel(), bins, histtype="step", label="2DGAN")
-    ax[0].set_xscale("log")
-    ax[0].set_yscale("log")
-    ax[0].set_xlabel("cell energy [GeV]")
-    ax[0].set_title(f"{tag}cell-energy spectrum")
+    hits = [(x > 0).sum((1, 2, 3)) for _, x, _ in sets]
+    hit_bins = np.linspace(0, max(h.max() for h in hits) + 1, 50)
+    for (label, x, _), h in zip(sets, hits):
+        ax[0].hist(x[x > 0].ravel(), np.logspace(-6, 1, 60), histtype="step", label=label)
+        ax[1].hist(h, hit_bins, histtype="step", label=label)
+    ax[0].set(xscale="log", yscale="log", xlabel="cell energy [GeV]", title=f"{tag}cell-energy spectrum")
     ax[0].legend()
-    hr, hf = (real > 0).sum((1, 2, 3)), (fake > 0).sum((1, 2, 3))
-    bins = np.linspace(0, max(hr.max(), hf.max()) + 1, 50)
-    ax[1].hist(hr, bins, histtype="step", label="real")
-    ax[1].hist(hf, bins, histtype="step", label="2DGAN")
-    ax[1].set_xlabel("hits (cells > 1e-6 GeV)")
-    ax[1].set_title(f"{tag}hit count")
+    ax[1].set(xlabel="hits (cells > 1e-6 GeV)", title=f"{tag}hit count")
     save(fig, "hits_spectrum.png")
 
 
@@ -779,44 +727,39 @@ def benchmark(args):
     D = Discriminator(args.width).to(device)
     Gc, Dc = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def rate(fn, batch):
+        """Items/s of fn over --bench-steps calls, after one warm-up call."""
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.bench_steps):
+            fn()
+        sync()
+        return batch * args.bench_steps / (time.perf_counter() - t)
+
     gb = args.gen_batch or (4096 if device.type == "cuda" else 8)
     G.eval()
     z = torch.randn(gb, args.latent, device=device)
     with torch.no_grad(), _autocast(device, dtype):
-        Gc(z)
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.bench_steps):
-            Gc(z)
-        sync()
-        gen_rate = gb * args.bench_steps / (time.perf_counter() - t)
+        gen_rate = rate(lambda: Gc(z), gb)
     G.train()
     bs = args.bench_batch or (args.batch_size if device.type == "cuda" else 4)
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
     real = torch.rand(bs, 25, 25, 25, device=device)
     e = torch.full((bs,), 1.0, device=device)
 
-    def one_step():
-        for img in (real, Gc(torch.randn(bs, args.latent, device=device)).detach()):
+    def one_step():     # D on real, D on fake, G: the three passes of a training step
+        fake = Gc(torch.randn(bs, args.latent, device=device)).detach()
+        for opt, img in ((opt_d, lambda: real), (opt_d, lambda: fake),
+                         (opt_g, lambda: Gc(torch.randn(bs, args.latent, device=device)))):
             with _autocast(device, dtype):
-                logit, ep_p, _ = Dc(img)
+                logit, ep_p, _ = Dc(img())
                 loss = F.binary_cross_entropy_with_logits(logit.float(), e * 0.9) + ep_p.float().abs().mean()
-            opt_d.zero_grad()
+            opt.zero_grad()
             loss.backward()
-            opt_d.step()
-        with _autocast(device, dtype):
-            logit, ep_p, _ = Dc(Gc(torch.randn(bs, args.latent, device=device)))
-            loss = F.binary_cross_entropy_with_logits(logit.float(), e * 0.9) + ep_p.float().abs().mean()
-        opt_g.zero_grad()
-        loss.backward()
-        opt_g.step()
-    one_step()
-    sync()
-    t = time.perf_counter()
-    for _ in range(args.bench_steps):
-        one_step()
-    sync()
-    train_rate = bs * args.bench_steps / (time.perf_counter() - t)
+            opt.step()
+    train_rate = rate(one_step, bs)
     print(json.dumps({"script": SCRIPT, "device": str(device) if device.type == "cpu" else
                       torch.cuda.get_device_name(device), "dtype": dtype, "compile": args.compile,
                       "width": args.width, "gen_batch": gb, "gen_showers_per_s": round(gen_rate, 2),
@@ -876,13 +819,12 @@ def run_train(args):
                 time.sleep(0.5)
         args.data = path
     files = lcd_files(args.data)
-    size = dataset_bytes(files)                       # checks every file's keys and shapes
+    size = sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4    # checks every file's keys and shapes
     toy = toy or is_toy(files)
     in_memory = size <= memory_budget(device, args.max_data_gb)
     if in_memory:
         ecal, ep = load_lcd(args.data)                # full validation before anything is written
-        n = len(ep)
-        split_indices(n, args.val_frac, args.seed)
+        split_indices(len(ep), args.val_frac, args.seed)
     else:
         ecal, ep = LCDStream(files, args.val_frac, args.seed), None
     if args.resume and not os.path.exists(os.path.join(out, "ckpt.pt")):
@@ -918,25 +860,20 @@ def run_train(args):
         fake = generate(G, ep_val, args.gen_batch or 1024, device, seed=args.seed + 1,
                         dtype=args.dtype if device.type == "cuda" else "fp32")
         write_lcd(os.path.join(out, "generated.h5"), fake, ep_val)
-        fake_plot = fake[:len(real)]
-        make_plots(real, fake_plot, ep_val[:len(real)], os.path.join(out, "plots"), toy)
-        sf_r = common.sampling_fraction(real, ep_val[:len(real)])
-        sf_f = common.sampling_fraction(fake_plot, ep_val[:len(real)])
+        pairs, ep_plot = (("real", real), ("generated", fake[:len(real)])), ep_val[:len(real)]
+        make_plots(real, pairs[1][1], ep_plot, os.path.join(out, "plots"), toy)
         metrics = {"script": SCRIPT, "data": args.data, "toy": toy, "best_epoch": res["best_epoch"],
                    "best_val_metric": res["metric"], "history": res["history"],
-                   "sampling_fraction_mean": {"real": float(sf_r.mean()), "generated": float(sf_f.mean())},
-                   "hits_mean": {"real": float((real > 0).sum((1, 2, 3)).mean()),
-                                 "generated": float((fake_plot > 0).sum((1, 2, 3)).mean())},
+                   "sampling_fraction_mean": {k: float(common.sampling_fraction(x, ep_plot).mean()) for k, x in pairs},
+                   "hits_mean": {k: float((x > 0).sum((1, 2, 3)).mean()) for k, x in pairs},
                    "n_generated": int(len(ep_val)), "val_indices": val_ids, "args": vars(args)}
-        tmp = os.path.join(out, "metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(out, "metrics.json"))
         log(f"best epoch {res['best_epoch']} (val_metric {res['metric']:.4f}); wrote {out}/generated.h5, "
             f"metrics.json, plots/, ckpt.pt")
-        with open(os.path.join(out, "log.txt.tmp"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(os.path.join(out, "log.txt.tmp"), os.path.join(out, "log.txt"))
+        for name, text in (("metrics.json", json.dumps(metrics, indent=1, default=str)),
+                           ("log.txt", "\n".join(lines) + "\n")):
+            with open(os.path.join(out, name + ".tmp"), "w") as f:
+                f.write(text)
+            os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     if ddp:
         torch.distributed.destroy_process_group()
     return 0
