@@ -20,31 +20,29 @@ photons `incident_energies` (N,1) MeV, `showers` (N,368) MeV. Noise cuts (common
 noise_cut) are applied to the training data and to the generated showers alike.
 
 Deviations from the original (reference.md) and why:
-- Gradient penalty per sample: mean_i (|grad_x D(x_i)|_2 - 1)^2. The original took one norm over
-  the whole batch's gradient, which is a bug: it constrains the batch, not each sample, to be
-  1-Lipschitz.
-- Default epochs: 1000 (the original's) with --data; 50 on the 20k toy showers made without
-  --data (17.5k for training: 875k critic samples, about 2.7k generator steps), so that the
-  README's `python wgan_gp.py` ends in a few minutes on a 2-core CPU. An epoch count, not a time
-  limit, so that a run gives the same result on any machine. Toy fidelity is therefore that of a
-  short run, well short of the study's 1000 epochs.
+- Gradient penalty per sample, mean_i (|grad_x D(x_i)|_2 - 1)^2: the original took one norm over the
+  whole batch's gradient, a bug that makes the batch, not each sample, 1-Lipschitz.
+- Default epochs: 1000 (the original's) with --data; 50 on the 20k toy showers made without --data
+  (17.5k for training: 875k critic samples, about 2.7k generator steps), so that the README's
+  `python wgan_gp.py` ends in a few minutes on a 2-core CPU. An epoch count, not a time limit, gives
+  the same result on any machine; toy fidelity is that of a short run, well short of 1000 epochs.
 - L1 penalty (--l1, off by default, 1e-5 in the original when used) acts on the generator's
   pre-softmax logits: on the softmax output it would be constant (the fractions sum to 1).
 - LeakyReLU slope 0.2 (tf.nn.leaky_relu's default; the original's value is not recorded).
-- CaloChallenge ds1: the condition is the incident energy, and the visible total is not known in
-  advance, so the generator has a second small head that outputs the standardised
-  log(total / incident energy), and the critic sees it beside the cell fractions. Shape and total
-  are then learned jointly by the same adversarial loss (their correlation included), which a
-  separate regression of the total would miss. For ATLAS the condition is the cluster total
-  itself (as in the original) and the generated cells sum to it exactly before the noise cuts.
-- Negative cells of ATLAS files are accepted (real cell energies carry signed noise) and removed
-  by the noise cut; negative CaloChallenge voxels and non-positive energies are bad input.
-- --seeds K: seeds seed..seed+K-1 share the train/validation split (made with --seed) and write
-  ckpt_seed<s>.pt; generated.h5 pools their samples (K showers per held-out event). --resume on
+- CaloChallenge ds1: the condition is the incident energy and the visible total is not known in
+  advance, so the generator has a second head for the standardised log(total / incident energy),
+  which the critic sees beside the cell fractions: shape and total (their correlation included) are
+  learned jointly by the adversarial loss, which a separate regression of the total would miss. For
+  ATLAS the condition is the cluster total (as in the original); generated cells sum to it exactly
+  before the noise cuts.
+- Negative cells of ATLAS files are accepted (signed noise) and removed by the noise cut; negative
+  CaloChallenge voxels and non-positive energies are bad input.
+- --seeds K: seeds seed..seed+K-1 share the train/validation split (made with --seed), write
+  ckpt_seed<s>.pt, and generated.h5 pools their samples (K showers per held-out event). --resume on
   one process continues bit for bit; under torchrun, ranks > 0 are reseeded on resume.
-- generated.h5 of an ATLAS model: `energy` holds the true energy of the held-out event whose
-  cluster total conditioned it; with --generate --energy it holds the conditioning cluster total
-  (the model does not know the true energy; file attribute energy_is says which).
+- generated.h5 of an ATLAS model: `energy` is the true energy of the held-out event whose cluster
+  total conditioned it; with --generate --energy, the conditioning cluster total (the model does not
+  know the true energy; file attribute energy_is says which).
 """
 import argparse
 import datetime
@@ -239,12 +237,6 @@ def write_h5(path, fmt, geom, cells, energy, attrs):
             os.remove(tmp)
 
 
-def write_text(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 # ---------------------------------------------------------------- model
 
 
@@ -285,9 +277,8 @@ class Critic(nn.Module):
 
 
 def build(args, n_x, ratio_head):
-    g = Generator(n_x - int(ratio_head), args["latent"], args["width"], args["layers"], ratio_head=ratio_head)
-    d = Critic(n_x, args["width"], args["layers"])
-    return g, d
+    return (Generator(n_x - int(ratio_head), args["latent"], args["width"], args["layers"], ratio_head=ratio_head),
+            Critic(n_x, args["width"], args["layers"]))
 
 
 # ---------------------------------------------------------------- train
@@ -312,11 +303,6 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def save_ckpt(path, obj):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def critic_loss(critic, real, fake, c, gp_weight):
@@ -368,10 +354,8 @@ def train(args, run_seed, data, device, ckpt_path, log, amp, world=(0, 1)):
     train_idx = torch.as_tensor(data["train"], device=device)
     hp = {k: getattr(args, k) for k in ("latent", "width", "layers")}
     seed_all(run_seed)
-    gen, crit = build(hp, x.shape[1], data["ratio_head"])
-    gen, crit = gen.to(device), crit.to(device)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=args.betas)
-    opt_d = torch.optim.Adam(crit.parameters(), lr=args.lr, betas=args.betas)
+    gen, crit = (m.to(device) for m in build(hp, x.shape[1], data["ratio_head"]))
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas) for m in (gen, crit))
     start, step, history = 0, 0, []
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -425,12 +409,13 @@ def train(args, run_seed, data, device, ckpt_path, log, amp, world=(0, 1)):
                 f"W {h['wdist']:.4f} | {rate:.0f} samples/s | ETA {datetime.timedelta(seconds=int(eta))}"
                 + (f" | seed {run_seed}" if args.seeds > 1 else ""))
         if rank == 0 and (done % args.ckpt_every == 0 or done == args.epochs):
-            save_ckpt(ckpt_path, {
+            torch.save({
                 "model": {"generator": g_raw.state_dict(), "critic": d_raw.state_dict()},
                 "optim": {"generator": opt_g.state_dict(), "critic": opt_d.state_dict()},
                 "epoch": done, "step": step, "args": vars(args), "rng": rng_state(), "history": history,
                 "seed": run_seed, "norm": data["norm"], "geometry": data["geom"].name, "format": data["fmt"],
-                "toy": data["toy"], "hp": hp})
+                "toy": data["toy"], "hp": hp}, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
     return g_raw, history
 
 
@@ -471,8 +456,6 @@ def load_generator(path, device):
 
 def generate_main(args, device):
     gen, ck, fmt, geom = load_generator(args.ckpt, device)
-    rng = np.random.default_rng(args.seed)
-    energy_is = "condition"
     if args.energy_file:
         d = read_showers(args.energy_file)
         if d["fmt"] != fmt or d["geom"].name != geom.name:
@@ -487,7 +470,7 @@ def generate_main(args, device):
         energy_is = "true energy (from --energy-file)" if fmt == "atlas" else "incident energy"
     else:
         lo, hi = args.energy
-        cond_e = 1000.0 * np.exp(rng.uniform(np.log(lo), np.log(hi), args.generate))
+        cond_e = 1000.0 * np.exp(np.random.default_rng(args.seed).uniform(np.log(lo), np.log(hi), args.generate))
         true_e = cond_e
         energy_is = "conditioning cluster total" if fmt == "atlas" else "incident energy"
     folder = os.path.dirname(os.path.abspath(args.out))
@@ -505,8 +488,7 @@ def benchmark(args, device, amp):
     geom = common.geometry("atlas89")
     hp = {"latent": args.latent, "width": args.width, "layers": args.layers}
     gen, crit = (m.to(device) for m in build(hp, geom.n_cells, False))
-    opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=args.betas)
-    opt_d = torch.optim.Adam(crit.parameters(), lr=args.lr, betas=args.betas)
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas) for m in (gen, crit))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     norm = {"mu_e": math.log(5e4), "sd_e": 1.0}
     gb, tb = 10000, args.batch_size
@@ -593,16 +575,22 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
         plt.close(fig)
         os.replace(os.path.join(folder, name + ".tmp.png"), os.path.join(folder, name + ".png"))
 
+    def finish(ax, name, title, xlabel, ylabel, legend_size, left=0.16):     # the one-axes figures
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=legend_size)
+        ax.set_title(f"{tag}{geom.name}: {title}", fontsize=10)
+        save(ax.figure, name, left=left, bottom=0.15, top=0.88)
+
     def hists(name, title, a, b, xlabel, logx=False, sps=None):
         fig, axs = plt.subplots(1, a.shape[1], figsize=(3.2 * a.shape[1], 3), squeeze=False)
         for i, ax in enumerate(axs[0]):
-            lo, hi = np.percentile(np.r_[a[:, i], b[:, i]], [0.1, 99.9])
+            both = np.r_[a[:, i], b[:, i]]
             if logx:
-                pos = np.r_[a[:, i], b[:, i]]
-                pos = pos[pos > 0]
+                pos = both[both > 0]
                 lo, hi = (pos.min(), pos.max()) if len(pos) else (1, 10)
                 edges = np.geomspace(lo, hi * 1.0001, 41)
             else:
+                lo, hi = np.percentile(both, [0.1, 99.9])
                 edges = np.linspace(lo, hi + 1e-12, 41)
             ax.hist(a[:, i], edges, histtype="stepfilled", alpha=0.4, color="grey", label="real", density=True)
             ax.hist(b[:, i], edges, histtype="step", color="C3", lw=1.5, label="generated", density=True)
@@ -614,10 +602,11 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
         save(fig, name)
 
     spd = metrics["separation_power"]
-    hists("energy_per_layer", "energy per layer", common.energy_per_layer(real, geom),
-          common.energy_per_layer(fake, geom), "MeV", True, spd["energy_per_layer"])
-    hists("fraction_per_layer", "fraction of the cluster energy per layer", common.fraction_per_layer(real, geom),
-          common.fraction_per_layer(fake, geom), "fraction", False, spd["fraction_per_layer"])
+    for name, title, fn, xlabel, logx in (
+            ("energy_per_layer", "energy per layer", common.energy_per_layer, "MeV", True),
+            ("fraction_per_layer", "fraction of the cluster energy per layer", common.fraction_per_layer,
+             "fraction", False)):
+        hists(name, title, fn(real, geom), fn(fake, geom), xlabel, logx, spd[name])
     cwr, cwf = common.centre_width_per_layer(real, geom), common.centre_width_per_layer(fake, geom)
     ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
     for k in cwr:
@@ -627,23 +616,19 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
         hists("middle_core_fraction", "Middle-layer energy in the central 3x3 cells / Middle energy",
               common.middle_core_fraction(real, geom)[:, None], common.middle_core_fraction(fake, geom)[:, None],
               "fraction", False, None)
-    if geom.name.startswith("atlas"):                                  # width in phi of Middle vs energy
-        mid = names.index("Middle")
+        mid = names.index("Middle")                                     # width in phi of Middle vs energy
         e_r = real.sum(1) / 1000.0
         e_f = np.tile(e_r, len(fake) // len(real))                       # fakes share the real conditions
         edges = np.geomspace(e_r.min(), e_r.max() * 1.0001, 11)
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for e, w, lab, col in ((e_r, cwr["width_y"][:, mid], "real", "grey"), (e_f, cwf["width_y"][:, mid],
-                                                                               "generated", "C3")):
+        for e, w, lab, col in ((e_r, cwr["width_y"][:, mid], "real", "grey"),
+                               (e_f, cwf["width_y"][:, mid], "generated", "C3")):
             mean, std, cnt = common.binned_stat(e, w, edges)
             ax.errorbar(np.sqrt(edges[1:] * edges[:-1]), mean, std / np.sqrt(np.maximum(cnt, 1)), fmt="o-",
                         color=col, label=lab, ms=3)
         ax.set_xscale("log")
-        ax.set_xlabel("cluster energy [GeV]")
-        ax.set_ylabel("Middle width in phi")
-        ax.legend(fontsize=8)
-        ax.set_title(f"{tag}{geom.name}: Middle-layer width in phi vs energy", fontsize=10)
-        save(fig, "middle_width_vs_energy", left=0.16, bottom=0.15, top=0.88)
+        finish(ax, "middle_width_vs_energy", "Middle-layer width in phi vs energy", "cluster energy [GeV]",
+               "Middle width in phi", 8)
     # mean shower per layer
     fig, axs = plt.subplots(2, L, figsize=(3.4 * L, 5.5), squeeze=False)
     fig.subplots_adjust(left=0.05, right=0.97, bottom=0.1, top=0.88, wspace=0.45, hspace=0.45)
@@ -653,11 +638,11 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
         pos = np.concatenate([i.ravel() for i in ims])
         pos = pos[pos > 0]
         nrm = LogNorm(pos.min(), pos.max()) if len(pos) and pos.max() > pos.min() else None
-        for row, (im, who) in enumerate(zip(ims, ("real", "generated"))):
-            h = axs[row][lay].imshow(np.where(im > 0, im, np.nan), norm=nrm, aspect="auto", origin="lower")
-            axs[row][lay].set_title(f"{who} {names[lay]}", fontsize=9)
-            axs[row][lay].set_xlabel(xl, fontsize=8)
-            axs[row][lay].set_ylabel(yl, fontsize=8)
+        for ax, im, who in zip(axs[:, lay], ims, ("real", "generated")):
+            h = ax.imshow(np.where(im > 0, im, np.nan), norm=nrm, aspect="auto", origin="lower")
+            ax.set_title(f"{who} {names[lay]}", fontsize=9)
+            ax.set_xlabel(xl, fontsize=8)
+            ax.set_ylabel(yl, fontsize=8)
         fig.colorbar(h, ax=axs[:, lay].tolist(), label="mean MeV")
     fig.suptitle(f"{tag}{geom.name}: mean shower per layer", fontsize=10)
     save(fig, "mean_shower", adjust=False)
@@ -665,9 +650,8 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
     cr, cf = common.correlation_matrix(real), common.correlation_matrix(fake)
     fig, axs = plt.subplots(1, 3, figsize=(14, 4.3))
     for ax, m, t in zip(axs, (cr, cf, cf - cr), ("real", "generated", "generated - real")):
-        h = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
+        fig.colorbar(ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r"), ax=ax)
         ax.set_title(t, fontsize=9)
-        fig.colorbar(h, ax=ax)
     fig.suptitle(f"{tag}{geom.name}: Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}", fontsize=10)
     save(fig, "correlation", left=0.03, bottom=0.06, top=0.85, wspace=0.15)
     # variance per cell
@@ -676,37 +660,26 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
     ax.semilogy(common.cell_variance(fake), ".", color="C3", ms=3, label="generated")
     for b in np.flatnonzero(np.diff(geom.layer)) + 0.5:
         ax.axvline(b, color="k", lw=0.5)
-    ax.set_xlabel("cell index (file order)")
-    ax.set_ylabel("variance [MeV^2]")
-    ax.legend(fontsize=8)
-    ax.set_title(f"{tag}{geom.name}: variance per cell", fontsize=10)
-    save(fig, "cell_variance", left=0.08, bottom=0.15, top=0.88)
+    finish(ax, "cell_variance", "variance per cell", "cell index (file order)", "variance [MeV^2]", 8, left=0.08)
     # nearest neighbours (memorisation check) in the space of fractions of the cluster total
-    nr = real / np.maximum(real.sum(1, keepdims=True), 1e-12)
-    nf = fake / np.maximum(fake.sum(1, keepdims=True), 1e-12)
+    nr, nf = (v / np.maximum(v.sum(1, keepdims=True), 1e-12) for v in (real, fake))
     q = np.argsort(real.sum(1))[np.linspace(0, len(real) - 1, 3).astype(int)]
     k = min(5, len(nf))
     idx, dist = common.nearest_neighbours(nr[q], nf, k=k)
     lay = int(np.argmax(common.fraction_per_layer(real, geom).mean(0)))
     fig, axs = plt.subplots(len(q), k + 1, figsize=(2.2 * (k + 1), 2.2 * len(q)), squeeze=False)
     for r, qi in enumerate(q):
-        for j in range(k + 1):
-            v = nr[qi] if j == 0 else nf[idx[r, j - 1]]
-            axs[r][j].imshow(layer_image(geom, lay, v)[0], aspect="auto", origin="lower")
-            axs[r][j].set_xticks([])
-            axs[r][j].set_yticks([])
-            axs[r][j].set_title("real" if j == 0 else f"NN{j} d={dist[r, j - 1]:.3f}", fontsize=8)
+        for j, ax in enumerate(axs[r]):
+            ax.imshow(layer_image(geom, lay, nr[qi] if j == 0 else nf[idx[r, j - 1]])[0], aspect="auto", origin="lower")
+            ax.set(xticks=[], yticks=[])
+            ax.set_title("real" if j == 0 else f"NN{j} d={dist[r, j - 1]:.3f}", fontsize=8)
     fig.suptitle(f"{tag}{geom.name}: 5 nearest generated showers (layer {names[lay]}, fractions)", fontsize=10)
     save(fig, "nearest_neighbours", left=0.02, right=0.98, bottom=0.03, top=0.85)
     # training curves
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for s, h in histories.items():
         ax.plot([e["epoch"] for e in h], [e["wdist"] for e in h], label=f"seed {s}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("critic's Wasserstein estimate")
-    ax.legend(fontsize=7)
-    ax.set_title(f"{tag}{geom.name}: training", fontsize=10)
-    save(fig, "training", left=0.16, bottom=0.15, top=0.88)
+    finish(ax, "training", "training", "epoch", "critic's Wasserstein estimate", 7)
 
 
 # ---------------------------------------------------------------- main
@@ -758,7 +731,10 @@ def run(args, device, amp, world, log):
     metrics.update(data=args.data, geometry=d["geom"].name, seeds=list(ckpts), epochs=args.epochs,
                    n_train=len(data["train"]), n_val=len(val), n_generated=len(fake), val_indices=val.tolist(),
                    final_wdist={s: h[-1]["wdist"] if h else None for s, h in histories.items()})
-    write_text(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
+    mpath = os.path.join(args.out, "metrics.json")
+    with open(mpath + ".tmp", "w") as f:
+        f.write(json.dumps(metrics, indent=1))
+    os.replace(mpath + ".tmp", mpath)
     fsp = metrics["separation_power"]["fraction_per_layer"]
     log(f"validation ({'TOY ' if data['toy'] else ''}{len(val)} real vs {len(fake)} generated): correlation MSE "
         f"{metrics['correlation_mse']:.4f} | fraction-per-layer separation power "
