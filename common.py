@@ -21,6 +21,7 @@ they are shown.
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -267,8 +268,10 @@ def polar_fractions(r_edges, n_alpha, R):
     return np.tile(ring, n_alpha)
 
 
-def _readouts(geom):
-    """Per layer: (cell indices, how to integrate the lateral profile over those cells)."""
+@functools.lru_cache(maxsize=None)
+def _readouts(name):
+    """Per layer of a geometry: (cell indices, how to integrate the lateral profile over them)."""
+    geom = geometry(name)
     out = []
     for lay in range(geom.n_layers):
         idx = np.flatnonzero(geom.layer == lay)
@@ -276,11 +279,9 @@ def _readouts(geom):
             edges, n_alpha = list(CC1_LAYERS.values())[lay]
             out.append((idx, ("polar", edges, n_alpha)))
             continue
-        xs, ys = np.unique(geom.x[idx]), np.unique(geom.y[idx])
-        dx = xs[1] - xs[0] if xs.size > 1 else ATLAS_CELL[geom.layer_names[lay]][0]
-        dy = ys[1] - ys[0] if ys.size > 1 else ATLAS_CELL[geom.layer_names[lay]][1]
-        ex = np.r_[xs - dx / 2, xs[-1] + dx / 2]
-        ey = np.r_[ys - dy / 2, ys[-1] + dy / 2]
+        xs, ys = np.unique(geom.x[idx]), np.unique(geom.y[idx])   # every toy layer is >= 2x2
+        ex = np.r_[xs - (xs[1] - xs[0]) / 2, xs[-1] + (xs[1] - xs[0]) / 2]
+        ey = np.r_[ys - (ys[1] - ys[0]) / 2, ys[-1] + (ys[1] - ys[0]) / 2]
         # cell order inside the layer: x-major grid of (len(xs), len(ys))
         order = np.lexsort((geom.y[idx], geom.x[idx]))
         out.append((idx[order], ("rect", ex, ey)))
@@ -295,7 +296,7 @@ def _deposit(geom, det, E, photon, axis, rng):
     beta = (alpha - 1.0) / T
     cells = np.zeros((B, geom.n_cells), np.float32)
     e_spot = det.a ** 2 / (1.0 + 1.0 / SPOT_SHAPE)      # GeV per spot, gives sigma/E = a/sqrt(E)
-    for lay, (idx, how) in enumerate(_readouts(geom)):
+    for lay, (idx, how) in enumerate(_readouts(geom.name)):
         t0, t1 = geom.layer_x0[lay]
         t_edges = np.linspace(t0, t1, det.slices + 1)
         cdf = gamma_cdf(alpha[:, None], beta[:, None] * t_edges[None, :])
@@ -332,42 +333,41 @@ def _centre_jitter(rng, B, cell):
     return rng.uniform(-0.5, 0.5, (2, B, 1)) * np.asarray(cell).reshape(2, 1, 1)
 
 
-def make_toy(kind, n, seed=0, energy=None, chunk=500):
-    """Toy showers of one detector as a dict of the arrays its real files hold (design.md).
-    energy: optional (lo, hi) in GeV (momentum for lhcb) to override the detector's default range."""
+def _check_toy_args(kind, n):
     if kind not in TOY:
         raise ValueError(f"unknown toy kind {kind!r}; choose from {', '.join(TOY)}")
     if n <= 0:
         raise ValueError(f"number of showers must be positive, got {n}")
+
+
+def make_toy(kind, n, seed=0, energy=None, chunk=500):
+    """Toy showers of one detector as a dict of the arrays its real files hold (design.md).
+    energy: optional (lo, hi) in GeV (momentum for lhcb) to override the detector's default range."""
+    _check_toy_args(kind, n)
     rng = np.random.default_rng(seed)
     geom, det = geometry(kind), TOY[kind]
-    lo_hi = energy          # (lo, hi) GeV or None
+    photon = np.full(n, kind != "lcd")
     if kind == "lcd":
-        E = rng.uniform(*(lo_hi or (2.0, 500.0)), n)
+        E = rng.uniform(*(energy or (2.0, 500.0)), n)
     elif kind.startswith("atlas"):
-        lo, hi = lo_hi or (5.0, 300.0)
+        lo, hi = energy or (5.0, 300.0)
         E = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
     elif kind == "calochallenge1":
-        if lo_hi:
-            E = np.exp(rng.uniform(np.log(lo_hi[0]), np.log(lo_hi[1]), n))
+        if energy:
+            E = np.exp(rng.uniform(np.log(energy[0]), np.log(energy[1]), n))
         else:   # the challenge's discrete incident energies 256 MeV .. 4.2 TeV
             E = 2.0 ** rng.integers(8, 23, n) / 1000.0
-    elif kind == "lhcb":
-        lo, hi = lo_hi or (2.0, 100.0)
-        P = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
-    else:  # ild: fixed 50 GeV photons as in the Calomplification sample
-        E = rng.uniform(*lo_hi, n) if lo_hi else np.full(n, 50.0)
-
-    if kind == "lhcb":
+    elif kind == "lhcb":   # E is the momentum |p|; inclined tracks from an impact point
+        lo, hi = energy or (2.0, 100.0)
+        E = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
         slope = rng.uniform(-0.15, 0.15, (n, 2))
-        pz = P / np.sqrt(1 + (slope ** 2).sum(1))
+        pz = E / np.sqrt(1 + (slope ** 2).sum(1))
         mom = np.c_[slope * pz[:, None], pz]
         point = np.c_[rng.uniform(-2.0, 2.0, (n, 2)), np.zeros(n)]
         pdg = rng.choice([11, 22], n)
-        E = P
         photon = pdg == 22
-    else:
-        photon = np.full(n, kind != "lcd")
+    else:  # ild: fixed 50 GeV photons as in the Calomplification sample
+        E = rng.uniform(*energy, n) if energy else np.full(n, 50.0)
 
     out = np.zeros((n, geom.n_cells), np.float32)
     for s in range(0, n, chunk):
@@ -417,10 +417,7 @@ def write_toy(kind, path, n, seed=0, energy=None, workers=None, progress=False):
     so that 100k LCD showers (6 GB) never sit in memory at once."""
     import h5py
     from concurrent.futures import ProcessPoolExecutor
-    if kind not in TOY:
-        raise ValueError(f"unknown toy kind {kind!r}; choose from {', '.join(TOY)}")
-    if n <= 0:
-        raise ValueError(f"number of showers must be positive, got {n}")
+    _check_toy_args(kind, n)
     npz = path.endswith(".npz")
     if npz and kind != "lhcb":
         raise ValueError(f"{path}: .npz is the LHCb format only; use .h5 for {kind}")
