@@ -40,7 +40,6 @@ import argparse
 import glob
 import json
 import os
-import random
 import sys
 import time
 
@@ -415,10 +414,17 @@ def shower_metric(real, fake, ep, min_count=5):
     return float(np.mean(errs))
 
 
-def train(args, ecal, ep, weights=None, out_dir=None, log=print):
+def epoch_seed(seed, rank, epoch):
+    """Seed of one rank's random stream (batches, noise, flips, dropout) in one epoch: a function of
+    (seed, rank, epoch) only, so a resumed rank continues with its own stream, not rank 0's."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
+
+
+def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     """Train a 2DGAN. ecal (N,25,25,25) GeV and ep (N,) GeV numpy arrays (or ecal an LCDStream, ep None).
-    weights: optional sampling probabilities of the training events (length N_train = len(train_idx) of
-    split_indices(N, args.val_frac, args.seed), or N) for minibatch draws with replacement.
+    split: optional (train_idx, val_idx) index arrays into ecal, used instead of
+    split_indices(N, args.val_frac, args.seed). weights: optional sampling probabilities of the training
+    events (length len(train_idx), or N) for minibatch draws with replacement.
     Saves out_dir/ckpt.pt (rank 0) if out_dir. Returns dict(generator, discriminator, best_epoch, history,
     train_idx, val_idx, metric) with the best epoch's modules, unwrapped, in eval mode, on args' device."""
     ddp = "RANK" in os.environ and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -427,14 +433,12 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
     if args.dtype == "bf16" and device.type != "cuda" and rank == 0:
         log("--dtype bf16 is ignored on CPU (autocast only on CUDA): training in fp32")
     torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)   # batches, noise, flips
+    gen = torch.Generator(device)        # batches, noise, flips: reseeded per rank and epoch (epoch_seed)
 
     stream = isinstance(ecal, LCDStream)
     if stream:
-        if weights is not None:
-            raise ValueError("weighted minibatch draws need the data in memory (not streamed)")
+        if weights is not None or split is not None:
+            raise ValueError("weights and split need the data in memory (not streamed)")
         n_train = sum(len(tr) for tr, _ in ecal.splits)
         val_x, val_ep = ecal.val_events(args.val_max)
         x0, e0 = ecal.train_part(0)                    # the fit uses the first file
@@ -443,7 +447,13 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
         train_idx = val_idx = None
     else:
         n = len(ep)
-        train_idx, val_idx = split_indices(n, args.val_frac, args.seed)
+        if split is None:
+            train_idx, val_idx = split_indices(n, args.val_frac, args.seed)
+        else:
+            train_idx, val_idx = (np.asarray(a, np.int64).reshape(-1) for a in split)
+            if not (len(train_idx) and len(val_idx)) or min(train_idx.min(), val_idx.min()) < 0 \
+                    or max(train_idx.max(), val_idx.max()) >= n:
+                raise ValueError(f"split must be two non-empty index arrays into the {n} events")
         n_train = len(train_idx)
         vsel = val_idx[np.random.default_rng(args.seed).permutation(len(val_idx))[:args.val_max]]
         val_x, val_ep = ecal[np.sort(vsel)], ep[np.sort(vsel)]
@@ -477,13 +487,6 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
             for name, obj in zip("GD", pair):
                 obj.load_state_dict(ck[key][name])
         start_epoch, step, history, best = ck["epoch"], ck["step"], ck["history"], ck["best"]
-        st = ck["rng"]
-        random.setstate(st["python"])
-        np.random.set_state(st["numpy"])
-        torch.set_rng_state(st["torch"])
-        gen.set_state(st["gen"])
-        if "cuda" in st and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["cuda"])
         if rank == 0:
             log(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
 
@@ -543,12 +546,16 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
 
     t0, done0 = time.time(), step
     for epoch in range(start_epoch, args.epochs):
+        gen.manual_seed(epoch_seed(args.seed, rank, epoch))
+        torch.manual_seed(epoch_seed(args.seed, rank, epoch) + 1)      # dropout
         G.relu_out.fill_(epoch >= args.relu_epoch)
         for net in (G_run, D_run):
             net.train()
-        sums, n_b = np.zeros(2), 0
+        sums, n_b, first = np.zeros(2), 0, []
         for xc, ec, batches in chunks(epoch):
             for bidx in batches:
+                if n_b == 0:
+                    first = bidx[:4].tolist()
                 real = xc[bidx].float() * xs
                 e_real = ec[bidx].float()
                 e_fake = (100.0 + 300.0 * torch.rand(e_real.shape, device=device, generator=gen)
@@ -584,6 +591,12 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
         metric = shower_metric(val_x, generate(G, val_ep, device=device, seed=args.seed), val_ep, args.val_min)
         rec = {"epoch": epoch + 1, "step": step, "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
                "val_metric": metric, "lr_g": opt_g.param_groups[0]["lr"], "lr_d": opt_d.param_groups[0]["lr"]}
+        if ddp:     # the events each rank drew first: ranks must differ (resume test)
+            firsts = [None] * world
+            torch.distributed.all_gather_object(firsts, first)
+            rec["first_batch"] = firsts
+        else:
+            rec["first_batch"] = [first]
         history.append(rec)
         if metric < best["metric"]:
             best = {"epoch": epoch + 1, "metric": metric,
@@ -593,10 +606,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print):
                 f"{rec['loss_g']:.4g} | val_metric {metric:.4f} (best {best['metric']:.4f} @ {best['epoch']}) | "
                 f"{speed()}")
         if rank == 0 and ckpt_path and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
-            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                   "gen": gen.get_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
+            rng = {"scheme": "per rank and epoch: epoch_seed(seed, rank, epoch)", "seed": args.seed}
             torch.save({"model": {"G": G.state_dict(), "D": D.state_dict()},
                         "optim": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
                         "sched": {"G": sch_g.state_dict(), "D": sch_d.state_dict()},

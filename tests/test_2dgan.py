@@ -90,6 +90,7 @@ def test_api_train_with_weights_generate_write_load(toy, tmp_path):
     G = res["generator"]
     assert not G.training and res["best_epoch"] == 1 and len(res["history"]) == 1
     assert list(res["val_idx"]) == list(va)
+    assert set(res["history"][0]["first_batch"][0]) <= set(tr[:4].tolist())
     x = m.generate(G, np.array([10.0, 250.0]), seed=0)
     assert x.shape == (2, 25, 25, 25) and x.dtype == np.float32 and (x >= 0).all()
     np.testing.assert_array_equal(x, m.generate(G, np.array([10.0, 250.0]), seed=0))
@@ -101,6 +102,20 @@ def test_api_train_with_weights_generate_write_load(toy, tmp_path):
     np.testing.assert_array_equal(x3, x)
     with pytest.raises(ValueError):
         m.train(args, ecal, ep, weights=np.ones(5))
+
+
+def test_api_split_given_by_the_caller(toy):
+    ecal, ep = m.load_lcd(toy("lcd", 32, 1))
+    args = m.get_args(["--width", "0.125", "--batch-size", "8", "--epochs", "1", "--device", "cpu"])
+    tr, va = np.arange(0, 32, 2), np.arange(1, 32, 2)       # not what split_indices would give
+    w = np.zeros(len(tr))
+    w[-3:] = 1.0                                           # one weight per training event
+    res = m.train(args, ecal, ep, weights=w / 3, log=lambda s: None, split=(tr, va))
+    assert list(res["train_idx"]) == list(tr) and list(res["val_idx"]) == list(va)
+    assert set(res["history"][0]["first_batch"][0]) <= {26, 28, 30}
+    for bad in (dict(split=(tr, va), weights=np.ones(len(tr) + 1)), dict(split=(tr, np.array([32])))):
+        with pytest.raises(ValueError):
+            m.train(args, ecal, ep, log=lambda s: None, **bad)
 
 
 # ---------------------------------------------------------------- end to end
@@ -172,12 +187,23 @@ def test_streamed_glob_of_files(tmp_path, toy, capsys):
         assert f["ECAL"].shape == (8, 25, 25, 25)
 
 
-def test_torchrun_two_processes(tmp_path, toy):
-    r = run_torchrun("2dgan.py", "--data", toy("lcd", 32, 0), "--epochs", "1", "--out", "ddp", *TINY,
-                     cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("epoch 1/1 | step") >= 1
-    assert (tmp_path / "ddp" / "generated.h5").is_file() and (tmp_path / "ddp" / "ckpt.pt").is_file()
+def test_torchrun_resume_per_rank_streams(tmp_path, toy):
+    """2 processes (gloo): 2 epochs in one go, and 1 epoch + --resume 1 epoch; the ranks draw different
+    minibatches before and after the resume, and the resumed run equals the uninterrupted one."""
+    flags = ["--data", toy("lcd", 48, 0), *TINY, "--val-frac", "0.2"]
+    for out, more in (("full", ["--epochs", "2"]), ("part", ["--epochs", "1"]), ("part", ["--epochs", "2", "--resume"])):
+        r = run_torchrun("2dgan.py", *flags, "--out", out, *more, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and (tmp_path / "part" / "generated.h5").is_file()
+    ck_full, ck_part = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("full", "part"))
+    for rec in ck_part["history"]:
+        firsts = rec["first_batch"]
+        assert len(firsts) == 2 and len(firsts[0]) == 4 and firsts[0] != firsts[1]
+    assert [r["first_batch"] for r in ck_part["history"]] == [r["first_batch"] for r in ck_full["history"]]
+    for a, b in zip(ck_full["history"], ck_part["history"]):
+        assert a["loss_d"] == pytest.approx(b["loss_d"], rel=1e-4)
+    for k, v in ck_full["model"]["G"].items():
+        torch.testing.assert_close(ck_part["model"]["G"][k], v, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input
