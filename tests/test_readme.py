@@ -1,11 +1,13 @@
 """README.md as a manual: its size, its wording, and its commands.
 
 Every command in a ```bash block is parsed: the scripts it names must exist and every flag it
-passes must be one the script's --help lists (with a valid value where the flag has choices).
-The cheap ones run as written in a temporary folder: every script's --help, every
-`common.py toy` (with -n capped at TOY_N_MAX showers), and every evaluate.py command whose input
-files those made (CUDA-only commands are skipped without CUDA).
+passes must be one the script's --help lists (with a valid value where the flag has choices);
+a flag named in a script's section of prose must be that script's.
+The cheap ones run as written: every script's --help (in one interpreter), and, in a temporary
+folder, every `common.py toy` (with -n capped at TOY_N_MAX showers) and every evaluate.py command
+whose input files those made (CUDA-only commands are skipped without CUDA).
 """
+import json
 import os
 import re
 import shlex
@@ -23,6 +25,7 @@ MAX_BYTES = 20 * 1024
 FORBIDDEN = r"this task|I ran|load average|shared cores|engineers"   # issue 18's grep
 TOY_N_MAX = 200
 PYTHONS = {"python", "python3", ".venv/bin/python"}
+MODEL_SCRIPTS = ("wgan_gp.py", "2dgan.py", "adagan.py", "sagan_aux.py", "vaegan.py")
 
 
 def bash_blocks(text):
@@ -59,22 +62,43 @@ def script_call(cmd):
     return None
 
 
-def run_help(script, *sub):
+# Every script's --help in one interpreter (torch is imported once): {"script [sub]": [exit code, stdout]}.
+HELP_DUMP = r"""
+import contextlib, io, json, runpy, sys
+out = {}
+for spec in sys.argv[1:]:
+    buf, code = io.StringIO(), None
+    sys.argv = [*spec.split(), "--help"]
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    out[spec] = [code, buf.getvalue()]
+print(json.dumps(out))
+"""
+
+
+@lru_cache(maxsize=None)
+def helps():
+    specs = [p.name for p in sorted(REPO.glob("*.py"))] + ["common.py toy"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, str(REPO / script), *sub, "--help"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", HELP_DUMP, *specs], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @lru_cache(maxsize=None)
 def options(script, sub=None):
     """{flag: choices or None} from `script [sub] --help` (which must succeed)."""
-    r = run_help(script, *([sub] if sub else []))
-    assert r.returncode == 0, f"{script} {sub or ''} --help failed: {r.stderr[-1500:]}"
-    usage = r.stdout.split("\n\n")[0]
+    code, text = helps()[f"{script} {sub}" if sub else script]
+    assert code in (0, None) and "usage:" in text, f"{script} {sub or ''} --help failed (exit {code})"
+    usage = text.split("\n\n")[0]
     opts = {}
     for flag, choices in re.findall(r"\[(-{1,2}[\w-]+)(?: \{([^}]*)\}| [A-Z_]+)?\]", usage):
         opts[flag] = choices.split(",") if choices else None
-    for flag in re.findall(r"(?<![\w-])(-{1,2}[a-zA-Z][\w-]*)", r.stdout):
+    for flag in re.findall(r"(?<![\w-])(-{1,2}[a-zA-Z][\w-]*)", text):
         opts.setdefault(flag, None)
     return opts
 
@@ -126,11 +150,36 @@ def test_size_and_wording():
 
 
 def test_every_command_names_existing_scripts_and_flags():
+    bad_help = [spec for spec, (code, text) in helps().items() if code not in (0, None) or "usage:" not in text]
+    assert not bad_help, f"--help fails: {bad_help}"
     cmds = commands(README.read_text())
     assert len(cmds) >= 20, f"only {len(cmds)} commands found in README.md's bash blocks"
-    for script in ("wgan_gp.py", "2dgan.py", "adagan.py", "sagan_aux.py", "vaegan.py", "evaluate.py"):
+    for script in MODEL_SCRIPTS + ("evaluate.py",):
         assert any((script_call(c) or ("",))[0] == script for c in cmds), f"README.md never runs {script}"
     problems = [p for c in cmds for p in check(c)]
+    assert not problems, "\n".join(problems)
+
+
+def prose_flags(text):
+    """{section heading: flags named in its prose (code blocks removed)}."""
+    out = {}
+    for sec in re.split(r"^## ", text, flags=re.M)[1:]:
+        head, _, body = sec.partition("\n")
+        body = re.sub(r"```.*?```|`torchrun[^`]*`", "", body, flags=re.S)     # commands: checked above
+        out[head] = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", body))
+    return out
+
+
+def test_flags_named_in_prose_exist():
+    """A script's section names only its own flags; the shared section only flags of every model script."""
+    problems = []
+    for head, flags in prose_flags(README.read_text()).items():
+        script = head.split(":")[0].strip()
+        if (REPO / script).is_file() and script.endswith(".py"):
+            problems += [f"{head}: {script} has no {f}" for f in flags if f not in options(script)]
+        elif head.startswith("What every model script"):
+            problems += [f"{head}: {s} has no {f}" for f in flags - {"--energy"} for s in MODEL_SCRIPTS
+                         if f not in options(s)]
     assert not problems, "\n".join(problems)
 
 
@@ -145,6 +194,9 @@ def test_checker_catches_bad_commands():
                     "  python common.py toy lcd -n 5 -o x.h5\n```\n")
     assert [c[:2] for c in good] == [["python", "wgan_gp.py"], ["python", "common.py"]]
     assert not any(check(c) for c in good)
+    prose = prose_flags("## wgan_gp.py: x\nuse `--no-such` or `torchrun --nproc_per_node=2 wgan_gp.py`\n"
+                        "```bash\npython wgan_gp.py --also-not\n```\n")
+    assert prose == {"wgan_gp.py: x": {"--no-such"}} and "--no-such" not in options("wgan_gp.py")
 
 
 def cheap(cmd, made):
