@@ -198,6 +198,7 @@ TOY = {
     # ILD Si-W: the Si samples once per layer, so thick-W layers see half the fraction per X0
     "ild": ToyDetector(74, 0.0080, 15.0, 0.166, 0.0175 * 0.6 / ILD_THICKNESS_X0, 1, 1000.0),
 }
+TOY_KINDS = tuple(TOY) + ("ild10",)   # ild10: toy ild reduced in memory (make_toy_ild10)
 SPOT_SHAPE = 2.0            # spot energies ~ Gamma(2): variance per spot 1.5 x that of fixed spots
 LHCB_FRONT = 18.0           # cells from ParticlePoint's plane to the ECAL front face
 LHCB_X0_MM = 17.5
@@ -334,8 +335,8 @@ def _centre_jitter(rng, B, cell):
 
 
 def _check_toy_args(kind, n):
-    if kind not in TOY:
-        raise ValueError(f"unknown toy kind {kind!r}; choose from {', '.join(TOY)}")
+    if kind not in TOY_KINDS:
+        raise ValueError(f"unknown toy kind {kind!r}; choose from {', '.join(TOY_KINDS)}")
     if n <= 0:
         raise ValueError(f"number of showers must be positive, got {n}")
 
@@ -408,7 +409,15 @@ def toy_path(kind, n, seed=0):
 
 def _toy_block(args):
     kind, m, seed, energy = args
-    return make_toy(kind, m, seed, energy)
+    return make_toy_ild10(m, seed, energy) if kind == "ild10" else make_toy(kind, m, seed, energy)
+
+
+def make_toy_ild10(n, seed=0, energy=None):
+    """Toy ILD showers already reduced to 10x10 (`showers` (n,10,10) MeV, `energy` (n,1) GeV):
+    each 30x30x30 block lives only in memory, and reduce_ild applies the MIP cut per cell before
+    summing, so write_toy("ild10") holds exactly reduce_ild of write_toy("ild") with that seed."""
+    d = make_toy("ild", n, seed, energy)
+    return {"showers": reduce_ild(d["30x30/layers"]), "energy": d["30x30/energy"]}
 
 
 def write_toy(kind, path, n, seed=0, energy=None, workers=None, progress=False):
@@ -968,6 +977,50 @@ def amplification(reference, truth_pool, generated, n_bins, sizes=None, n_rep=5,
     return out
 
 
+QUANTILE_COUNTS = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+
+
+def _rows(x):
+    """Per-event values as a 2-d float array (events, values); NaN marks an absent value."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(len(x), -1)
+
+
+def _values(rows):
+    v = rows.ravel()
+    return v[~np.isnan(v)]
+
+
+def amplification_scan(reference, truth_pool, generated, n_quantiles=QUANTILE_COUNTS, sizes=None, n_rep=5,
+                       seed=0):
+    """The Calomplification protocol for one observable, at several numbers of quantiles.
+    reference, truth_pool, generated: per-event values, 1-d (one value per event) or 2-d (events,
+    values) with NaN for absent values (e.g. the pixels of a shower above a cut); reference and
+    truth_pool must be disjoint truth. For each number of quantiles K (those of n_quantiles with
+    >= 10 reference values per quantile): quantile_jsd against the reference of random truth
+    subsets of growing size (events; n_rep draws, the whole pool once) and of the whole generated
+    sample. equivalent_size[K]: the truth size at which the truth curve first falls to the
+    generated JSD (_crossing_size: math.inf = better than the whole pool, None = worse than the
+    smallest subset). Returns n_quantiles, sizes, truth_jsd (K x sizes), gen_jsd (K,), equivalent_size."""
+    ref, pool, gen = _values(_rows(reference)), _rows(truth_pool), _values(_rows(generated))
+    ks = [int(k) for k in n_quantiles if 1 <= k and ref.size >= 10 * k]
+    if not ks:
+        raise ValueError(f"amplification_scan: {ref.size} reference values, fewer than 10 per quantile")
+    bins = [_quantile_bins(ref, k) for k in ks]
+    grid = _size_grid(sizes, len(pool))
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((len(ks), len(grid)))
+    for j, m in enumerate(grid):
+        reps = n_rep if m < len(pool) else 1
+        for _ in range(reps):
+            v = _values(pool[rng.choice(len(pool), m, replace=False)])
+            for i, (edges, p_ref) in enumerate(bins):
+                truth[i, j] += (_jsd(p_ref, _bin_probs(v, edges)) if v.size else 1.0) / reps
+    gen_jsd = np.array([_jsd(p_ref, _bin_probs(gen, edges)) if gen.size else 1.0 for edges, p_ref in bins])
+    return {"n_quantiles": ks, "sizes": grid, "truth_jsd": truth, "gen_jsd": gen_jsd,
+            "equivalent_size": {k: _crossing_size(grid, truth[i], gen_jsd[i]) for i, k in enumerate(ks)}}
+
+
 def separation_power(a, b, bins=50):
     """0.5 * sum (h1 - h2)^2 / (h1 + h2) of the two normalised histograms (CaloChallenge):
     0 = identical, 1 = disjoint. bins: a number (equal bins over the combined range) or edges;
@@ -1007,7 +1060,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Geometry and toy-shower tools of the calorimeter scripts.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("toy", help="write toy GFlash showers in a detector's real file format")
-    t.add_argument("kind", help=f"detector: {', '.join(TOY)}")
+    t.add_argument("kind", help=f"detector: {', '.join(TOY_KINDS)}")
     t.add_argument("-n", type=int, default=10000, help="number of showers")
     t.add_argument("-o", "--out", required=True, help="output file (.h5; .npz also for lhcb)")
     t.add_argument("--seed", type=int, default=0, help="random seed")

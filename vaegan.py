@@ -87,7 +87,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--data", default=None, help="ILD HDF5 (group 30x30 with energy, layers) or reduced file with "
       "`showers` (N,10,10) MeV; default: toy ild showers made once under data/")
-    a("--toy-n", type=int, default=4000, help="number of toy showers when --data is not given")
+    a("--toy-n", type=int, default=21000, help="toy showers (TOY ild10) when --data is not given: "
+      "--n-train train, the rest are the reference and truth-pool halves of the amplification study")
     a("--n-train", type=int, default=1000, help="training showers; the rest are held out as truth")
     a("--out", default=None, help="output folder (default runs/vaegan); with --generate the output .h5 file")
     a("--epochs", type=int, default=60, help="training epochs per ensemble member")
@@ -106,9 +107,11 @@ def get_args(argv=None):
     a("--disc-energy", type=int, choices=(0, 1), default=1,
       help="1: the discriminator also sees log(total visible energy) (sharpens the energy peak); 0: off")
     a("--select-bins", type=int, default=20, help="quantile bins of the epoch-selection JSD (>= 10 points per bin)")
-    a("--amplify", action="store_true", help="amplification study after training: plot + metrics.json")
-    a("--amp-n", type=int, default=20000, help="generated showers for the amplification study")
-    a("--amp-bins", type=int, default=10, help="quantile bins of the amplification JSD")
+    a("--amplify", action=argparse.BooleanOptionalAction, default=None,
+      help="amplification study after training (default: on without --data, i.e. on the toy)")
+    a("--amp-n", type=int, default=100000, help="generated showers for the amplification study")
+    a("--quantiles", default=",".join(map(str, common.QUANTILE_COUNTS)), help="numbers of quantiles of the "
+      "amplification study (those with >= 10 reference values per quantile are used)")
     a("--n-gen", type=int, default=None, help="showers in generated.h5 after training (default: held-out count)")
     a("--seed", type=int, default=0, help="random seed (split, init, minibatches)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda if available")
@@ -124,10 +127,13 @@ def get_args(argv=None):
     try:
         args.channels = tuple(int(c) for c in args.channels.split(","))
         assert len(args.channels) == 2 and min(args.channels) > 0
+        args.quantiles = tuple(int(c) for c in args.quantiles.split(","))
+        assert min(args.quantiles) > 0
     except (ValueError, AssertionError):
-        p.error(f"--channels must be two positive integers C1,C2, got {args.channels!r}")
+        p.error(f"--channels must be two, --quantiles one or more positive integers, got {args.channels!r}, "
+                f"{args.quantiles!r}")
     for lo, names in ((1, ("toy_n", "n_train", "epochs", "batch_size", "ensemble", "latent", "select_bins",
-                           "amp_n", "amp_bins", "ckpt_every", "log_every")),
+                           "amp_n", "ckpt_every", "log_every")),
                       (0, ("lr", "feat_weight", "adv_weight", "kl_weight", "mbd_kernels"))):
         for name in names:
             if not getattr(args, name) >= lo:
@@ -203,14 +209,19 @@ def load_showers(path):
 
 
 def observables(showers):
-    """The five epoch-selection observables of (N,10,10) MeV showers: dict of 1-d arrays."""
+    """The five observables of (N,10,10) MeV showers: dict of 1-d arrays, except pixel: (N,100)
+    with NaN for the pixels below the MIP cut (so that a subset of showers is a subset of rows)."""
     s = np.asarray(showers, np.float64).reshape(len(showers), 100)
     g = common.geometry("ild10")
     e = s.sum(1)
     safe = np.where(e > 0, e, 1.0)
     return {"e_vis": e, "n_hits": (s > MIP).sum(1).astype(np.float64),
             "cog_x": np.where(e > 0, s @ g.x / safe, 0.0), "cog_y": np.where(e > 0, s @ g.y / safe, 0.0),
-            "pixel": s[s > MIP]}
+            "pixel": np.where(s > MIP, s, np.nan)}
+
+
+def flat(v):
+    return v[~np.isnan(v)]
 
 
 def selection_score(ref_obs, showers, n_bins):
@@ -218,8 +229,8 @@ def selection_score(ref_obs, showers, n_bins):
     obs = observables(showers)
     per = {}
     for k in OBS:
-        b = n_bins if k == "pixel" else min(n_bins, len(ref_obs[k]) // 10)
-        per[k] = common.quantile_jsd(ref_obs[k], obs[k], b) if len(obs[k]) else 1.0
+        r, v = flat(ref_obs[k]), flat(obs[k])
+        per[k] = common.quantile_jsd(r, v, min(n_bins, len(r) // 10)) if len(v) else 1.0
     return float(np.mean(list(per.values()))), per
 
 
@@ -362,6 +373,13 @@ def from_model(y, scale):
     return torch.where(e < MIP, torch.zeros_like(e), e)
 
 
+def mip_cut(y, scale):
+    """Model-space pixels below the MIP cut set to exactly 0 in the training path too, so that the
+    discriminator sees generated showers as sampling writes them (0 or >= the cut, as the data); the
+    gradient passes straight through, so a pixel below the cut can still be pulled over it."""
+    return y - (y * (y < math.log1p(MIP) / scale)).detach()
+
+
 def to_cpu(obj):
     if isinstance(obj, dict):
         return {k: to_cpu(v) for k, v in obj.items()}
@@ -404,7 +422,7 @@ def train_step(mb, x, args, autocast):
         mu, logvar = f["enc"](x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g, device=x.device)
         zp = torch.randn(mu.shape, generator=g, device=x.device)
-        xr, xp = f["dec"](z), f["dec"](zp)
+        xr, xp = (mip_cut(f["dec"](v), m.disc.scale) for v in (z, zp))
         train_d = args["adv_weight"] > 0 or args["recon"] == "feature"
         if train_d:
             d_real = f["disc"](x)
@@ -477,17 +495,18 @@ def json_num(v):
     return "inf" if v is not None and math.isinf(v) else v
 
 
-def amplification_study(truth, gen_showers, args, seed):
-    """common.amplification on each shower-level observable: held-out truth split into a
-    reference half and a disjoint pool half; generated subsets vs truth subsets of growing size."""
+def amplification_study(truth, gen_showers, quantiles, n_train, seed):
+    """The paper's protocol on each of the five observables (common.amplification_scan): the held-out
+    truth split into a reference half and a disjoint pool half; truth subsets of growing size (the
+    training size and its multiples among them) and the generated sample against the reference."""
     perm = np.random.default_rng(seed).permutation(len(truth))
-    ref, pool = observables(truth[perm[: len(truth) // 2]]), observables(truth[perm[len(truth) // 2:]])
-    gen = observables(gen_showers)
-    return {k: common.amplification(ref[k], pool[k], gen[k], args["amp_bins"], seed=seed)
-            for k in OBS if k != "pixel"}
+    half = len(truth) // 2
+    ref, pool, gen = (observables(x) for x in (truth[perm[:half]], truth[perm[half:]], gen_showers))
+    sizes = np.r_[np.geomspace(10, len(truth) - half, 20), n_train * np.array([1, 2, 5, 10])]
+    return {k: common.amplification_scan(ref[k], pool[k], gen[k], quantiles, sizes, seed=seed) for k in OBS}
 
 
-def make_plots(out, title, train, truth, gen, amp, history, n_train):
+def make_plots(out, title, train, truth, gen, amp, history, n_train, len_gen=0):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -502,27 +521,19 @@ def make_plots(out, title, train, truth, gen, amp, history, n_train):
         plt.close(fig)
         os.replace(p + ".tmp.png", p)
 
-    o = {n: observables(s) for n, s in (("train", train), ("held-out truth", truth), ("generated", gen))}
+    o = {n: {k: flat(v) for k, v in observables(s).items()}
+         for n, s in (("train", train), ("held-out truth", truth), ("generated", gen))}
     fig, ax = plt.subplots(1, 5, figsize=(20, 3.6))
     for a, k in zip(ax, OBS):
         lo, hi = np.percentile(np.concatenate([v[k] for v in o.values()]), [0.5, 99.5])
         bins = np.geomspace(MIP, max(hi, 1.0) * 3, 60) if k == "pixel" else np.linspace(lo, max(hi, lo + 1e-3), 40)
         for n, v in o.items():
-            a.hist(v[k], bins, density=True, histtype="step", label=n)
-        a.set_xlabel(k)
+            a.hist(v[k], bins, density=True, histtype="step", label=f"{n} ({len(v['e_vis'])})")
+        a.set_xlabel(k + (" (pixels above the MIP cut) [MeV]" if k == "pixel" else ""))
         if k == "pixel":
             a.set(xscale="log", yscale="log")
     ax[0].legend()
-    save(fig, "observables.png", "selection observables")
-
-    fig, a = plt.subplots(figsize=(7, 4.5))
-    bins = np.geomspace(MIP, max([v["pixel"].max() for v in o.values() if len(v["pixel"])] + [1.0]) * 1.1, 80)
-    for n, v in o.items():
-        a.hist(v["pixel"], bins, density=True, histtype="step", label=f"{n} ({len(v['e_vis'])} showers)")
-    a.set(xscale="log", yscale="log", xlabel="pixel energy [MeV]", ylabel="density",
-          title=f"{title}: per-pixel energy spectrum (above {MIP} MeV)")
-    a.legend()
-    save(fig, "pixel_spectrum.png")
+    save(fig, "observables.png", "observables")
 
     if history:
         fig, a = plt.subplots(figsize=(7, 4.5))
@@ -534,20 +545,28 @@ def make_plots(out, title, train, truth, gen, amp, history, n_train):
         a.legend()
         save(fig, "selection.png")
 
-    if amp:
-        fig, ax = plt.subplots(1, len(amp), figsize=(4.5 * len(amp), 4))
-        for a, (k, r) in zip(np.atleast_1d(ax), amp.items()):
-            a.plot(r["truth_sizes"], r["truth_jsd"], "o-", ms=3, label="truth subsets")
-            a.plot(r["gen_sizes"], r["gen_jsd"], "s-", ms=3, label="generated subsets")
-            a.axhline(r["gen_jsd"][-1], ls=":", c="k", label=f"all {r['gen_sizes'][-1]} generated")
-            a.axvline(n_train, ls="--", c="gray", label=f"training set ({n_train})")
-            eq = r["equivalent_size"]
-            if eq is not None and np.isfinite(eq):
-                a.axvline(eq, c="r", label=f"equivalent: {eq:.0f}")
-            a.set(xscale="log", yscale="log", xlabel="number of showers", ylabel="quantile JSD vs reference",
-                  title=f"{k}: worth {eq if eq is None or not np.isfinite(eq) else round(eq)} real")
+    if amp:   # the paper's figure: JSD vs number of quantiles, truth subsets and generated
+        fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
+        for a, k in zip(ax.flat, OBS):
+            r = amp[k]
+            for m in sorted({m for m in n_train * np.array([1, 2, 5, 10]) if m in r["sizes"]} | {r["sizes"][-1]}):
+                a.plot(r["n_quantiles"], r["truth_jsd"][:, list(r["sizes"]).index(m)], "o-", ms=3,
+                       label=f"truth, {m} showers" + (" (= training size)" if m == n_train else ""))
+            a.plot(r["n_quantiles"], r["gen_jsd"], "s-", c="r", lw=2, label=f"generated ({len_gen} showers)")
+            a.set(xscale="log", yscale="log", xlabel="number of quantiles", ylabel="quantile JSD vs reference",
+                  title=k)
             a.legend(fontsize=7)
-        save(fig, "amplification.png", "amplification")
+        a = ax.flat[5]
+        for k in OBS:
+            eq = amp[k]["equivalent_size"]
+            ks = [q for q in eq if eq[q] is not None]
+            a.plot(ks, [min(eq[q], amp[k]["sizes"][-1] * 1.5) for q in ks], "o-", ms=3, label=k)
+        a.axhline(n_train, ls="--", c="gray", label=f"training size ({n_train})")
+        a.axhline(amp["e_vis"]["sizes"][-1], ls=":", c="k", label="whole truth pool (above: better than pool)")
+        a.set(xscale="log", yscale="log", xlabel="number of quantiles", ylabel="equivalent truth size",
+              title="generated sample worth (truth showers)")
+        a.legend(fontsize=7)
+        save(fig, "amplification.png", "amplification (Calomplification protocol)")
 
 
 def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
@@ -651,17 +670,19 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
     amp = None
     if args.amplify:
         amp_gen = sample_decoders(decs, args.amp_n, args.latent, scale, g, device)
-        amp = amplification_study(truth, amp_gen, A, args.seed)
-        eqs = {k: r["equivalent_size"] for k, r in amp.items()}
+        amp = amplification_study(truth, amp_gen, args.quantiles, len(train_idx), args.seed)
+        eqs = {k: {q: json_num(v) for q, v in r["equivalent_size"].items()} for k, r in amp.items()}
+        top = {k: eqs[k][max(eqs[k])] for k in OBS}
+        worth = {k: v is not None and (v == "inf" or v > len(train_idx)) for k, v in top.items()}
         metrics["amplification"] = {
-            "n_generated": args.amp_n, "n_reference": len(truth) // 2, "n_truth_pool": len(truth) - len(truth) // 2,
-            "bins": args.amp_bins, "equivalent_size": {k: json_num(v) for k, v in eqs.items()},
-            "amplification_factor": {k: json_num(v if v is None else v / len(train_idx)) for k, v in eqs.items()},
-            "curves": {k: {c: np.asarray(v).tolist() for c, v in r.items() if c != "equivalent_size"}
+            "n_train": len(train_idx), "n_generated": args.amp_n, "n_reference": len(truth) // 2,
+            "n_truth_pool": len(truth) - len(truth) // 2, "equivalent_size": eqs,
+            "at_max_quantiles": {k: {"n_quantiles": max(eqs[k]), "equivalent_size": top[k],
+                                     "worth_more_than_training": worth[k]} for k in OBS},
+            "n_observables_amplified": int(sum(worth.values())),
+            "curves": {k: {c: np.asarray(r[c]).tolist() for c in ("n_quantiles", "sizes", "truth_jsd", "gen_jsd")}
                        for k, r in amp.items()}}
-        log("amplification (equivalent number of real showers, training set " f"{len(train_idx)}): "
-            + ", ".join(f"{k} {v if v is None else round(v, 1)}" for k, v in eqs.items()), out, rank)
-    make_plots(out, title, x_np, truth, gen, amp, history, len(train_idx))
+    make_plots(out, title, x_np, truth, gen, amp, history, len(train_idx), args.amp_n)
     metrics["history"] = history
     path = os.path.join(out, "metrics.json")
     with open(path + ".tmp", "w") as fh:
@@ -669,6 +690,12 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
     os.replace(path + ".tmp", path)
     log(f"held-out JSD mean {score:.4f}; wrote {out}/generated.h5 ({n_gen} showers, reduced 10x10 format), "
         f"truth.h5, metrics.json, plots/", out, rank)
+    if amp:
+        log(f"{title}: {args.amp_n} generated showers from {len(train_idx)} training showers are worth (truth "
+            "showers, at the most quantiles): " + ", ".join(f"{k} {v['equivalent_size']} (K={v['n_quantiles']})"
+            for k, v in metrics["amplification"]["at_max_quantiles"].items())
+            + f"; more than the training set for {metrics['amplification']['n_observables_amplified']} of 5",
+            out, rank)
     return 0
 
 
@@ -764,13 +791,14 @@ def main(argv=None):
         if args.generate is not None:
             return generate(args, device)
         args.out = args.out or os.path.join("runs", "vaegan")
+        args.amplify = args.data is None if args.amplify is None else args.amplify
         if args.data is None:
-            args.data = common.toy_path("ild", args.toy_n, args.seed)
+            args.data = common.toy_path("ild10", args.toy_n, args.seed)
             if rank == 0:
                 print(f"no --data: training on TOY ild showers ({args.data})", flush=True)
                 if not os.path.exists(args.data):
                     os.makedirs(os.path.dirname(args.data), exist_ok=True)
-                    common.write_toy("ild", args.data, args.toy_n, args.seed)
+                    common.write_toy("ild10", args.data, args.toy_n, args.seed, workers=1)
         if ddp and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
         showers, energy, toy = load_showers(args.data)
@@ -779,9 +807,9 @@ def main(argv=None):
                             f"(the rest is held-out truth)")
         if args.n_train < 10:
             raise DataError(f"{args.data}: --n-train {args.n_train} is too small for epoch selection (>= 10)")
-        if args.amplify and (len(showers) - args.n_train) // 2 < 10 * args.amp_bins:
+        if args.amplify and (len(showers) - args.n_train) // 2 < 10 * min(args.quantiles):
             raise DataError(f"{args.data}: {len(showers) - args.n_train} held-out showers are too few for "
-                            f"--amplify with {args.amp_bins} bins (need {20 * args.amp_bins})")
+                            f"--amplify with {min(args.quantiles)} quantiles (need {20 * min(args.quantiles)})")
         ckpt = os.path.join(args.out, "ckpt.pt")
         if args.resume and not os.path.isfile(ckpt):
             raise DataError(f"{ckpt}: no checkpoint to resume from")

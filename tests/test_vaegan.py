@@ -2,6 +2,7 @@
 and pre-reduced input, ensemble of 2), sampling, resume, torchrun, bad input, amplification."""
 import importlib
 import json
+import math
 
 import h5py
 import numpy as np
@@ -90,12 +91,59 @@ def test_observables_known_shower():
     np.testing.assert_array_equal(o["n_hits"], [2, 0])
     np.testing.assert_allclose(o["cog_x"][0], (3 * -67.5 + 1 * 67.5) / 4)
     np.testing.assert_allclose(o["cog_y"][0], -67.5)
-    np.testing.assert_allclose(np.sort(o["pixel"]), [1.0, 3.0])
+    assert o["pixel"].shape == (2, 100) and np.isnan(o["pixel"]).sum() == 198     # NaN: below the cut
+    np.testing.assert_allclose(np.sort(vaegan.flat(o["pixel"])), [1.0, 3.0])
 
 
-def test_amplification_equivalent_size_grows():
-    """Generated and truth from the same known distribution: a generated sample of m showers is
-    worth about m real ones, so the equivalent size must grow with m."""
+def test_mip_cut_in_training_path():
+    """No generated pixel strictly between 0 and the MIP cut: in the training path (what the
+    discriminator sees) and in sampling; the gradient passes straight through the cut."""
+    y = (torch.rand(2000, 1, 10, 10, generator=torch.Generator().manual_seed(0)) * 0.05).requires_grad_()
+    out = vaegan.mip_cut(y, torch.tensor(6.0))
+    cut = math.log1p(common.ILD_MIP_CUT_MEV) / 6.0                   # model space: log1p(E) / scale
+    assert ((out == 0) | (out >= cut)).all() and (out == 0).any() and (out > 0).any()
+    out.sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(y))
+    torch.manual_seed(0)
+    decs = [vaegan.VAEGAN(4, (4, 8), 0).dec.eval()]
+    with torch.no_grad():
+        scale = math.log1p(common.ILD_MIP_CUT_MEV) / float(decs[0](torch.randn(500, 4)).median())  # half cut
+    s = vaegan.sample_decoders(decs, 3000, 4, scale, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert (s == 0).any() and (s > 0).any()
+    assert ((s == 0) | (s >= common.ILD_MIP_CUT_MEV)).all()
+
+
+def test_equivalent_size_hand_made_crossing():
+    """JSD falling like 1/size: the truth curve crosses the generated JSD 10^-2.5 at 10^2.5 showers
+    (log-log interpolation between 100 and 1000); never reached: inf; already worse: None."""
+    sizes, jsd = np.array([10, 100, 1000, 10000]), np.array([1e-1, 1e-2, 1e-3, 1e-4])
+    assert common._crossing_size(sizes, jsd, 10 ** -2.5) == pytest.approx(10 ** 2.5)
+    assert common._crossing_size(sizes, jsd, 2e-3) == pytest.approx(500.0)
+    assert common._crossing_size(sizes, jsd, 1e-5) == math.inf
+    assert common._crossing_size(sizes, jsd, 0.5) is None
+
+
+def test_amplification_scan_known_cases():
+    rng = np.random.default_rng(0)
+    ref, pool = rng.normal(size=1000), rng.normal(size=(4000, 1))
+    r = common.amplification_scan(ref, pool, ref.copy(), (5, 10, 100, 200))   # 200 needs 2000 reference values
+    assert r["n_quantiles"] == [5, 10, 100] and r["truth_jsd"].shape == (3, len(r["sizes"]))
+    assert r["sizes"][-1] == 4000 and (r["gen_jsd"] == 0).all()                # the reference itself: JSD 0
+    assert all(v == math.inf for v in r["equivalent_size"].values())           # better than the whole pool
+    r = common.amplification_scan(ref, pool, ref + 100.0, (5, 10))             # disjoint support: JSD 1
+    assert (r["gen_jsd"] == 1).all() and all(v is None for v in r["equivalent_size"].values())
+    # a truth sample of 300 is worth about 300 truth showers
+    eq = common.amplification_scan(ref, pool, rng.normal(size=300), (5, 10, 20), seed=1)["equivalent_size"]
+    assert all(100 < v < 900 for v in eq.values()), eq
+    # rows with NaN (a pixel spectrum): subsets are of events, their values pooled
+    rows = np.where(rng.random((4000, 8)) < 0.5, rng.normal(size=(4000, 8)), np.nan)
+    r = common.amplification_scan(ref, rows, rows[:2000], (10,), sizes=[10, 100, 4000])
+    assert list(r["sizes"]) == [10, 100, 4000] and r["truth_jsd"][0, 0] > r["truth_jsd"][0, 2]
+
+
+def test_amplification_study_grows_with_generated_size():
+    """Generated and truth from one known distribution: the equivalent size grows with the size
+    of the generated sample, for all five observables."""
     rng = np.random.default_rng(1)
 
     def showers(n):   # a random 10x10 'shower': gaussian blob, random centre and energy
@@ -106,24 +154,31 @@ def test_amplification_equivalent_size_grows():
         img = e * img / img.sum((1, 2), keepdims=True) * rng.uniform(0.8, 1.2, (n, 10, 10))
         return np.where(img < 0.1, 0.0, img)
 
-    truth = showers(6000)                      # reference 3000 + pool 3000
+    truth = showers(4000)                      # reference 2000 + pool 2000
     small, large = showers(30), showers(1500)
-    args = {"amp_bins": 10}
-    eq_s = {k: r["equivalent_size"] for k, r in vaegan.amplification_study(truth, small, args, 0).items()}
-    eq_l = {k: r["equivalent_size"] for k, r in vaegan.amplification_study(truth, large, args, 0).items()}
-    assert set(eq_s) == {"e_vis", "n_hits", "cog_x", "cog_y"}
+    eq_s, eq_l = ({k: r["equivalent_size"][10] for k, r in vaegan.amplification_study(truth, g, (10,), 100, 0).items()}
+                  for g in (small, large))
+    assert set(eq_s) == set(vaegan.OBS)
     for k in eq_s:
-        lo = 0 if eq_s[k] is None else eq_s[k]
-        hi = np.inf if eq_l[k] is None or not np.isfinite(eq_l[k]) else eq_l[k]
-        assert eq_l[k] is not None and hi > lo, (k, eq_s[k], eq_l[k])
-    assert np.median([v for v in eq_l.values()]) > 150
+        assert eq_l[k] is not None and eq_l[k] > (eq_s[k] or 0), (k, eq_s[k], eq_l[k])
+    assert np.median(list(eq_l.values())) > 150
 
 
-def test_common_amplification_gaussian():
-    rng = np.random.default_rng(0)
-    ref, pool = rng.normal(size=4000), rng.normal(size=4000)
-    eqs = [common.amplification(ref, pool, rng.normal(size=m), 10, seed=0)["equivalent_size"] for m in (30, 2000)]
-    assert (eqs[0] or 0) < eqs[1]
+def test_toy_ild10_is_reduced_toy_ild(toy):
+    """write_toy("ild10") is reduce_ild of write_toy("ild") with the same seed (exactly), and it
+    matches another seed's reduction within statistics (two-sample KS, 0.1% level)."""
+    with h5py.File(toy("ild", n=160), "r") as f:
+        red, en = common.reduce_ild(f["30x30/layers"][:]), f["30x30/energy"][:]
+    with h5py.File(toy("ild10", n=160), "r") as f:
+        np.testing.assert_array_equal(f["showers"][:], red)
+        np.testing.assert_array_equal(f["energy"][:], en)
+    a = vaegan.observables(common.make_toy_ild10(500, seed=11)["showers"])
+    b = vaegan.observables(common.reduce_ild(common.make_toy("ild", 500, seed=12)["30x30/layers"]))
+    for k in vaegan.OBS:
+        x, y = np.sort(vaegan.flat(a[k])), np.sort(vaegan.flat(b[k]))
+        grid = np.concatenate([x, y])
+        d = np.abs(np.searchsorted(x, grid, "right") / len(x) - np.searchsorted(y, grid, "right") / len(y)).max()
+        assert d < 1.95 * math.sqrt((len(x) + len(y)) / (len(x) * len(y))), (k, d)
 
 
 # ---------------------------------------------------------------- end to end
@@ -149,7 +204,7 @@ def run30(ild_file, tmp_path_factory):
     """Ensemble of 2, two epochs, on the 30x30x30 ILD layout, with the amplification study."""
     d = tmp_path_factory.mktemp("run30")
     r = run_script("vaegan.py", "--data", ild_file, *TINY, "--epochs", "2", "--amplify", "--amp-n", "400",
-                   "--amp-bins", "2", "--out", "run", cwd=d)
+                   "--quantiles", "2,3,50", "--out", "run", cwd=d)
     assert r.returncode == 0, r.stderr
     return d / "run", r
 
@@ -158,7 +213,7 @@ def test_end_to_end_ild_layout(run30):
     out, r = run30
     assert "epoch 2/2" in r.stdout and "samples/s" in r.stdout and "ETA" in r.stdout
     for name in ("ckpt.pt", "generated.h5", "truth.h5", "metrics.json", "log.txt", "plots/amplification.png",
-                 "plots/pixel_spectrum.png", "plots/observables.png", "plots/selection.png"):
+                 "plots/observables.png", "plots/selection.png"):
         assert (out / name).is_file(), name
     check_generated(out / "generated.h5", 60)              # as many as held out
     with h5py.File(out / "generated.h5", "r") as f:
@@ -170,8 +225,13 @@ def test_end_to_end_ild_layout(run30):
     assert set(m["heldout_jsd"]) == set(vaegan.OBS)
     assert sorted(m["train_indices"] + m["heldout_indices"]) == list(range(160))
     amp = m["amplification"]
-    assert set(amp["equivalent_size"]) == {"e_vis", "n_hits", "cog_x", "cog_y"}
-    assert amp["curves"]["e_vis"]["gen_sizes"][-1] == 400
+    assert set(amp["equivalent_size"]) == set(vaegan.OBS) and amp["n_train"] == 100
+    assert list(amp["equivalent_size"]["e_vis"]) == ["2", "3"]                 # 30 reference showers: <= 3
+    assert len(amp["equivalent_size"]["pixel"]) == 3                           # pixels: enough for 50 too
+    for v in amp["equivalent_size"]["e_vis"].values():
+        assert v is None or v == "inf" or v > 0
+    assert amp["curves"]["e_vis"]["sizes"][-1] == 30 and amp["n_generated"] == 400
+    assert "worth" in r.stdout.strip().splitlines()[-1]
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     assert ck["epoch"] == 2 and len(ck["members"]) == 2 and ck["geometry"] == "ild10"
     assert {"python", "numpy", "torch"} <= set(ck["rng"])
