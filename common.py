@@ -345,6 +345,8 @@ def make_toy(kind, n, seed=0, energy=None, chunk=500):
     """Toy showers of one detector as a dict of the arrays its real files hold (design.md).
     energy: optional (lo, hi) in GeV (momentum for lhcb) to override the detector's default range."""
     _check_toy_args(kind, n)
+    if kind == "ild10":
+        return make_toy_ild10(n, seed, energy)
     rng = np.random.default_rng(seed)
     geom, det = geometry(kind), TOY[kind]
     photon = np.full(n, kind != "lcd")
@@ -409,13 +411,13 @@ def toy_path(kind, n, seed=0):
 
 def _toy_block(args):
     kind, m, seed, energy = args
-    return make_toy_ild10(m, seed, energy) if kind == "ild10" else make_toy(kind, m, seed, energy)
+    return make_toy(kind, m, seed, energy)
 
 
 def make_toy_ild10(n, seed=0, energy=None):
     """Toy ILD showers already reduced to 10x10 (`showers` (n,10,10) MeV, `energy` (n,1) GeV):
     each 30x30x30 block lives only in memory, and reduce_ild applies the MIP cut per cell before
-    summing, so write_toy("ild10") holds exactly reduce_ild of write_toy("ild") with that seed."""
+    summing, so make_toy/write_toy("ild10") hold exactly reduce_ild of those of "ild" with that seed."""
     d = make_toy("ild", n, seed, energy)
     return {"showers": reduce_ild(d["30x30/layers"]), "energy": d["30x30/energy"]}
 
