@@ -94,29 +94,45 @@ def _atlas(n):
     return Geometry(f"atlas{n}", (n,), layer, ATLAS_LAYERS, eta, phi, "eta/phi", ATLAS_X0, cut, "MeV")
 
 
-# CaloChallenge 2022 dataset 1 photons (binning_dataset_1_photons.xml): r edges in mm and
-# number of alpha bins of the five non-empty layers; voxels alpha-major, r-minor in each layer.
+# CaloChallenge 2022 binning files (code/binning_dataset_{1_photons,2,3}.xml): r edges in mm and number
+# of alpha bins of each non-empty layer, by layer id; voxels alpha-major, r-minor in each layer.
 CC1_LAYERS = {0: ([0, 5, 10, 30, 50, 100, 200, 400, 600], 1),
               1: ([0, 2, 4, 6, 8, 10, 12, 15, 20, 30, 40, 50, 70, 90, 120, 150, 200], 10),
               2: ([0, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 130, 160, 200, 250, 300, 350, 400], 10),
               3: ([0, 50, 100, 200, 400, 600], 1),
               12: ([0, 100, 200, 400, 1000, 2000], 1)}
 CC1_X0 = np.array([[0.0, 2.0], [2.0, 6.3], [6.3, 22.3], [22.3, 24.3], [24.3, 60.0]])
+_CC2_R = [float(s) for s in "0,4.65,9.3,13.95,18.6,23.25,27.9,32.55,37.2,41.85".split(",")]
+_CC3_R = [float(s) for s in ("0,2.325,4.65,6.975,9.3,11.625,13.95,16.275,18.6,20.925,23.25,25.575,27.9,"
+                             "30.225,32.55,34.875,37.2,39.525,41.85").split(",")]
+CALOCHALLENGE_LAYERS = {"calochallenge1": CC1_LAYERS, "calochallenge2": {i: (_CC2_R, 16) for i in range(45)},
+                        "calochallenge3": {i: (_CC3_R, 50) for i in range(45)}}
+# evaluate.py's voxel cut (args.min_energy), MeV: ds1 1 MeV; ds2/3 0.5 keV / 0.033 sampling fraction
+CALOCHALLENGE_MIN_ENERGY = {"calochallenge1": 1.0, "calochallenge2": 0.5e-3 / 0.033, "calochallenge3": 0.5e-3 / 0.033}
 
 
-def _calochallenge1():
-    layer, x, y = [], [], []
-    for i, (edges, n_alpha) in enumerate(CC1_LAYERS.values()):
-        r_mid = 0.5 * (np.array(edges[1:], float) + np.array(edges[:-1], float))
-        a_edges = np.linspace(-np.pi, np.pi, n_alpha + 1)
-        a_mid = 0.5 * (a_edges[1:] + a_edges[:-1])
-        r, a = np.tile(r_mid, n_alpha), np.repeat(a_mid, len(r_mid))
-        layer.append(np.full(r.size, i))
-        x.append(r * np.cos(a))
-        y.append(r * np.sin(a))
-    layer, x, y = np.concatenate(layer), np.concatenate(x), np.concatenate(y)
-    return Geometry("calochallenge1", (368,), layer, tuple(str(k) for k in CC1_LAYERS), x, y, "mm",
-                    CC1_X0, np.zeros(368), "MeV")
+def _mid(edges):
+    e = np.asarray(edges, np.float64)
+    return e[:-1] + (e[1:] - e[:-1]) / 2   # XMLHandler.get_midpoint, to the last bit
+
+
+def calochallenge_voxels(edges, n_alpha):
+    """(r, x, y) of the voxels of one CaloChallenge layer: radial bin centre and its (eta, phi) =
+    r (cos, sin) of the alpha bin centre, as XMLHandler.SetEtaAndPhiFromPolar computes them."""
+    r = np.tile(_mid(edges), n_alpha)
+    a = np.repeat(_mid(np.linspace(-np.pi, np.pi, n_alpha + 1)), len(edges) - 1)
+    return r, r * np.cos(a), r * np.sin(a)
+
+
+def _calochallenge(name):
+    # ds2/ds3 (electrons, 45 layers): 2 x 1.4 mm W per readout layer, ~0.8 X0 (used only for layer_x0)
+    layers = CALOCHALLENGE_LAYERS[name]
+    vox = [calochallenge_voxels(*v) for v in layers.values()]
+    layer = np.concatenate([np.full(len(v[0]), i) for i, v in enumerate(vox)])
+    x, y = (np.concatenate([v[k] for v in vox]) for k in (1, 2))
+    x0 = CC1_X0 if name == "calochallenge1" else np.stack([np.arange(45) * 0.8, np.arange(1, 46) * 0.8], 1)
+    return Geometry(name, (len(layer),), layer, tuple(str(k) for k in layers), x, y, "mm", x0,
+                    np.zeros(len(layer)), "MeV")
 
 
 def _lhcb():
@@ -148,7 +164,9 @@ def _ild10():
 
 
 _BUILDERS = {"lcd": _lcd, "atlas89": lambda: _atlas(89), "atlas247": lambda: _atlas(247),
-             "calochallenge1": _calochallenge1, "lhcb": _lhcb, "ild": _ild, "ild10": _ild10}
+             "calochallenge1": lambda: _calochallenge("calochallenge1"), "lhcb": _lhcb, "ild": _ild, "ild10": _ild10,
+             "calochallenge2": lambda: _calochallenge("calochallenge2"),
+             "calochallenge3": lambda: _calochallenge("calochallenge3")}
 GEOMETRIES = tuple(_BUILDERS)
 _CACHE = {}
 
@@ -652,6 +670,69 @@ def middle_core_fraction(cells, geom):
     return _div0(s[:, 1], s[:, 0])
 
 
+def calochallenge_features(cells, geom):
+    """CaloChallenge high-level features of (N, n_voxels) showers (cut already applied) with the very
+    expressions of HighLevelFeatures.CalculateFeatures (code/HighLevelFeatures.py), so that they agree
+    to the last bit: dict name -> (N,). E_tot and, per layer id l, E_layer_l (sums in the showers'
+    dtype, as there); EC_r_l and width_r_l (radial bin centres); EC_eta_l, EC_phi_l, width_eta_l,
+    width_phi_l on layers binned in alpha; sparsity_l = 1 - fraction of voxels > 0 (exact counts).
+    Centres are sum(u E) / (sum E + 1e-16) and widths sqrt(max(<u^2> - <u>^2, 0)): an empty layer
+    gives 0, the challenge's convention. Chunked over showers."""
+    x = _flat(cells)
+    parts, start = {}, 0
+    for l, (edges, n_alpha) in CALOCHALLENGE_LAYERS[geom.name].items():
+        _, eta, phi = calochallenge_voxels(edges, n_alpha)
+        e_ = np.asarray(edges, np.float64)
+        r = np.tile((e_[:-1] + e_[1:]) * 0.5, n_alpha)   # HighLevelFeatures.radial_center_mult
+        for sl in _chunks(len(x), x.shape[1]):
+            e = x[sl, start:start + len(r)]
+            den = e.sum(axis=-1) + 1e-16
+            f = {"E_layer": e.sum(axis=-1), "sparsity": 1.0 - (e > 0).mean(axis=-1)}
+            axes = (("r", r),) + ((("eta", eta), ("phi", phi)) if n_alpha > 1 else ())
+            for k, u in axes:
+                f[f"EC_{k}"] = (u * e).sum(axis=-1) / den
+                f[f"width_{k}"] = np.sqrt(((u * u * e).sum(axis=-1) / den - f[f"EC_{k}"] ** 2).clip(min=0.0))
+            for k, v in f.items():
+                parts.setdefault(f"{k}_{l}", []).append(v)
+        start += len(r)
+    if start != x.shape[1]:
+        raise ValueError(f"showers have {x.shape[1]} voxels, {geom.name} has {start}")
+    return {"E_tot": x.sum(axis=-1), **{k: np.concatenate(v) for k, v in parts.items()}}
+
+
+def calochallenge_edges(key, top, name):
+    """Bin edges of the challenge's histogram of feature `key` of calochallenge_features (or "Etot_Einc",
+    "voxels"), from its plot_* functions in code/evaluate_plotting_helper.py; top: the reference sample's
+    maximum of the feature (E_layer and voxel bins are log-spaced from the voxel cut to it; None if
+    nothing is above the cut)."""
+    kind, _, layer = key.rpartition("_")
+    cut = CALOCHALLENGE_MIN_ENERGY[name]
+    if key == "Etot_Einc":
+        return np.linspace(0.5, 1.5, 101)
+    if key == "voxels" or kind == "E_layer":
+        return np.logspace(np.log10(cut), np.log10(top), 50 if key == "voxels" else 40) if top > cut else None
+    if kind == "sparsity":
+        return np.linspace(0.0, 1.0, 21)
+    ds23, ds1, ds1_12 = {"EC_eta": (30, 100, 500), "EC_phi": (30, 100, 500), "width_eta": (30, 100, 400),
+                         "width_phi": (30, 100, 400), "EC_r": (42, 500, 1500), "width_r": (20, 500, 1500)}[kind]
+    hi = ds23 if name != "calochallenge1" else ds1_12 if int(layer) >= 12 else ds1
+    return np.linspace(-hi if kind in ("EC_eta", "EC_phi") else 0.0, hi, 101)
+
+
+def calochallenge_separation(n1, n2, edges):
+    """(separation power, statistical floor) of two histograms of counts, as the challenge's
+    _separation_power of plt.hist(density=True) histograms: h = n / width / sum(n) * width, then
+    0.5 sum (h1 - h2)^2 / (h1 + h2 + 1e-16); NaN if a histogram is empty. The floor, about
+    B (1/n1 + 1/n2) / 4 for B occupied bins, is what two samples of one distribution give."""
+    if edges is None:
+        return math.nan, math.nan
+    n1, n2, db = np.asarray(n1), np.asarray(n2), np.diff(edges)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h1, h2 = (n / db / n.sum() * db for n in (n1, n2))
+        return (float(0.5 * np.sum((h1 - h2) ** 2 / (h1 + h2 + 1e-16))),
+                float(np.count_nonzero(n1 + n2) * (1 / n1.sum() + 1 / n2.sum()) / 4))
+
+
 def _column_mean(x):
     """(C,) mean over events of (N, C), chunked float64 accumulation."""
     total = np.zeros(x.shape[1])
@@ -865,13 +946,18 @@ def kmeans(x, k, n_iter=20, seed=0):
     return labels, centres + mean
 
 
-def prd(ref, ev, num_clusters=20, num_angles=1001, num_runs=10, seed=0):
+def prd(ref, ev, num_clusters=20, num_angles=1001, num_runs=10, seed=0, enforce_balance=True):
     """Precision and recall for distributions (Sajjadi et al. 2018), arrays (num_angles,).
+    Like the reference prd_score.compute_prd_from_embedding, samples of different sizes are refused
+    (ValueError) unless enforce_balance=False: the cluster histograms are then of unequal precision.
     Each run clusters the union of both samples once with k-means and compares the cluster
     histograms; curves are averaged over runs. Precision ~ how much of `ev` lies where `ref`
     is, recall ~ how much of `ref` is covered by `ev`. 10 Lloyd steps per run: by then ~1% of
     the points still hop between neighbouring clusters, which barely moves the histograms."""
     n_ref = len(ref)
+    if enforce_balance and n_ref != len(ev):
+        raise ValueError(f"prd: samples of {n_ref} and {len(ev)} points; subsample to equal sizes "
+                         "or pass enforce_balance=False")
     xs, x2, _ = _kmeans_prepare(np.concatenate([_flat(ref), _flat(ev)]))
     slopes = np.tan(np.linspace(1e-10, np.pi / 2 - 1e-10, num_angles))
     rng = np.random.default_rng(seed)
@@ -1053,6 +1139,33 @@ def frechet_distance(feat_a, feat_b):
     tr_sqrt = np.sqrt(np.maximum(np.linalg.eigvalsh(0.5 * (m + m.T)), 0.0)).sum()
     diff = a.mean(axis=0) - b.mean(axis=0)
     return float(diff @ diff + np.trace(sa) + np.trace(sb) - 2.0 * tr_sqrt)
+
+
+def auc_score(y, s):
+    """Area under the ROC curve of scores s for labels y in {0, 1} (Mann-Whitney, ties count 1/2)."""
+    y, s = np.asarray(y), np.asarray(s)
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(len(s))
+    _, first, counts = np.unique(s[order], return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1.0, counts)  # average ranks over ties
+    n1 = y.sum()
+    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
+
+
+def isotonic_fit(x, y, y_min=1e-6, y_max=1 - 1e-6):
+    """Increasing isotonic regression of y on x as sklearn's IsotonicRegression(out_of_bounds='clip',
+    y_min, y_max) fits it (CaloChallenge's classifier calibration): equal x pooled, adjacent
+    violators pooled into weighted means, values clipped. Returns (xs, ys); predict with
+    np.interp(x_new, xs, ys): linear between the points, constant outside."""
+    xs, inv = np.unique(x, return_inverse=True)
+    w = np.bincount(inv).astype(np.float64)
+    val, wt, size = [], [], []
+    for v, wi in zip(np.bincount(inv, np.asarray(y, np.float64)) / w, w):
+        val.append(v), wt.append(wi), size.append(1)
+        while len(val) > 1 and val[-2] >= val[-1]:
+            wsum = wt[-2] + wt[-1]
+            val[-2:], wt[-2:], size[-2:] = [(val[-2] * wt[-2] + val[-1] * wt[-1]) / wsum], [wsum], [size[-2] + size[-1]]
+    return xs, np.clip(np.repeat(val, size), y_min, y_max)
 
 
 # ---------------------------------------------------------------- command line

@@ -2,50 +2,66 @@
 
 One command tells whether generated showers can stand in for the real (Geant4) ones:
 
-    python common.py toy lcd -n 2000 -o real.h5 --seed 0          # or your real data file
-    python common.py toy lcd -n 2000 -o gen.h5 --seed 1           # or a script's generated.h5
-    python evaluate.py real.h5 gen.h5 --out report/
-    python evaluate.py real.h5 runs/wgan_gp/generated.h5 runs/other/generated.h5 --labels wgan,other --out report/
+    python common.py toy calochallenge1 -n 2000 -o real.h5 --seed 0   # or your real data file
+    python common.py toy calochallenge1 -n 2000 -o gen.h5 --seed 1    # or a script's generated.h5
+    python evaluate.py real.h5 gen.h5 --out report/                   # CaloChallenge protocol (auto for these files)
+    python evaluate.py real.h5 gen.h5 --protocol native --out report/ # this project's observables instead
+    python evaluate.py real.h5 runs/a/generated.h5 runs/b/generated.h5 --labels a,b --out report/
     python evaluate.py ild_real.h5 runs/vaegan/generated.h5 --amplification --out report/
-    python evaluate.py real.h5 gen.h5 --device cuda --cls-hidden 2048 --cls-epochs 50   # CaloChallenge-size classifier
+    python evaluate.py ds3_real.h5 ds3_gen.h5 --device cuda --cls-calochallenge  # the challenge's classifier
 
-The first file is the reference ("real"); every further file is a generated sample and gets its
-own colour in the plots and its own row in report.md. The format is recognised from the keys:
-LCD (`ECAL` 25x25x25, or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS
-cluster (`cells` 89/247 + `energy`, MeV), CaloChallenge ds1 (`incident_energies`, `showers` 368,
-MeV), LHCb (`EnergyDeposit` 30x30 + `ParticleMomentum`/`ParticlePoint`, .h5 or .npz), ILD (group
-`30x30` with `energy` GeV and `layers` MeV, reduced to 10x10 with common.reduce_ild; or reduced
-`showers` (N,10,10) with optional `energy` GeV, 50 GeV assumed without). All files must be of the
-same detector. Outputs in --out: metrics.json, report.md, plots/*.png and *.pdf.
+The first file is the reference ("real"); every further file is a generated sample with its own colour
+in the plots and its own row in report.md. The format is recognised from keys and shapes: LCD (`ECAL`
+25x25x25, or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS cluster (`cells`
+89/247 + `energy`, MeV), CaloChallenge (`incident_energies`, `showers` of 368 / 6480 / 40500 voxels:
+dataset 1 photons / 2 / 3, MeV), LHCb (`EnergyDeposit` 30x30 + `ParticleMomentum`/`ParticlePoint`, .h5
+or .npz), ILD (group `30x30` with `energy` GeV and `layers` MeV, reduced to 10x10 with common.reduce_ild;
+or reduced `showers` (N,10,10) with optional `energy` GeV, else 50 GeV). All files must be of one
+detector. Outputs in --out: metrics.json, report.md, plots/*.png and *.pdf. Datasets 2 and 3 (up to
+100k x 40500 float32 = 16 GB a file) are never held in memory: features are computed block by block
+from the file and the classifier reads only its subsample.
 
-Per detector, the validation of the original authors (reference.md), then for all the field's
-common yardsticks (CaloChallenge): separation power of every high-level observable, Frechet
-distance of the high-level feature set, and a classifier two-sample test (AUC and JSD).
-
-Choices and deviations (reference.md marks some as unconfirmed or leaves them open):
-- Classifier: MLP (default 2 x 256 hidden, LeakyReLU; CaloChallenge used 2 x 2048: --cls-hidden
-  2048) on voxels / E_inc plus log10(E_inc/GeV), each input standardised on the training split.
-  Balanced classes, 60/20/20 train/validation/test split, Adam, early stopping on the validation
-  loss (best epoch kept). Calibration: Platt scaling (p = sigmoid(a*logit + b) fitted on the
-  validation split) instead of the challenge's isotonic regression: no sklearn here, and Platt
-  never gives p = 0 or 1, so the test BCE stays finite. AUC does not depend on the calibration;
-  JSD = (ln2 - BCE)/ln2 on the test split does.
-- Separation power: bins over the real range widened to the generated 0.5-99.5% quantiles (log
-  spaced when positive and spanning > 100x), entries outside clipped into the end bins so tails
-  count. Expected value for two independent samples of sizes n1, n2 filling B bins is about
-  B (1/n1 + 1/n2) / 4; an observable is "flagged" when its separation power exceeds
-  max(0.01, 3 x that floor).
-- Frechet distance: features standardised with the real sample's mean and std first (otherwise
-  MeV-valued features dominate the distance); it is ~ D/N for two samples of one distribution.
-- ATLAS nearest neighbours: showers normalised to sum 1; real split in two halves A/B, the
-  median distance of generated showers to their nearest A shower over that of B showers:
-  much below 1 means generated showers are copies of real ones (memorisation).
-- LHCb: images are passed to common.lhcb_* as stored in the file; PRD on raw images and on the
-  standardised physics-feature vector, score = min of the two (MLHEP).
-- ILD: the five observables are visible energy, number of hits, centre of gravity x and y, and
-  the per-pixel energy spectrum (reference.md: unconfirmed which five); quantile JSD with
-  --quantiles bins (fewer if the real sample has < 10 showers per bin). --amplification splits
-  the real sample in two disjoint halves: reference and truth pool (common.amplification).
+Protocols (--protocol; auto = calochallenge for CaloChallenge files, native otherwise):
+- calochallenge follows CaloChallenge/homepage code/evaluate.py: every voxel below its args.min_energy
+  (ds1 1 MeV; ds2/3 0.5 keV / 0.033) is set to 0 in every file before anything else; the features are
+  HighLevelFeatures.CalculateFeatures' (common.calochallenge_features: E per layer, centres and widths in
+  eta/phi on layers binned in alpha, in r on all layers, sparsity); the separation power is
+  _separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms in the binning of
+  its plot_Etot_Einc, plot_E_layers, plot_ECEtas, plot_ECPhis, plot_ECWidthEtas, plot_ECWidthPhis, plot_ECR,
+  plot_ECWidthR, plot_sparsity and plot_cell_dist (entries outside the range dropped, as there; empty
+  layers give 0 as there). report.md sets the mean separation power of each feature group beside the
+  classifier AUC/JSD as the challenge's results do. Not reproduced: Etot/Einc per discrete energy, the
+  high-level and ResNet classifiers, FPD/KPD (jetnet), PRDC. Check on toy ds1 files: run the challenge's
+  `python evaluate.py -i gen.h5 -r real.h5 -m hist-chi -d 1-photons --output_dir cc/` (needs sklearn and
+  LaTeX) and compare cc/histogram_chi2_1-photons.txt with metrics.json `separation_power`; sparsity, EC r
+  and width r come from its plot_sparsity/plot_ECR/plot_ECWidthR, which its evaluate.py defines but does
+  not call: call them on HighLevelFeatures of the cut showers. Features agree to 1e-13 (float64 input),
+  separation powers exactly.
+- native: per detector the validation of the original authors (reference.md) and, for all, the field's
+  yardsticks: separation power of every high-level observable in our binning (real range widened to the
+  generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails clipped into the end bins).
+Both: observables constant in the real sample are dropped and listed; empty showers (nothing left after
+the cut) are counted and reported. The challenge maps their centres/widths to 0 (its 1e-16 convention,
+kept in that protocol); native makes centres, widths, fractions and LHCb asymmetries of an empty shower
+undefined (NaN, as the MLHEP reference does; LHCb sparsity 1) and leaves them out of histograms and the
+Frechet distance. An observable is "flagged" when its separation power exceeds max(0.01, 3 x the
+statistical floor B (1/n1 + 1/n2) / 4 of B occupied bins). Frechet distance: on features standardised
+with the real mean and std (~ D/N for one distribution).
+Classifier two-sample test (all detectors): MLP on voxels / E_inc plus log10(E_inc / MeV), balanced
+classes, 60/20/20 train/validation/test (the same shower indices from both files), Adam; AUC and
+JSD = (ln2 - BCE)/ln2 on the test split after calibration on the validation split. Default (CPU-sized):
+2 x 256 hidden, LeakyReLU 0.2, standardised inputs, early stopping on the validation loss, Platt scaling
+(never p = 0 or 1). --cls-calochallenge: the challenge's DNN as its code builds it (num_layer=2 is an
+input layer plus 2 hidden ones: 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam 2e-4, batch
+1000, 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's
+IsotonicRegression(out_of_bounds='clip', y_min=1e-6, y_max=1-1e-6), done here without sklearn), AUC of
+the calibrated output. Differences kept: float32 instead of float64, a 60/20/20 split of a subsample of
+at most --cls-max-events showers per class instead of its fixed event counts.
+Detector extras (native): LCD sampling fraction per 10 GeV bin and profiles; ATLAS correlation MSE, cell
+variance and a nearest-neighbour memorisation check (generated vs held-out real distances to real half
+A; much below 1 = copies); LHCb PRD on raw images and standardised physics features (equal sizes, k-means
+20 clusters), score = min (MLHEP); ILD quantile JSD of visible energy, hits, centre of gravity x/y and the
+pixel spectrum (reference.md: unconfirmed which five), --amplification on two disjoint real halves.
 """
 import argparse
 import json
@@ -69,6 +85,9 @@ def get_args(argv=None):
     p.add_argument("files", nargs="+", help="real.h5 first, then one or more generated files (same detector)")
     p.add_argument("--out", default="report", help="output folder: metrics.json, report.md, plots/")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per generated file")
+    p.add_argument("--protocol", default="auto", choices=["auto", "calochallenge", "native"],
+                   help="calochallenge: the challenge's voxel cut, features and binning; native: this project's "
+                        "observables per detector; auto: calochallenge for CaloChallenge files, else native")
     p.add_argument("--amplification", action="store_true",
                    help="ILD only: VAE-GAN amplification study (truth subsets vs generated samples)")
     p.add_argument("--max-events", type=int, default=None, help="read at most the first N showers of each file")
@@ -76,17 +95,22 @@ def get_args(argv=None):
                    help="device of the classifier (auto = cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, classifier, k-means and subsampling")
     p.add_argument("--bins", type=int, default=0,
-                   help="histogram bins for separation power and plots (0 = auto: sqrt(N) within 10..50)")
+                   help="native: histogram bins for separation power and plots (0 = auto: sqrt(N) within 10..50)")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier two-sample test")
+    p.add_argument("--cls-calochallenge", action="store_true",
+                   help="the challenge's classifier settings for every --cls flag left at its default: 3 x 2048 "
+                        "hidden, LeakyReLU 0.01, raw inputs, lr 2e-4, batch 1000, 50 epochs, best accuracy, isotonic")
     p.add_argument("--cls-hidden", type=int, default=256, help="classifier hidden units per layer")
     p.add_argument("--cls-layers", type=int, default=2, help="classifier hidden layers")
     p.add_argument("--cls-epochs", type=int, default=30, help="classifier maximum epochs")
     p.add_argument("--cls-patience", type=int, default=5, help="early stopping: epochs without validation gain")
     p.add_argument("--cls-batch", type=int, default=256, help="classifier batch size")
     p.add_argument("--cls-lr", type=float, default=1e-3, help="classifier Adam learning rate")
+    p.add_argument("--calibration", default="platt", choices=["platt", "isotonic"],
+                   help="classifier calibration on the validation split")
     p.add_argument("--cls-max-events", type=int, default=None,
-                   help="classifier: at most this many showers per class (default: 50000 on CUDA; on CPU "
-                        "min(50000, 2e8 / number of inputs), e.g. 12800 for LCD's 15626 inputs)")
+                   help="classifier: at most this many showers per class (default: 50000, at most 5e8 inputs on "
+                        "CUDA and 2e8 on CPU per class, e.g. 12345 for 40500 voxels on CUDA)")
     p.add_argument("--quantiles", type=int, default=50, help="ILD: quantile bins of the JSD (>= 10 real showers each)")
     p.add_argument("--prd-runs", type=int, default=10, help="LHCb: k-means runs averaged in PRD")
     p.add_argument("--prd-max", type=int, default=10000, help="LHCb: at most this many showers per sample in PRD")
@@ -95,6 +119,11 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if len(args.files) < 2:
         p.error("give the real file and at least one generated file")
+    if args.cls_calochallenge:  # CaloChallenge code/evaluate.py defaults; flags given explicitly win
+        for k, v in dict(cls_hidden=2048, cls_layers=3, cls_lr=2e-4, cls_batch=1000, cls_epochs=50,
+                         calibration="isotonic").items():
+            setattr(args, k, v if getattr(args, k) == p.get_default(k) else getattr(args, k))
+        args.cls_patience = args.cls_epochs if args.cls_patience == p.get_default("cls_patience") else args.cls_patience
     for name in ("max_events", "cls_hidden", "cls_layers", "cls_epochs", "cls_batch", "cls_max_events",
                  "quantiles", "prd_runs", "prd_max", "nn_queries"):
         v = getattr(args, name)
@@ -121,7 +150,10 @@ class DataError(Exception):
 
 
 DETECTOR_TITLE = {"lcd": "LCD ECAL 25x25x25", "atlas89": "ATLAS 89-cell cluster", "atlas247": "ATLAS 247-cell cluster",
-                  "calochallenge1": "CaloChallenge ds1 photons", "lhcb": "LHCb ECAL 30x30", "ild": "ILD ECAL (10x10)"}
+                  "calochallenge1": "CaloChallenge ds1 photons", "calochallenge2": "CaloChallenge ds2 electrons",
+                  "calochallenge3": "CaloChallenge ds3 electrons", "lhcb": "LHCb ECAL 30x30", "ild": "ILD ECAL (10x10)"}
+CC_VOXELS = {368: "calochallenge1", 6480: "calochallenge2", 40500: "calochallenge3"}
+LAZY = ("calochallenge2", "calochallenge3")  # read from the file block by block whenever needed, never whole
 BLOCK = 1000  # showers read, checked and reduced at a time
 
 
@@ -161,7 +193,10 @@ def _detect(path, keys):
     if "showers" in keys and shp["showers"][1:] in ((10, 10), (100,)):
         return "ild"
     if "showers" in keys or "incident_energies" in keys:
-        return "calochallenge1"
+        nv = shp.get("showers", (0, 368))[1:]
+        if len(nv) != 1 or nv[0] not in CC_VOXELS:
+            raise DataError(f"{path}: 'showers' has shape {shp['showers']}, expected (N, 368), (N, 6480) or (N, 40500)")
+        return CC_VOXELS[nv[0]]
     raise DataError(f"{path}: unknown format (keys {sorted(keys)[:6]}); expected ECAL (LCD), cells (ATLAS), "
                     "incident_energies+showers (CaloChallenge), EnergyDeposit (LHCb) or 30x30/layers (ILD)")
 
@@ -179,28 +214,17 @@ def _need(path, keys, key, tail=None, n=None):
     return keys[key]
 
 
-def _read_checked(path, key, ds, n, positive=False, transform=None):
-    """First n rows of ds as float32, read in blocks, checked finite and non-negative (> 0 if positive)."""
-    out = None
-    for s in range(0, n, BLOCK):
-        a = np.asarray(ds[s:min(n, s + BLOCK)], np.float32)
-        if not np.isfinite(a).all():
-            raise DataError(f"{path}: '{key}' has NaN or inf values")
-        if (a <= 0).any() if positive else (a < 0).any():
-            raise DataError(f"{path}: '{key}' has {'non-positive' if positive else 'negative'} values")
-        a = transform(a) if transform else a
-        if out is None:
-            out = np.empty((n,) + a.shape[1:], np.float32)
-        out[s:s + len(a)] = a
-    return out
-
-
-def load(path, max_events=None):
-    """One file as a dict: detector, geom, cells (N, n_cells) float32 in the geometry's unit,
-    e_inc (N,) float64 in the same unit, toy flag, extra conditions (LHCb momentum, point)."""
+def load(path, max_events=None, protocol="auto"):
+    """One file as a dict: detector, protocol, geom, cells (N, n_cells) float32 in the geometry's unit with
+    the protocol's cut applied (None for ds2/ds3: see blocks), e_inc (N,) float64 in the same unit, toy
+    flag, extra conditions (LHCb momentum, point)."""
     keys, toy, close = _open(path)
     try:
         det = _detect(path, keys)
+        cc = det.startswith("calochallenge")
+        proto = protocol if protocol != "auto" else ("calochallenge" if cc else "native")
+        if proto == "calochallenge" and not cc:
+            raise DataError(f"{path}: --protocol calochallenge needs CaloChallenge files; this file is {det}")
         extra, e, ekey, transform = {}, None, None, None
         if det == "lcd":
             ckey = "ECAL"
@@ -213,9 +237,9 @@ def load(path, max_events=None):
             e = _need(path, keys, ekey, None, ds.shape[0])
             if ekey == "target" and (len(e.shape) != 2 or e.shape[1] < 2):
                 raise DataError(f"{path}: 'target' has shape {e.shape}, expected (N, >=2) with Ep in column 1")
-        elif det.startswith("atlas") or det == "calochallenge1":
+        elif det.startswith("atlas") or cc:
             ckey, ekey = ("cells", "energy") if det.startswith("atlas") else ("showers", "incident_energies")
-            ds = _need(path, keys, ckey, None if det.startswith("atlas") else [(368,)])
+            ds = _need(path, keys, ckey, None)
             e = _need(path, keys, ekey, [(), (1,)], ds.shape[0])
         elif det == "lhcb":
             ckey = "EnergyDeposit"
@@ -232,7 +256,8 @@ def load(path, max_events=None):
             ekey = next((k for k in ("energy", "30x30/energy") if k in keys), None)
             e = None if ekey is None else _need(path, keys, ekey, [(), (1,)], ds.shape[0])
         n = min(ds.shape[0], max_events or ds.shape[0])
-        cells = _read_checked(path, ckey, ds, n, transform=transform).reshape(n, -1)
+        # the challenge computes in the file's dtype: float64 files stay float64 under its protocol
+        dtype = np.float64 if proto == "calochallenge" and ds.dtype == np.float64 else np.float32
         if det == "lhcb":
             extra["momentum"], p = np.asarray(mom[:n], np.float64), np.asarray(pt[:n], np.float64)
             extra["point"] = np.c_[p, np.zeros(n)] if p.shape[1] == 2 else p
@@ -246,21 +271,81 @@ def load(path, max_events=None):
             e_inc = np.full(n, 50.0) if e is None else np.asarray(e[:n], np.float64)
             e_inc = e_inc[:, 1] if ekey == "target" else e_inc.reshape(n, -1)[:, 0]
             e_inc = e_inc * 1000.0 if det == "ild" else e_inc
+            extra["e_file"] = None if e is None else np.asarray(e[:n]).reshape(n, -1)[:, -1]  # file dtype
         if not np.isfinite(e_inc).all() or (e_inc <= 0).any():
             raise DataError(f"{path}: the incident energy has NaN, inf or non-positive values")
     finally:
         close()
-    return {"path": path, "detector": det, "geom": common.geometry("ild10" if det == "ild" else det), "cells": cells,
-            "e_inc": e_inc, "toy": toy, "n": len(cells), **extra}
+    d = {"path": path, "detector": det, "protocol": proto, "geom": common.geometry("ild10" if det == "ild" else det),
+         "key": ckey, "transform": transform, "cut": common.CALOCHALLENGE_MIN_ENERGY[det] if proto != "native" else 0.0,
+         "dtype": dtype, "cells": None, "e_inc": e_inc, "toy": toy, "n": n, **extra}
+    if det not in LAZY:
+        cells = np.empty((n, d["geom"].n_cells), dtype)
+        for sl, a in blocks(d):
+            cells[sl] = a
+        d["cells"] = cells
+    return d
+
+
+def blocks(d, rows=None):
+    """(positions, cells) of a sample block by block, cut applied: all showers in order, or the sorted `rows`.
+    A sample not held in memory is read from its file again, and checked as it is read."""
+    if d["cells"] is not None:
+        for s in range(0, d["n"] if rows is None else len(rows), BLOCK):
+            sl = slice(s, s + BLOCK)
+            yield sl, d["cells"][sl if rows is None else rows[sl]]
+        return
+    keys, _, close = _open(d["path"])
+    try:
+        path, key, ds = d["path"], d["key"], keys[d["key"]]
+        for s in range(0, d["n"], BLOCK):
+            e = min(d["n"], s + BLOCK)
+            lo, hi = (s, e) if rows is None else np.searchsorted(rows, [s, e])
+            if hi == lo:
+                continue
+            a = np.asarray(ds[s:e], d["dtype"])
+            if not np.isfinite(a).all():
+                raise DataError(f"{path}: '{key}' has NaN or inf values")
+            if (a < 0).any():
+                raise DataError(f"{path}: '{key}' has negative values")
+            a = (d["transform"](a) if d["transform"] else a).reshape(len(a), -1)
+            a[a < d["cut"]] = 0.0
+            yield slice(lo, hi), a if rows is None else a[rows[lo:hi] - s]
+    finally:
+        close()
 
 # ---------------------------------------------------------------- observables
 
 
+CC_GROUPS = {"Etot_Einc": "E_tot / E_inc", "E_layer": "energy per layer [MeV]", "EC_eta": "centre in eta [mm]",
+             "EC_phi": "centre in phi [mm]", "width_eta": "width in eta [mm]", "width_phi": "width in phi [mm]",
+             "EC_r": "centre in r [mm]", "width_r": "width in r [mm]", "sparsity": "sparsity (fraction of empty voxels)"}
+CC_PREFIX = {t: p for p, t in CC_GROUPS.items()}
+UNDEFINED_WHEN_EMPTY = ("centre_", "width_", "frac_", "cog_", "asym_", "middle_core")   # native protocol
+
+
 def features(d):
-    """High-level observables of one sample: dict name -> (N,) float64, and plot groups."""
-    g, cells, n = d["geom"], d["cells"], d["n"]
+    """High-level observables of one sample, block by block: dict name -> (N,) float64, and plot groups.
+    Sets d["n_empty"] (showers with nothing left after the cut) and d["max_cell"]."""
+    parts = [block_features(d, cells, sl) for sl, cells in blocks(d)]
+    f = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    d["n_empty"], d["max_cell"] = int(f.pop("_empty").sum()), f.pop("_max").max()
+    if "_spcurve" in f:
+        d["sparsity_curve"] = f.pop("_spcurve").mean(0)
+    return f, parts[0][1]
+
+
+def block_features(d, cells, sl):
+    g, n = d["geom"], len(cells)
     e_vis = cells.sum(1, dtype=np.float64)
-    f = {"e_vis": e_vis, "e_ratio": e_vis / d["e_inc"], "n_hits": (cells > 0).sum(1).astype(np.float64)}
+    f = {"_empty": e_vis == 0, "_max": cells.max(1)}
+    if d["protocol"] == "calochallenge":
+        hlf = common.calochallenge_features(cells, g)
+        f["Etot_Einc"] = hlf.pop("E_tot") / d["e_file"][sl]   # in the files' dtypes, as the challenge
+        f.update(hlf)
+        return f, [(t, [k for k in f if k == p or k.startswith(p + "_") and k[len(p) + 1:].isdigit()])
+                   for p, t in CC_GROUPS.items()]
+    f.update(e_vis=e_vis, e_ratio=e_vis / d["e_inc"][sl], n_hits=(cells > 0).sum(1).astype(np.float64))
     groups = [("Energy and hits", ["e_vis", "e_ratio", "n_hits"])]
     if g.name == "lcd":
         mom = common.axis_moments(cells.reshape(n, 25, 25, 25))
@@ -269,38 +354,37 @@ def features(d):
             f[f"width_{ax}"] = np.sqrt(np.maximum(mom[(a, 2)], 0.0))
         groups.append(("Shower shapes (first two moments, cell units; z = depth)",
                        [f"{k}_{ax}" for k in ("centre", "width") for ax in "xyz"]))
-    elif g.name.startswith("atlas") or g.name == "calochallenge1":
+    elif g.name.startswith("atlas") or g.name.startswith("calochallenge"):
         ax = ("eta", "phi") if g.xy_unit == "eta/phi" else ("x", "y")
         cw = common.centre_width_per_layer(cells, g)
-        onehot = (g.layer[:, None] == np.arange(g.n_layers)[None, :]).astype(np.float32)
-        occ = ((cells > 0).astype(np.float32) @ onehot) / onehot.sum(0)  # fraction of each layer's cells hit
-        blocks = {"e": common.energy_per_layer(cells, g), "frac": common.fraction_per_layer(cells, g),
-                  f"centre_{ax[0]}": cw["centre_x"], f"centre_{ax[1]}": cw["centre_y"],
-                  f"width_{ax[0]}": cw["width_x"], f"width_{ax[1]}": cw["width_y"],
-                  "sparsity": 1 - occ}
-        for key, arr in blocks.items():
+        onehot = (g.layer[:, None] == np.arange(g.n_layers)[None, :]).astype(np.float64)
+        hit = ((cells > 0).astype(np.float64) @ onehot) / onehot.sum(0)  # exact counts of hit cells per layer
+        blocks_ = {"e": common.energy_per_layer(cells, g), "frac": common.fraction_per_layer(cells, g),
+                   f"centre_{ax[0]}": cw["centre_x"], f"centre_{ax[1]}": cw["centre_y"],
+                   f"width_{ax[0]}": cw["width_x"], f"width_{ax[1]}": cw["width_y"], "sparsity": 1.0 - hit}
+        for key, arr in blocks_.items():
             names = [f"{key}_{ln}" for ln in g.layer_names]
-            for i, nm in enumerate(names):
-                f[nm] = arr[:, i]
+            f.update({nm: arr[:, i] for i, nm in enumerate(names)})
             groups.append((f"{key} per layer", names))
         if g.name.startswith("atlas"):
             f["middle_core_fraction"] = common.middle_core_fraction(cells, g)
             groups[0][1].append("middle_core_fraction")
     elif g.name == "lhcb":
-        img = cells.reshape(n, 30, 30)
-        mom, pt = d["momentum"], d["point"]
+        img, mom, pt = cells.reshape(n, 30, 30), d["momentum"][sl], d["point"][sl]
         for kind, fn in (("asym", common.lhcb_asymmetry), ("width", common.lhcb_width)):
             f[f"{kind}_long"], f[f"{kind}_trans"] = fn(img, mom, pt), fn(img, mom, pt, orthogonal=True)
         sp = common.lhcb_sparsity(img, LHCB_ALPHAS)
-        for j in (5, 10, 15):
-            f[f"sparsity_{LHCB_ALPHAS[j]:.0e}"] = sp[:, j]
-        d["sparsity_curve"] = sp.mean(0)
-        groups.append(("MLHEP physics metrics", list(f)[3:]))
+        sp[f["_empty"]] = 1.0  # MLHEP: every cell of an empty image is >= alpha * 0
+        f.update({f"sparsity_{LHCB_ALPHAS[j]:.0e}": sp[:, j] for j in (5, 10, 15)}, _spcurve=sp)
+        groups.append(("MLHEP physics metrics", [k for k in f if k[0] != "_" and k not in groups[0][1]]))
     else:  # ild10
         cw = common.centre_width_per_layer(cells, g)
         f.update(cog_x=cw["centre_x"][:, 0], cog_y=cw["centre_y"][:, 0],
                  width_x=cw["width_x"][:, 0], width_y=cw["width_y"][:, 0])
         groups.append(("Centre of gravity and width (mm)", ["cog_x", "cog_y", "width_x", "width_y"]))
+    for k in f:
+        if k.startswith(UNDEFINED_WHEN_EMPTY):
+            f[k][f["_empty"]] = np.nan
     return f, groups
 
 
@@ -309,8 +393,13 @@ LABEL = {"e_vis": "visible energy E_vis", "e_ratio": "E_vis / E_inc (sampling fr
          "n_hits": "number of hit cells"}
 
 
+def _fin(v):
+    v = np.asarray(v)
+    return v[np.isfinite(v)]
+
+
 def edges_for(real, gens, n_bins):
-    """Bin edges over the real range widened to the generated 0.5-99.5% quantiles; (edges, log-spaced)."""
+    """Native bin edges: the real range widened to the generated 0.5-99.5% quantiles; (edges, log-spaced)."""
     lo, hi = float(real.min()), float(real.max())
     for g in gens:
         if len(g):
@@ -322,18 +411,35 @@ def edges_for(real, gens, n_bins):
     return (np.geomspace(lo, hi, n_bins + 1) if log else np.linspace(lo, hi, n_bins + 1)), log
 
 
-def sep_power(real, gen, edges):
-    """CaloChallenge separation power with values clipped into the edges (tails count in the end bins)."""
-    lo, hi = edges[0], edges[-1]
-    return common.separation_power(np.clip(real, lo, hi), np.clip(gen, lo, hi), bins=edges)
+def sep_stats(real, gen, edges, clip=True):
+    """Separation power and floor of two samples (finite values only); clip=True (native) counts entries
+    outside the edges in the end bins, clip=False (the challenge) drops them."""
+    if edges is None:
+        return math.nan, math.nan
+    h = [np.histogram(np.clip(v, edges[0], edges[-1]) if clip else v, edges)[0] for v in (_fin(real), _fin(gen))]
+    return common.calochallenge_separation(*h, edges)
+
+
+def sep_power(real, gen, edges, clip=True):
+    return sep_stats(real, gen, edges, clip)[0]
+
+
+def voxel_counts(d, edges):
+    """Histogram of every voxel energy of a sample (plot_cell_dist), block by block."""
+    out = np.zeros(len(edges) - 1, np.int64)
+    for _, cells in blocks(d):
+        out += np.histogram(cells, edges)[0]
+    return out
 
 
 def standardised(feat_real, feat):
-    """(N, D) feature matrix standardised with the real sample's mean and std (std 0 -> 1)."""
-    r = np.stack(list(feat_real.values()), 1)
+    """(N', D) feature matrix standardised with the real sample's mean and std (std 0 -> 1); showers with an
+    undefined (NaN) feature left out."""
+    r, x = (np.stack([f[k] for k in feat_real], 1) for f in (feat_real, feat))
+    r, x = r[np.isfinite(r).all(1)], x[np.isfinite(x).all(1)]
     mu, sd = r.mean(0), r.std(0)
     sd[sd == 0] = 1.0
-    return (np.stack([feat[k] for k in feat_real], 1) - mu) / sd
+    return (x - mu) / sd
 
 # ---------------------------------------------------------------- model: classifier two-sample test
 
@@ -341,118 +447,109 @@ def standardised(feat_real, feat):
 class Classifier(nn.Module):
     """MLP real-vs-generated classifier; returns logits."""
 
-    def __init__(self, n_in, hidden, layers, dropout=0.0):
+    def __init__(self, n_in, hidden, layers, slope=0.2):
         super().__init__()
         mods, w = [], n_in
         for _ in range(layers):
-            mods += [nn.Linear(w, hidden), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
+            mods += [nn.Linear(w, hidden), nn.LeakyReLU(slope)]
             w = hidden
-        mods.append(nn.Linear(w, 1))
-        self.net = nn.Sequential(*mods)
+        self.net = nn.Sequential(*mods, nn.Linear(w, 1))
 
     def forward(self, x):
         return self.net(x).squeeze(-1)
 
 
-def classifier_inputs(d, idx):
-    """Rows idx of d: a plain (N, D) array as is; of a shower sample (dict of load()), voxels / E_inc
-    plus log10(E_inc / GeV) (CaloChallenge low-level input)."""
+def classifier_inputs(d, idx, out):
+    """Rows idx (sorted) of a sample into out: a plain (N, D) array as is; showers as the challenge's
+    low-level input, voxels / E_inc (cut applied) and log10(E_inc / MeV)."""
     if not isinstance(d, dict):
-        return np.asarray(d[idx], np.float32)
-    e = d["e_inc"][idx]
-    e_gev = e / (1000.0 if d["geom"].unit == "MeV" else 1.0)
-    return np.concatenate([d["cells"][idx] / e[:, None].astype(np.float32),
-                           np.log10(e_gev)[:, None].astype(np.float32)], 1)
-
-
-def auc_score(y, s):
-    """Area under the ROC curve (Mann-Whitney, ties count 1/2)."""
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(len(s))
-    _, first, counts = np.unique(s[order], return_index=True, return_counts=True)
-    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1.0, counts)  # average ranks over ties
-    n1, n0 = y.sum(), len(y) - y.sum()
-    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+        out[:] = d[idx]
+        return
+    for sl, cells in blocks(d, idx):
+        e = d["e_inc"][idx[sl]]
+        out[sl, :-1] = cells / e[:, None]
+        out[sl, -1] = np.log10(e * (1000.0 if d["geom"].unit == "GeV" else 1.0))
 
 
 def two_sample_test(real, gen, args, device, log, tag):
     """Train the classifier real (1) vs generated (0); calibrated test AUC, BCE and JSD.
-    real, gen: samples of load() (inputs built only for the showers used) or (N, D) arrays."""
+    real, gen: samples of load() (only the subsampled showers are read) or (N, D) arrays."""
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     n_r, n_g = (s["n"] if isinstance(s, dict) else len(s) for s in (real, gen))
-    n_in = classifier_inputs(real, np.arange(1)).shape[1]
-    cap = args.cls_max_events or (50000 if device.type == "cuda" else int(min(50000, 2e8 / n_in)))
-    m = min(n_r, n_g, cap)
+    n_in = real["geom"].n_cells + 1 if isinstance(real, dict) else real.shape[1]
+    m = min(n_r, n_g, args.cls_max_events or int(min(50000, (5e8 if device.type == "cuda" else 2e8) / n_in)))
     if m < 10:
         return {"skipped": f"too few showers ({m}) per class"}
     # the same shower indices from both files: a generated file conditioned on the real file event by
     # event keeps each (real i, generated i) pair in one split, so conditions cannot leak across splits
-    idx = rng.permutation(min(n_r, n_g))[:m]
+    idx, pos = np.sort(rng.permutation(min(n_r, n_g))[:m]), rng.permutation(m)
+    x = np.empty((2 * m, n_in), np.float32)   # the only copy: splits are row indices into it
+    classifier_inputs(real, idx, x[:m])
+    classifier_inputs(gen, idx, x[m:])
     a, b = int(0.6 * m), int(0.8 * m)
-    data = {name: (np.concatenate([classifier_inputs(real, np.sort(sl)), classifier_inputs(gen, np.sort(sl))]),
-                   np.repeat(np.float32([1, 0]), len(sl)))
-            for name, sl in (("train", idx[:a]), ("val", idx[a:b]), ("test", idx[b:]))}
-    mu, sd = data["train"][0].mean(0), data["train"][0].std(0)
-    # standardised inputs; a floor on the std keeps never-hit voxels from blowing up
-    mu, sd = mu.astype(np.float32), np.maximum(sd, 1e-3 * sd.max() + 1e-12).astype(np.float32)
-    T = {}
-    for k, (x, y) in data.items():   # in place: LCD inputs are 15626 wide
-        x -= mu
-        x /= sd
-        T[k] = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-    model = Classifier(T["train"][0].shape[1], args.cls_hidden, args.cls_layers).to(device)
+    rows = {k: np.r_[p, p + m] for k, p in (("train", pos[:a]), ("val", pos[a:b]), ("test", pos[b:]))}
+    raw = args.cls_calochallenge   # the challenge feeds the inputs as they are
+    if not raw:  # standardised on the training rows; a floor on the std keeps never-hit voxels from blowing up
+        s1, s2, tr = np.zeros(n_in), np.zeros(n_in), rows["train"]
+        for c in range(0, len(tr), 4096):
+            xc = x[tr[c:c + 4096]].astype(np.float64)
+            s1, s2 = s1 + xc.sum(0), s2 + (xc * xc).sum(0)
+        mu, sd = s1 / len(tr), np.sqrt(np.maximum(s2 / len(tr) - (s1 / len(tr)) ** 2, 0.0))
+        x -= mu.astype(np.float32)
+        x /= np.maximum(sd, 1e-3 * sd.max() + 1e-12).astype(np.float32)
+    X, Y = torch.from_numpy(x).to(device), torch.cat([torch.ones(m), torch.zeros(m)]).to(device)
+    rows = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
+    model = Classifier(n_in, args.cls_hidden, args.cls_layers, 0.01 if raw else 0.2).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.cls_lr)
     bce = nn.BCEWithLogitsLoss()
 
-    def evaluate(name):
+    def logits(name):
         model.eval()
         with torch.no_grad():
-            x = T[name][0]
-            z = torch.cat([model(x[s:s + 4096]) for s in range(0, len(x), 4096)])
+            z = torch.cat([model(X[r]) for r in rows[name].split(4096)])
         model.train()
-        return z, float(bce(z, T[name][1]))
+        return z, Y[rows[name]]
 
-    best, best_state, best_epoch, n_train, t0 = math.inf, None, 0, len(T["train"][0]), time.time()
+    best, best_state, best_epoch, n_train, t0 = math.inf, None, 0, len(rows["train"]), time.time()
     for epoch in range(1, args.cls_epochs + 1):
-        perm = torch.randperm(n_train, device=device)
-        for s in range(0, n_train, args.cls_batch):
-            i = perm[s:s + args.cls_batch]
-            loss = bce(model(T["train"][0][i]), T["train"][1][i])
+        for i in rows["train"][torch.randperm(n_train, device=device)].split(args.cls_batch):
+            loss = bce(model(X[i]), Y[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        _, val = evaluate("val")
-        if val < best - 1e-4:
-            best, best_epoch = val, epoch
+        z, y = logits("val")
+        val, acc = float(bce(z, y)), float(((z > 0).float() == y).float().mean())
+        if (-acc if raw else val) < best - (0.0 if raw else 1e-4):  # the challenge keeps the best accuracy
+            best, best_epoch = -acc if raw else val, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         rate = epoch * n_train / (time.time() - t0)
-        log(f"classifier {tag}: epoch {epoch}/{args.cls_epochs} | loss {loss.item():.4f} val {val:.4f} | "
-            f"{rate:.0f} samples/s | ETA {(args.cls_epochs - epoch) * n_train / rate:.0f} s")
+        log(f"classifier {tag}: epoch {epoch}/{args.cls_epochs} | loss {loss.item():.4f} val {val:.4f} acc {acc:.3f} "
+            f"| {rate:.0f} samples/s | ETA {(args.cls_epochs - epoch) * n_train / rate:.0f} s")
         if epoch - best_epoch >= args.cls_patience:
             break
     model.load_state_dict(best_state)
-    # Platt scaling on the validation split: p = sigmoid(a * logit + b)
-    zv, yv = evaluate("val")[0].detach(), T["val"][1]
-    ab = torch.tensor([1.0, 0.0], device=device, requires_grad=True)
-    lbfgs = torch.optim.LBFGS([ab], lr=0.5, max_iter=100)
+    (zv, yv), (zt, yt) = logits("val"), logits("test")
+    if args.calibration == "isotonic":
+        xs, ys = common.isotonic_fit(torch.sigmoid(zv).double().cpu().numpy(), yv.double().cpu().numpy())
+        p, cal = np.interp(torch.sigmoid(zt).double().cpu().numpy(), xs, ys), {"method": "isotonic", "points": len(xs)}
+    else:  # Platt scaling on the validation split: p = sigmoid(a * logit + b)
+        ab = torch.tensor([1.0, 0.0], device=device, requires_grad=True)
+        lbfgs = torch.optim.LBFGS([ab], lr=0.5, max_iter=100)
 
-    def closure():
-        lbfgs.zero_grad()
-        loss = bce(ab[0] * zv + ab[1], yv)
-        loss.backward()
-        return loss
-    lbfgs.step(closure)
-    zt = evaluate("test")[0].detach()
-    a, b = (float(v) for v in ab.detach())
-    if not a > 0:  # the classifier is useless (or anti-correlated) on validation: constant p = 1/2
-        a, b = 0.0, 0.0
-    test_bce = float(bce(a * zt + b, T["test"][1]))
-    auc = auc_score(data["test"][1], (a * zt + b).cpu().numpy())
-    return {"auc": auc, "jsd": (math.log(2) - test_bce) / math.log(2), "bce": test_bce,
-            "n_train": n_train, "n_val": len(T["val"][0]), "n_test": len(T["test"][0]),
-            "best_epoch": best_epoch, "epochs_run": epoch,
-            "calibration": {"method": "platt", "a": a, "b": b}, "device": str(device)}
+        def closure():
+            lbfgs.zero_grad()
+            loss = bce(ab[0] * zv + ab[1], yv)
+            loss.backward()
+            return loss
+        lbfgs.step(closure)
+        a, b = (float(v) for v in ab.detach()) if ab[0] > 0 else (0.0, 0.0)  # useless classifier: p = 1/2
+        p, cal = torch.sigmoid(a * zt.double() + b).cpu().numpy(), {"method": "platt", "a": a, "b": b}
+    y = yt.double().cpu().numpy()
+    test_bce = float(-np.mean(y * np.maximum(np.log(p), -100) + (1 - y) * np.maximum(np.log(1 - p), -100)))
+    return {"auc": common.auc_score(y, p), "jsd": (math.log(2) - test_bce) / math.log(2), "bce": test_bce,
+            "n_train": n_train, "n_val": len(rows["val"]), "n_test": len(rows["test"]), "best_epoch": best_epoch,
+            "epochs_run": epoch, "calibration": cal, "device": str(device)}
 
 # ---------------------------------------------------------------- train: detector-specific validation
 
@@ -465,22 +562,20 @@ def lcd_extra(real, gen, plot):
     ok = (sf[0][2] >= 5) & (sf[1][2] >= 5)
     ratio = sf[1][0] / sf[0][0]
     prof = [[p.mean(0) for p in common.axis_profiles(d["cells"].reshape(-1, 25, 25, 25))] for d in (real, gen)]
-    prof_err = {ax: float(np.sum(np.abs(prof[1][a] - prof[0][a])) / np.sum(prof[0][a]))
-                for a, ax in enumerate("xyz")}
     plot.update(sf_bins=(edges, sf), profiles=prof)
     return {"sampling_fraction_bins_GeV": edges.tolist(),
             "sampling_fraction_real": _list(sf[0][0]), "sampling_fraction_gen": _list(sf[1][0]),
             "sampling_fraction_ratio": _list(np.where(ok, ratio, np.nan)),
             "sampling_fraction_max_abs_ratio_minus_1": _num(np.nanmax(np.abs(ratio[ok] - 1))) if ok.any() else None,
-            "profile_rel_l1_error": prof_err}
+            "profile_rel_l1_error": {ax: float(np.sum(np.abs(prof[1][a] - prof[0][a])) / np.sum(prof[0][a]))
+                                     for a, ax in enumerate("xyz")}}
 
 
 def atlas_extra(real, gen, args, plot):
     """Correlation MSE, variance per cell, nearest-neighbour memorisation check (Klein's validation)."""
     rng = np.random.default_rng(args.seed)
     n_corr = min(real["n"], gen["n"], 20000)
-    cr = real["cells"][rng.permutation(real["n"])[:n_corr]]
-    cg = gen["cells"][rng.permutation(gen["n"])[:n_corr]]
+    cr, cg = (d["cells"][rng.permutation(d["n"])[:n_corr]] for d in (real, gen))
     half = real["n"] // 2
     out = {"correlation_mse": common.correlation_mse(cr, cg),
            "correlation_mse_real_halves": common.correlation_mse(real["cells"][:half], real["cells"][half:])}
@@ -500,18 +595,18 @@ def atlas_extra(real, gen, args, plot):
 
 
 def lhcb_extra(real, gen, fr, fg, args, plot):
-    """PRD-AUC on raw images and on the physics features; score = min (MLHEP)."""
+    """PRD-AUC on raw images and on the physics features, samples of equal size; score = min (MLHEP)."""
     rng = np.random.default_rng(args.seed)
-    ir = rng.permutation(real["n"])[:args.prd_max]
-    ig = rng.permutation(gen["n"])[:args.prd_max]
-    k = min(20, len(ir) + len(ig))
-    p_raw = common.prd(real["cells"][ir], gen["cells"][ig], num_clusters=k, num_runs=args.prd_runs, seed=args.seed)
-    phys = {k2: v for k2, v in fr.items() if k2 not in ("e_vis", "e_ratio", "n_hits")}
-    p_phys = common.prd(standardised(phys, fr)[ir], standardised(phys, fg)[ig], num_clusters=k,
-                        num_runs=args.prd_runs, seed=args.seed)
-    a_raw, a_phys = common.prd_auc(*p_raw), common.prd_auc(*p_phys)
-    plot.update(prd=(p_raw, p_phys), sparsity=(real["sparsity_curve"], gen["sparsity_curve"]))
-    return {"prd_auc_images": a_raw, "prd_auc_physics": a_phys, "prd_auc_score": min(a_raw, a_phys),
+    phys = {k: v for k, v in fr.items() if k not in ("e_vis", "e_ratio", "n_hits")}
+    pr, pg = standardised(phys, fr), standardised(phys, fg)   # showers with an undefined feature left out
+    out, curves = {}, []
+    for name, a, b in (("images", real["cells"], gen["cells"]), ("physics", pr, pg)):
+        m = min(len(a), len(b), args.prd_max)
+        a, b = a[np.sort(rng.permutation(len(a))[:m])], b[np.sort(rng.permutation(len(b))[:m])]
+        curves.append(common.prd(a, b, num_clusters=min(20, 2 * m), num_runs=args.prd_runs, seed=args.seed))
+        out[f"prd_auc_{name}"], out[f"prd_n_per_sample_{name}"] = common.prd_auc(*curves[-1]), m
+    plot.update(prd=curves, sparsity=(real["sparsity_curve"], gen["sparsity_curve"]))
+    return {**out, "prd_auc_score": min(out["prd_auc_images"], out["prd_auc_physics"]),
             "sparsity_curve_alphas": LHCB_ALPHAS.tolist(), "sparsity_curve_real": _list(real["sparsity_curve"]),
             "sparsity_curve_gen": _list(gen["sparsity_curve"])}
 
@@ -521,23 +616,21 @@ ILD_OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel_spectrum")
 
 def ild_extra(real, gen, fr, fg, args, plot):
     """Quantile JSD of the five observables (Calomplification), amplification if asked."""
-    orr, og = ({**{k: f[k] for k in ILD_OBS[:4]}, "pixel_spectrum": d["cells"][d["cells"] > 0].astype(np.float64)}
+    orr, og = ({**{k: _fin(f[k]) for k in ILD_OBS[:4]}, "pixel_spectrum": d["cells"][d["cells"] > 0].astype(np.float64)}
                for d, f in ((real, fr), (gen, fg)))
-    out = {"quantile_jsd": {}}
+    out = {"quantile_jsd": {}, "quantile_jsd_bins": min(args.quantiles, real["n"] // 10)}
     for k in ILD_OBS:
         nb = min(args.quantiles, len(orr[k]) // 10)
-        out["quantile_jsd"][k] = common.quantile_jsd(orr[k], og[k], nb) if nb >= 1 else None
-    out["quantile_jsd_bins"] = min(args.quantiles, real["n"] // 10)
+        out["quantile_jsd"][k] = common.quantile_jsd(orr[k], og[k], nb) if nb >= 1 and len(og[k]) else None
     plot["pixels"] = (orr["pixel_spectrum"], og["pixel_spectrum"])
     if args.amplification:
-        rng = np.random.default_rng(args.seed)
-        perm = rng.permutation(real["n"])
+        perm = np.random.default_rng(args.seed).permutation(real["n"])
         ref, pool = perm[: real["n"] // 2], perm[real["n"] // 2:]
-        nb = min(args.quantiles, len(ref) // 10)
-        amp = {}
+        nb, amp = min(args.quantiles, len(ref) // 10), {}
         for k in ILD_OBS[:4]:
-            r = common.amplification(orr[k][ref], orr[k][pool], og[k], nb, seed=args.seed)
-            amp[k] = {kk: (_list(v) if isinstance(v, np.ndarray) else _num(v)) for kk, v in r.items()}
+            v = fr[k]
+            r = common.amplification(_fin(v[ref]), _fin(v[pool]), og[k], nb, seed=args.seed)
+            amp[k] = {kk: (_list(x) if isinstance(x, np.ndarray) else _num(x)) for kk, x in r.items()}
         out["amplification"] = {"n_bins": nb, "n_reference": len(ref), "n_truth_pool": len(pool), "observables": amp}
         plot["amplification"] = amp
     return out
@@ -546,7 +639,7 @@ def ild_extra(real, gen, fr, fg, args, plot):
 
 
 def _num(v):
-    """JSON-safe float (NaN/inf -> None, inf kept as a string)."""
+    """JSON-safe float (NaN -> None, inf kept as a string)."""
     if v is None:
         return None
     v = float(v)
@@ -563,9 +656,7 @@ def _clean(obj):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
         return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return _num(obj)
-    return obj
+    return _num(obj) if isinstance(obj, (float, np.floating)) else obj
 
 
 def _list(a):
@@ -617,26 +708,24 @@ class Plotter:
         for v, c in zip(vals, self.colors):
             r = np.divide(v, ref, out=np.full(len(ref), np.nan), where=ref > 0)
             (bot.step(x, np.r_[r, r[-1:]], where="post", color=c) if step else bot.plot(x, r, color=c, marker="."))
-        bot.set_ylim(0.5, 1.5)
-        bot.set_ylabel("gen / real")
-        bot.set_xlabel(xlabel)
-        if logx:
-            bot.set_xscale("log")
+        bot.set(ylim=(0.5, 1.5), ylabel="gen / real", xlabel=xlabel, xscale="log" if logx else "linear")
 
-    def hists(self, name, subtitle, keys, fr, fgs, bins, labels=None):
+    def hists(self, name, subtitle, keys, fr, fgs, edges, labels=None, clip=True):
+        """Histograms of real and generated values; edges[k] the bins (clip: tails in the end bins)."""
         fig, axes = self._grid(len(keys))
         for k, (top, bot) in zip(keys, axes):
-            edges, log = edges_for(fr[k], [fg[k] for fg in fgs], bins)
-            h = [np.histogram(np.clip(v[k], edges[0], edges[-1]), edges)[0] / len(v[k]) for v in [fr] + fgs]
-            top.stairs(h[0], edges, fill=True, color="0.8", label="real")
-            top.stairs(h[0], edges, color="0.4")
+            e = edges[k]
+            h = [np.histogram(np.clip(_fin(v[k]), e[0], e[-1]) if clip else _fin(v[k]), e)[0] / max(1, len(_fin(v[k])))
+                 for v in [fr] + fgs]
+            top.stairs(h[0], e, fill=True, color="0.8", label="real")
+            top.stairs(h[0], e, color="0.4")
             for hg, c, lab in zip(h[1:], self.colors, self.labels):
-                top.stairs(hg, edges, color=c, lw=1.4, label=lab)
+                top.stairs(hg, e, color=c, lw=1.4, label=lab)
             pos = np.concatenate([x[x > 0] for x in h])
             if len(pos) and pos.max() / pos.min() > 100:
                 top.set_yscale("log")
-            self._labels_and_ratio(top, bot, "fraction of showers", (labels or LABEL).get(k, k), log, edges, h[0],
-                                   h[1:], step=True)
+            self._labels_and_ratio(top, bot, "fraction of showers", (labels or LABEL).get(k, k),
+                                   e[0] > 0 and e[-1] / e[0] > 100, e, h[0], h[1:], step=True)
         self._finish(fig, name, subtitle)
 
     def curves(self, name, subtitle, xs, real_curves, gen_curves, xlabels, ylabel, logy=True, logx=False):
@@ -674,12 +763,12 @@ def write_text(path, text):
 
 
 def run(args, log=print):
-    data = [load(p, args.max_events) for p in args.files]
+    data = [load(p, args.max_events, args.protocol) for p in args.files]
     other = next((d for d in data if d["detector"] != data[0]["detector"]), None)
     if other:
         raise DataError(f"{other['path']}: detector {other['detector']} differs from the real file's "
                         f"{data[0]['detector']}; all files must be of the same detector")
-    det = data[0]["detector"]
+    det, cc = data[0]["detector"], data[0]["protocol"] == "calochallenge"
     if args.amplification and det != "ild":
         raise DataError(f"{args.files[0]}: --amplification is the ILD (VAE-GAN) study; this file is {det}")
     if args.amplification and data[0]["n"] < 40:
@@ -690,26 +779,35 @@ def run(args, log=print):
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: CUDA is not available")
+    feats = [features(d) for d in data]   # reads (and checks) ds2/ds3 files before anything is written
+    (fr, groups), fgs, real, gens = feats[0], [f for f, _ in feats[1:]], data[0], data[1:]
+    dead = [k for k in fr if not (len(_fin(fr[k])) and np.ptp(_fin(fr[k])) > 0)]   # constant in the real sample
+    for f in [fr] + fgs:
+        for k in dead:
+            f.pop(k)
+    groups = [(t, [k for k in ks if k in fr]) for t, ks in groups if set(ks) - set(dead)]
     os.makedirs(args.out if args.no_plots else os.path.join(args.out, "plots"), exist_ok=True)
-    log(f"{title}: real {data[0]['n']} showers ({data[0]['path']}), generated "
-        + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, data[1:])))
-    real, gens = data[0], data[1:]
-    fr, groups = features(real)
-    fgs = [features(g)[0] for g in gens]
+    log(f"{title}: real {real['n']} showers ({real['path']}), generated "
+        + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, gens)) + f"; protocol {real['protocol']}"
+        + (f", voxels < {real['cut']:.4g} MeV set to 0" if cc else "") + f"; {len(dead)} constant observables dropped")
     bins = args.bins or int(np.clip(round(math.sqrt(min(d["n"] for d in data))), 10, 50))
+    edges = {k: common.calochallenge_edges(k, _fin(fr[k]).max(), det) if cc else edges_for(_fin(fr[k]), [_fin(f[k]) for f in fgs], bins)[0]
+             for k in fr}
+    vox_edges = common.calochallenge_edges("voxels", real["max_cell"], det) if cc else None
+    vox = [voxel_counts(d, vox_edges) for d in data] if vox_edges is not None else [None] * len(data)
     rows, plot_extra = [], []
-    for g, fg, lab in zip(gens, fgs, args.labels):
-        sp, floor = {}, {}
-        for k in fr:
-            edges, _ = edges_for(fr[k], [fg[k]], bins)
-            sp[k] = sep_power(fr[k], fg[k], edges)
-            occ = np.count_nonzero(np.histogram(np.clip(np.r_[fr[k], fg[k]], edges[0], edges[-1]), edges)[0])
-            floor[k] = occ * (1 / real["n"] + 1 / g["n"]) / 4
-        flagged = sorted((k for k in sp if sp[k] > max(0.01, 3 * floor[k])), key=lambda k: -sp[k])
-        row = {"label": lab, "path": g["path"], "n_events": g["n"], "toy": g["toy"],
-               "separation_power": sp, "separation_power_noise": floor, "flagged": flagged,
-               "separation_power_mean": float(np.mean(list(sp.values()))),
+    for g, fg, lab, vc in zip(gens, fgs, args.labels, vox[1:]):
+        st = {k: sep_stats(fr[k], fg[k], edges[k] if cc else edges_for(_fin(fr[k]), [_fin(fg[k])], bins)[0], not cc)
+              for k in fr}
+        sp = {k: v[0] for k, v in st.items()}
+        flagged = sorted((k for k in sp if sp[k] > max(0.01, 3 * st[k][1])), key=lambda k: -sp[k])
+        row = {"label": lab, "path": g["path"], "n_events": g["n"], "toy": g["toy"], "n_empty": g["n_empty"],
+               "separation_power": sp, "separation_power_noise": {k: v[1] for k, v in st.items()},
+               "flagged": flagged, "separation_power_mean": float(np.nanmean(list(sp.values()))),
                "frechet_distance": max(0.0, common.frechet_distance(standardised(fr, fr), standardised(fr, fg)))}
+        if cc:  # mean separation power per feature group, as the challenge's results show them
+            row["calochallenge"] = {"voxels": common.calochallenge_separation(vox[0], vc, vox_edges)[0] if vc is not None else None,
+                                    **{CC_PREFIX[t]: float(np.nanmean([sp[k] for k in ks])) for t, ks in groups}}
         if not args.no_classifier:
             row["classifier"] = two_sample_test(real, g, args, device, log, lab)
             row["auc"] = row["classifier"].get("auc")
@@ -729,21 +827,21 @@ def run(args, log=print):
         plot_extra.append(pe)
         log(f"{lab}: AUC {_fmt(row.get('auc'))} | Frechet {row['frechet_distance']:.4g} | mean separation "
             f"{row['separation_power_mean']:.4f} | flagged {len(flagged)}: {', '.join(flagged[:5]) or 'none'}"
-            f"{', ...' if len(flagged) > 5 else ''} | {row['verdict']}")
-    plots = [] if args.no_plots else make_plots(args, title, real, gens, fr, groups, fgs, plot_extra, bins)
-    metrics = {"script": "evaluate.py", "detector": det, "geometry": real["geom"].name, "toy": toy,
-               "real": {"path": real["path"], "n_events": real["n"], "toy": real["toy"]},
-               "features": list(fr), "bins": bins, "generated": rows, "plots": plots,
-               "settings": vars(args)}
+            f"{', ...' if len(flagged) > 5 else ''} | empty showers {g['n_empty']} | {row['verdict']}")
+    plots = [] if args.no_plots else make_plots(args, title, real, gens, fr, groups, fgs, plot_extra, edges)
+    metrics = {"script": "evaluate.py", "detector": det, "protocol": real["protocol"], "voxel_cut": real["cut"],
+               "geometry": real["geom"].name, "toy": toy, "features": list(fr), "dropped_features": dead,
+               "real": {"path": real["path"], "n_events": real["n"], "toy": real["toy"], "n_empty": real["n_empty"]},
+               "bins": None if cc else bins, "generated": rows, "plots": plots, "settings": vars(args)}
     write_text(os.path.join(args.out, "metrics.json"), json.dumps(_clean(metrics), indent=1) + "\n")
-    write_text(os.path.join(args.out, "report.md"), report_md(metrics, title))
+    write_text(os.path.join(args.out, "report.md"), report_md(metrics, title, groups))
     j = lambda *a: os.path.join(args.out, *a)  # noqa: E731
     log(f"wrote {j('metrics.json')}, {j('report.md')} and {len(plots)} plots in {j('plots')}")
     return metrics
 
 
 def _fmt(v, f="{:.3f}"):
-    return "-" if v is None else f.format(v)
+    return "-" if v is None or v != v else f.format(v)
 
 
 def _eq(v):
@@ -751,26 +849,38 @@ def _eq(v):
     return f"{v:.0f}" if isinstance(v, float) else str(v)
 
 
-def report_md(m, title):
-    det = m["detector"]
+def report_md(m, title, groups):
+    det, cc = m["detector"], m["protocol"] == "calochallenge"
     mse = ("corr. MSE", lambda r: r["atlas"]["correlation_mse"])
     head, col = {"lcd": ("max abs SF ratio - 1", lambda r: r["lcd"]["sampling_fraction_max_abs_ratio_minus_1"]),
                  "atlas89": mse, "atlas247": mse, "lhcb": ("PRD-AUC score", lambda r: r["lhcb"]["prd_auc_score"]),
                  "ild": ("mean quantile JSD", lambda r: np.mean([v for v in r["ild"]["quantile_jsd"].values()
                                                                  if v is not None]))}.get(det, (None, None))
+    head = None if cc else head
     lines = [f"# Validation report: {title}", "",
-             f"Real: `{m['real']['path']}` ({m['real']['n_events']} showers{', TOY' if m['real']['toy'] else ''}). "
-             f"{len(m['features'])} high-level observables, {m['bins']} bins.", "",
-             "| generated | N | classifier AUC | JSD | Frechet dist. | mean sep. power | worst observable (sep.) | "
+             f"Protocol: {m['protocol']}" + (f" (CaloChallenge code/evaluate.py: voxels below {m['voxel_cut']:.4g} MeV "
+                                             "set to 0, its high-level features and histogram binning)" if cc else "")
+             + f". Real: `{m['real']['path']}` ({m['real']['n_events']} showers{', TOY' if m['real']['toy'] else ''}, "
+             f"{m['real']['n_empty']} empty). {len(m['features'])} high-level observables"
+             + (f", {m['bins']} bins" if m["bins"] else "") + ". Dropped as constant in the real sample: "
+             + (", ".join(m["dropped_features"]) or "none") + ".", "",
+             "| generated | N | empty | classifier AUC | JSD | Frechet dist. | mean sep. power | worst observable (sep.) | "
              + (f"{head} | " if head else "") + "verdict |",
-             "|---|---|---|---|---|---|---|" + ("---|" if head else "") + "---|"]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if head else "") + "---|"]
     for r in m["generated"]:
-        c = r.get("classifier", {})
-        worst = max(r["separation_power"], key=r["separation_power"].get)
+        c, sp = r.get("classifier", {}), {k: v for k, v in r["separation_power"].items() if v is not None}
+        worst = max(sp, key=sp.get) if sp else None
         extra = f"{_fmt(col(r), '{:.4g}')} | " if head else ""
-        lines.append(f"| {r['label']}{' (TOY)' if r['toy'] else ''} | {r['n_events']} | {_fmt(c.get('auc'))} | "
-                     f"{_fmt(c.get('jsd'))} | {r['frechet_distance']:.4g} | {r['separation_power_mean']:.4f} | "
-                     f"{worst} ({r['separation_power'][worst]:.3f}) | {extra}{r['verdict']} |")
+        lines.append(f"| {r['label']}{' (TOY)' if r['toy'] else ''} | {r['n_events']} | {r['n_empty']} | "
+                     f"{_fmt(c.get('auc'))} | {_fmt(c.get('jsd'))} | {r['frechet_distance']:.4g} | "
+                     f"{_fmt(r['separation_power_mean'], '{:.4f}')} | {worst} ({_fmt(sp.get(worst))}) | {extra}{r['verdict']} |")
+    if cc:  # the challenge's results: classifier scores and separation power per feature group
+        names = [CC_PREFIX[t] for t, _ in groups] + ["voxels"]
+        lines += ["", "Separation power per CaloChallenge feature group (mean over layers; per layer in metrics.json):",
+                  "", "| generated | AUC (low-level) | JSD | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+        lines += [f"| {r['label']} | {_fmt(r.get('classifier', {}).get('auc'), '{:.4f}')} | "
+                  f"{_fmt(r.get('classifier', {}).get('jsd'), '{:.4f}')} | "
+                  + " | ".join(_fmt(r["calochallenge"][p], "{:.4f}") for p in names) + " |" for r in m["generated"]]
     lines += ["", "Flagged observables (separation power > max(0.01, 3x the statistical floor)):", ""]
     for r in m["generated"]:
         lines.append(f"- {r['label']}: " + (", ".join(f"{k} {r['separation_power'][k]:.3f}" for k in r["flagged"])
@@ -781,40 +891,44 @@ def report_md(m, title):
                   "(inf = better than the whole truth pool, None = worse than the smallest subset):", ""]
     for r in amps:
         amp = r["ild"]["amplification"]
-        lines.append(f"- {r['label']}: " + ", ".join(
-            f"{k} {_eq(v['equivalent_size'])}" for k, v in amp["observables"].items())
-            + f" (truth pool {amp['n_truth_pool']}, generated {r['n_events']})")
-    lines += ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable "
-              "(best published CaloChallenge ds1 photons ~0.63). JSD = (ln2 - BCE)/ln2 of the Platt-calibrated "
-              "classifier on its test split. Details: metrics.json; plots: plots/.", ""]
+        lines.append(f"- {r['label']}: " + ", ".join(f"{k} {_eq(v['equivalent_size'])}" for k, v in amp["observables"].items())
+                     + f" (truth pool {amp['n_truth_pool']}, generated {r['n_events']})")
+    lines += ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable (best published "
+              "CaloChallenge: ds1 photons ~0.63, ds2 0.53, ds3 0.56). JSD = (ln2 - BCE)/ln2 of the calibrated classifier "
+              "on its test split. Empty = showers with no energy left" + (" after the cut; the challenge gives their "
+              "centres and widths 0." if cc else "; their shape observables are undefined and left out.")
+              + " Details: metrics.json; plots: plots/.", ""]
     return "\n".join(lines)
 
 
-def make_plots(args, title, real, gens, fr, groups, fgs, pe, bins):
+def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
     P = Plotter(os.path.join(args.out, "plots"), title, args.labels)
     units = {"e_vis": f"visible energy [{real['geom'].unit}]"}
+    cc = real["protocol"] == "calochallenge"
     for sub, keys in groups:
-        slug = "".join(c if c.isalnum() else "_" for c in sub.split("(")[0].strip().lower())
-        P.hists(f"hist_{slug}", sub, keys, fr, fgs, bins, {**LABEL, **units})
+        slug = "".join(c if c.isalnum() else "_" for c in sub.split("(")[0].split("[")[0].strip().lower())
+        keys = [k for k in keys if edges[k] is not None and (real["geom"].n_layers <= 5 or int(k.rpartition("_")[2]
+                                                                                                  or 0) % 5 == 0)]
+        if keys:  # ds2/ds3: every 5th layer
+            P.hists(f"hist_{slug}", sub, keys, fr, fgs, edges, {**LABEL, **units}, clip=not cc)
     det = real["detector"]
     if det == "lcd":
-        edges, _ = pe[0]["sf_bins"]
-        mid = 0.5 * (edges[1:] + edges[:-1])
-        P.curves("sampling_fraction_vs_ep", "mean sampling fraction per 10 GeV bin", [mid],
-                 [pe[0]["sf_bins"][1][0][0]], [[p["sf_bins"][1][1][0]] for p in pe], ["Ep [GeV]"],
-                 "mean E_vis / Ep", logy=False)
+        e, sf = pe[0]["sf_bins"]
+        P.curves("sampling_fraction_vs_ep", "mean sampling fraction per 10 GeV bin", [0.5 * (e[1:] + e[:-1])],
+                 [sf[0][0]], [[p["sf_bins"][1][1][0]] for p in pe], ["Ep [GeV]"], "mean E_vis / Ep", logy=False)
         P.curves("profiles", "mean energy profiles (log)", [np.arange(25)] * 3, pe[0]["profiles"][0],
                  [p["profiles"][1] for p in pe], ["x [cell]", "y [cell]", "z (depth) [layer]"], "mean deposit [GeV]")
         spec = [{"cell_energy": d["cells"][:2000][d["cells"][:2000] > 0]} for d in [real] + gens]
         P.hists("cell_spectrum", "cell energy spectrum (first 2000 showers)", ["cell_energy"], spec[0], spec[1:],
-                bins, {"cell_energy": "cell energy [GeV]"})
+                {"cell_energy": edges_for(spec[0]["cell_energy"], [s["cell_energy"] for s in spec[1:]], 50)[0]},
+                {"cell_energy": "cell energy [GeV]"})
     elif det.startswith("atlas"):
         vr = pe[0]["variance"][0]
         P.curves("cell_variance", "variance per cell", [np.arange(len(vr))], [vr],
                  [[p["variance"][1]] for p in pe], ["cell index"], "variance [MeV^2]")
         e_edges = np.geomspace(max(real["e_inc"].min(), 1e-3), real["e_inc"].max() * 1.0001, 9)
-        w = [common.binned_stat(d["e_inc"], f["width_phi_Middle"], e_edges)[0]
-             for d, f in zip([real] + gens, [fr] + fgs)]
+        w = [common.binned_stat(d["e_inc"][ok], f["width_phi_Middle"][ok], e_edges)[0] for d, f in zip([real] + gens, [fr] + fgs)
+             for ok in [np.isfinite(f["width_phi_Middle"])]]
         P.curves("width_phi_middle_vs_energy", "mean width in phi of Middle vs energy",
                  [np.sqrt(e_edges[1:] * e_edges[:-1])], w[:1], [[x] for x in w[1:]],
                  ["E_true [MeV]"], "mean width phi", logy=False, logx=True)
@@ -829,9 +943,9 @@ def make_plots(args, title, real, gens, fr, groups, fgs, pe, bins):
             axes[j].legend(fontsize=7)
         P._finish(fig, "prd", "precision-recall for distributions")
     elif det == "ild":
-        pix = {"pixel": pe[0]["pixels"][0]}
-        P.hists("pixel_spectrum", "per-pixel energy spectrum", ["pixel"], pix, [{"pixel": p["pixels"][1]} for p in pe],
-                bins, {"pixel": "pixel energy [MeV]"})
+        pix = [{"pixel": p} for p in [pe[0]["pixels"][0]] + [p["pixels"][1] for p in pe]]
+        P.hists("pixel_spectrum", "per-pixel energy spectrum", ["pixel"], pix[0], pix[1:],
+                {"pixel": edges_for(pix[0]["pixel"], [p["pixel"] for p in pix[1:]], 50)[0]}, {"pixel": "pixel energy [MeV]"})
         if "amplification" in pe[0]:
             keys = list(pe[0]["amplification"])
             fig, axes = P._grid(len(keys), ratio=False)
