@@ -108,14 +108,70 @@ def test_sample_mixture_picks_components_by_weight_and_passes_ep():
     assert len(calls) == 3
 
 
-# ---------------------------------------------------------------- MIXDISC
+# ---------------------------------------------------------------- ESS, saturation, MIXDISC
 
 
-def test_mixdisc_shapes():
-    net = ada.MixDisc(width=4)
-    x = torch.rand(3, 25, 25, 25) * 1e-2
-    assert net(x, torch.tensor([2.0, 100.0, 500.0])).shape == (3,)
-    assert sum(p.numel() for p in net.parameters()) < 200_000
+def test_ess_on_a_hand_made_weight_vector():
+    assert ada.ess([0.5, 0.25, 0.25]) == pytest.approx(1 / (0.25 + 0.0625 + 0.0625))      # = 8/3
+    assert ada.ess([2.0, 1.0, 1.0]) == pytest.approx(8 / 3)                               # normalised first
+    assert ada.ess(np.full(40, 1 / 40)) == pytest.approx(40) and ada.ess([0, 0, 1.0]) == pytest.approx(1)
+
+
+class ConstMixdisc(torch.nn.Module):
+    """A MIXDISC whose real/fake head outputs D = sigmoid(logit) for every shower (logit 40: D = 1)."""
+
+    def __init__(self, logit=40.0):
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, x):
+        return torch.full((len(x),), self.logit), torch.zeros(len(x)), x.sum((1, 2, 3))
+
+
+def test_saturation_warning_on_a_mixdisc_that_outputs_1():
+    ecal = np.random.default_rng(0).uniform(0, 1e-2, (30, 25, 25, 25)).astype(np.float32)
+    d = ada.mixdisc_predict(ConstMixdisc(), ecal, np.arange(30), "cpu", 50.0)
+    assert np.all(d == 1.0)
+    lines = []
+    with pytest.warns(UserWarning, match="MIXDISC saturates"):
+        assert ada.saturation(d, 0.5, lines.append) == 1.0
+    assert lines and "100.0%" in lines[0]
+    w, lam, _ = ada.adagan_weights(d, 0.5)                    # what saturation does to AdaGAN: uniform weights
+    np.testing.assert_allclose(w, 1 / 30)
+    assert ada.ess(w) == pytest.approx(30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # below the threshold: no warning
+        d_half = ada.mixdisc_predict(ConstMixdisc(0.0), ecal, np.arange(30), "cpu", 50.0)
+        assert ada.saturation(d_half, 0.5) == 0.0
+
+
+def test_mixdisc_loss_labels_and_flips():
+    """Hand-worked _disc_loss: logit 10 with perfect Ep and Ecal heads. BCE(sigmoid(10), y) = -y log s - (1-y)
+    log(1-s) = 10 (1-y) + log(1 + e^-10). Labels real 0.9 / fake 0; flipped real -> 0, fake -> 1."""
+    ga = ada.base().get_args(["--device", "cpu"])
+    x = torch.rand(4, 25, 25, 25)
+    e = torch.tensor([10.0, 50, 100, 400])
+
+    class D(torch.nn.Module):
+        def forward(self, img):
+            return torch.full((len(img),), 10.0), e / 100, img.sum((1, 2, 3))
+    bce = lambda y: 10 * (1 - y) + np.log1p(np.exp(-10))  # noqa: E731
+    real, fake = (ada.mixdisc_loss(D(), x, e, x.sum((1, 2, 3)), r, ga).item() for r in (True, False))
+    assert real == pytest.approx(ga.w_gan * bce(0.9), rel=1e-5) and fake == pytest.approx(ga.w_gan * bce(0.0), rel=1e-5)
+    ga.label_flip = 1.0
+    g = torch.Generator().manual_seed(0)
+    real, fake = (ada.mixdisc_loss(D(), x, e, x.sum((1, 2, 3)), r, ga, g).item() for r in (True, False))
+    assert real == pytest.approx(ga.w_gan * bce(0.0), rel=1e-5) and fake == pytest.approx(ga.w_gan * bce(1.0), rel=1e-4)
+    # Ep and Ecal heads: MAPE x 100, weights 0.2 and 0.1
+    ga.label_flip = 0.0
+    off = ada.mixdisc_loss(D(), x, e * 2, x.sum((1, 2, 3)) * 2, True, ga).item()
+    assert off - ga.w_gan * bce(0.9) == pytest.approx(ga.w_ep * 50 + ga.w_ecal * 50, rel=1e-4)
+
+
+def test_mixdisc_lr_schedule():
+    assert [ada.mixdisc_lr(1e-4, e) for e in (0, 3, 4)] == [1e-4] * 3          # constant for 4 epochs
+    assert ada.mixdisc_lr(1e-4, 5) == pytest.approx(1e-4 * np.exp(-0.24))       # x0.787 per epoch after
+    assert ada.mixdisc_lr(1e-4, 14) == pytest.approx(1e-4 * np.exp(-2.4))
 
 
 @pytest.fixture(scope="module")
@@ -123,28 +179,6 @@ def toy64():
     import common
     toy = common.make_toy("lcd", 64, seed=5)
     return toy["ECAL"], toy["target"][:, 1]
-
-
-def test_mixdisc_weights_move_mass_to_the_missed_mode(toy64):
-    """Real data has two modes (normal showers and showers at a quarter of the sampling fraction); the
-    'mixture' only has the first. MIXDISC must learn it, and the AdaGAN weights must go to the missed mode."""
-    ecal, ep = toy64
-    missed = np.arange(len(ep)) % 2 == 1
-    real = ecal.copy()
-    real[missed] *= 0.25
-    fake = ecal.copy()                                   # the mixture covers the normal mode only
-
-    class A:
-        mixdisc_test_frac, mixdisc_width, mixdisc_lr, mixdisc_batch, mixdisc_epochs = 0.25, 4, 1e-2, 16, 5
-        dtype = "fp32"
-    torch.set_num_threads(1)
-    net, info = ada.train_mixdisc(real, ep, fake, A, "cpu", 0, log=lambda s: None)
-    assert 1 <= info["best_epoch"] <= A.mixdisc_epochs
-    assert info["best_test_loss"] == min(h["test_loss"] for h in info["history"])
-    d = ada.mixdisc_predict(net, real, ep, np.arange(len(ep)), "cpu")
-    assert d[missed].mean() > d[~missed].mean() + 0.15
-    w, lam, _ = ada.adagan_weights(d, 0.5)
-    assert w[missed].sum() > 0.6
 
 
 def test_features_edge_ring():
@@ -162,17 +196,18 @@ def test_features_edge_ring():
 
 class FakeBase:
     """Stand-in for 2dgan.py with its API: a 'generator' is a sampling fraction; it makes showers by rescaling
-    real ones. train() can be made to stop (KeyboardInterrupt) during a chosen call, after a partial ckpt."""
+    real ones. The MIXDISC pieces (Discriminator, mape, get_args) are 2dgan.py's. train() can be made to stop
+    (KeyboardInterrupt) during a chosen call, after a partial ckpt."""
     DataError = type("DataError", (Exception,), {})
 
     def __init__(self, ecal, ep, stop_at=None):
         self.ecal, self.ep, self.stop_at, self.calls = ecal, ep, stop_at, []
         self.shape = ecal / ecal.sum((1, 2, 3), keepdims=True)
+        real = importlib.import_module("2dgan")
+        self.Discriminator, self.mape, self._autocast, self.real = real.Discriminator, real.mape, real._autocast, real
 
     def get_args(self, argv):
-        import argparse
-        return argparse.Namespace(argv=list(argv), resume="--resume" in argv,
-                                  seed=int(argv[argv.index("--seed") + 1]))
+        return self.real.get_args(argv)
 
     def resolve_device(self, name):
         return torch.device("cpu")
@@ -180,8 +215,9 @@ class FakeBase:
     def load_lcd(self, pattern):
         return self.ecal, self.ep
 
-    def train(self, args, ecal, ep, weights=None, out_dir=None, log=print):
-        self.calls.append({"seed": args.seed, "resume": args.resume, "weights": np.array(weights)})
+    def train(self, args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
+        self.calls.append({"seed": args.seed, "resume": args.resume, "weights": np.array(weights),
+                           "split": tuple(np.array(s) for s in split)})
         G = 0.01 * (1 + args.seed % 3)                   # components differ in their sampling fraction
         torch.save({"G": G}, os.path.join(out_dir, "ckpt.pt"))
         if self.stop_at == len(self.calls) - 1:
@@ -201,12 +237,15 @@ class FakeBase:
             f["ECAL"], f["target"] = ecal, np.c_[np.full(len(ep), 11.0), ep]
 
 
+MIXDISC_TINY = ["--mixdisc-epochs", "2", "--mixdisc-batch", "16", "--width", "0.05"]
+
+
 def _fake_run(tmp, toy64, monkeypatch, argv, stop_at=None):
     fake = FakeBase(*toy64, stop_at=stop_at)
     monkeypatch.setattr(ada, "base", lambda: fake)
     monkeypatch.setattr(ada, "write_plots", lambda st, out: None)     # plots: tested end to end below
-    args = ada.get_args(["--data", "toy64.h5", "--out", str(tmp), "--mixdisc-epochs", "2", "--mixdisc-width", "2",
-                         "--mixdisc-batch", "16", "--val-frac", "0.25", "--n-eval", "16"] + argv)
+    args = ada.get_args(["--data", "toy64.h5", "--out", str(tmp), "--val-frac", "0.2", "--gan-val-frac", "0.15",
+                         "--n-eval", "16", "--device", "cpu"] + MIXDISC_TINY + argv)
     lines = []
     try:
         st = ada.train(args, lines.append)
@@ -231,30 +270,87 @@ def test_interrupted_component_resumes_with_same_weights(tmp_path, toy64, monkey
     for a, b in zip(st["data_weights"], full["data_weights"]):  # resumed == uninterrupted
         np.testing.assert_allclose(a, b)
         assert np.all(a >= 0) and a.sum() == pytest.approx(1.0)
-    w = fake.calls[0]["weights"]                                # 2dgan.py gets weights over all events:
-    np.testing.assert_allclose(w[st["train_idx"]], full["data_weights"][2])    # AdaGAN's on the training part,
-    assert np.all(w[st["val_idx"]] == 0)                                       # 0 on the held-out events
-    assert (tmp_path / "cut" / "generated.h5").exists() and (tmp_path / "cut" / "metrics.json").exists()
+    np.testing.assert_allclose(fake.calls[0]["weights"], full["data_weights"][2])
+    np.testing.assert_allclose(st["ess"], full["ess"])
+    m = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert m["ess_frac"][0] == 1.0 and len(m["sf_max_dev"]) == len(m["edge_ratio"]) == 3
+    assert (tmp_path / "cut" / "generated.h5").exists()
 
 
-def test_resume_adds_components_and_weights_follow_the_mixdisc(tmp_path, toy64, monkeypatch):
+def test_one_split_for_the_ensemble_no_held_out_event_in_any_component(tmp_path, toy64, monkeypatch):
     torch.set_num_threads(1)
-    fake, st, _ = _fake_run(tmp_path, toy64, monkeypatch, ["--components", "1", "--beta", "constant"])
-    w = fake.calls[0]["weights"]                                 # component 0: plain (uniform) training data
-    assert len(fake.calls) == 1 and np.all(w[st["val_idx"]] == 0)
-    np.testing.assert_allclose(w[st["train_idx"]], 1 / len(st["train_idx"]))
-    fake, st, lines = _fake_run(tmp_path, toy64, monkeypatch, ["--components", "2", "--resume", "--beta", "constant"])
-    assert len(fake.calls) == 1 and not fake.calls[0]["resume"]
-    w = fake.calls[0]["weights"][st["train_idx"]]
-    assert w.sum() == pytest.approx(1.0) and not np.allclose(w, w.mean())
-    np.testing.assert_allclose(st["mix_weights"][-1], [0.5, 0.5])
-    assert st["lambdas"][1] is not None and st["mixdisc"][1]["best_epoch"] >= 1
+    fake, st, _ = _fake_run(tmp_path, toy64, monkeypatch, ["--components", "3"])
+    held = set(st["val_idx"].tolist())
+    assert len(held) == round(0.2 * 64) and held == set(json.loads((tmp_path / "metrics.json").read_text())
+                                                          ["val_indices"])
+    for call in fake.calls:                              # every component: the same split, none of the held-out
+        tr, gv = call["split"]
+        np.testing.assert_array_equal(tr, st["train_idx"])
+        np.testing.assert_array_equal(gv, st["gan_val_idx"])
+        assert not held & set(tr.tolist()) and not held & set(gv.tolist()) and not set(tr) & set(gv)
+        assert len(call["weights"]) == len(tr) and call["weights"].sum() == pytest.approx(1.0)
+    assert len(held) + len(st["gan_val_idx"]) + len(st["train_idx"]) == 64
+    np.testing.assert_allclose(fake.calls[0]["weights"], 1 / len(st["train_idx"]))   # component 0: uniform
+    assert np.all(fake.calls[1]["weights"] > 0) or not np.allclose(fake.calls[1]["weights"], 1 / 64)
+
+
+@pytest.mark.parametrize("folds", [1, 2, 3])
+def test_weights_come_from_a_mixdisc_that_did_not_train_on_the_event(tmp_path, toy64, monkeypatch, folds):
+    """Cross-fitting: each fold's MIXDISC trains on the other folds and gives D on its own fold; together the
+    folds cover every training event once (folds=1: the original, D on its own training events)."""
+    fits, preds = [], []
+
+    def fake_train(gens, mix_w, ecal, ep, fit, *a):
+        fits.append(set(fit.tolist()))
+        return ConstMixdisc(float(len(fits))), {"best_epoch": 1, "best_test_loss": 0.0}
+
+    def fake_predict(net, ecal, idx, device, xscale):
+        preds.append(set(idx.tolist()))
+        return np.full(len(idx), 0.3 + 0.1 * len(preds))
+    monkeypatch.setattr(ada, "train_mixdisc", fake_train)
+    monkeypatch.setattr(ada, "mixdisc_predict", fake_predict)
+    fake, st, lines = _fake_run(tmp_path, toy64, monkeypatch, ["--components", "2", "--mixdisc-folds", str(folds)])
+    tr = set(st["train_idx"].tolist())
+    assert len(fits) == len(preds) == folds
+    assert set().union(*preds) == tr and sum(map(len, preds)) == len(tr)
+    for f, p in zip(fits, preds):
+        assert f == tr if folds == 1 else (not f & p and f | p == tr)
+    assert not any("saturates" in s for s in lines)
+
+
+def test_saturated_mixdisc_in_the_loop_warns_and_gives_uniform_weights(tmp_path, toy64, monkeypatch):
+    monkeypatch.setattr(ada, "train_mixdisc", lambda *a: (ConstMixdisc(), {"best_epoch": 1, "best_test_loss": 0.0}))
+    with pytest.warns(UserWarning, match="MIXDISC saturates"):
+        fake, st, lines = _fake_run(tmp_path, toy64, monkeypatch, ["--components", "2"])
+    assert any("MIXDISC saturates: 100.0%" in s for s in lines)
+    np.testing.assert_allclose(fake.calls[1]["weights"], 1 / len(st["train_idx"]))
+    assert st["saturation"] == [None, 1.0] and st["ess"][1] == pytest.approx(len(st["train_idx"]))
+
+
+def test_mixdisc_learns_a_missed_mode_and_weights_go_there(toy64, monkeypatch):
+    """Real data: normal showers and showers at 1/20 of the sampling fraction; the mixture (one stand-in
+    generator) has only the normal ones. The 2DGAN discriminator as MIXDISC (cross-fitted, tiny, a few dozen
+    steps at a raised learning rate) must find the missed mode."""
+    torch.set_num_threads(1)
+    ecal, ep = toy64
+    missed = np.arange(len(ep)) % 2 == 1
+    real = ecal.copy()
+    real[missed] *= 0.05
+    fake = FakeBase(ecal, ep)
+    monkeypatch.setattr(ada, "base", lambda: fake)
+    args = ada.get_args(["--mixdisc-epochs", "6", "--mixdisc-batch", "8", "--mixdisc-lr", "3e-3"])
+    ga = fake.get_args(["--width", "0.1", "--device", "cpu"])
+    sf = float(np.median(ecal.sum((1, 2, 3)) / ep))
+    d, info = ada.mixdisc_outputs([sf], [1.0], real, ep, np.arange(len(ep)), args, ga, "cpu", 0, lambda s: None)
+    assert len(info) == 2 and all(1 <= i["best_epoch"] <= 6 for i in info)
+    assert d[missed].mean() > d[~missed].mean() + 0.08
+    w, lam, _ = ada.adagan_weights(d, 0.5)
+    assert w[missed].sum() > 0.55
 
 
 # ---------------------------------------------------------------- end to end with the real 2dgan.py (T = 3)
 
-TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--mixdisc-epochs", "1", "--mixdisc-width", "2",
-        "--mixdisc-batch", "16", "--n-eval", "8", "--log-every", "1000", "--device", "cpu"]
+TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--mixdisc-epochs", "1", "--mixdisc-batch", "16", "--n-eval", "8", "--log-every", "1000", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
