@@ -127,7 +127,7 @@ def get_args(argv=None):
     a("--energy", default="2:500", help="LO:HI GeV range of Ep for --generate (Ep ~ U(LO, HI))")
     a("--benchmark", action="store_true", help="print one JSON line of speeds, write nothing")
     a = p.parse_args(argv)
-    a.components = a.components or (3 if a.data is None else 10)
+    a.components = (3 if a.data is None else 10) if a.components is None else a.components
     checks = [(a.components >= 1, "--components must be >= 1"), (0 < a.beta_const <= 1, "--beta-const in (0, 1]"),
               (0 < a.val_frac < 1 and 0 < a.gan_val_frac < 1 and a.val_frac + a.gan_val_frac < 1,
                "--val-frac and --gan-val-frac must be in (0, 1) with a sum < 1"),
