@@ -518,7 +518,7 @@ def test_help_on_every_flag(capsys, monkeypatch):
 
 
 def test_benchmark_prints_json(capsys):
-    assert ada.main(["--benchmark", "--width", "0.05", "--mixdisc-batch", "4", "--mixdisc-width", "2",
+    assert ada.main(["--benchmark", "--width", "0.05", "--mixdisc-batch", "4",
                      "--device", "cpu"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["script"] == "adagan.py" and rec["gen_showers_per_s"] > 0 and rec["train_samples_per_s"] > 0
