@@ -1168,6 +1168,29 @@ def isotonic_fit(x, y, y_min=1e-6, y_max=1 - 1e-6):
     return xs, np.clip(np.repeat(val, size), y_min, y_max)
 
 
+# ---------------------------------------------------------------- separation power binned as evaluate.py does
+
+
+def auto_bins(n_a, n_b):
+    """evaluate.py's default number of histogram bins: sqrt of the smaller sample, within 10..50."""
+    return int(np.clip(round(math.sqrt(min(n_a, n_b))), 10, 50))
+
+
+def separation_power_clipped(real, gen, n_bins):
+    """separation_power over n_bins spanning the real range widened to the generated 0.5-99.5%
+    quantiles (log-spaced when positive and spanning > 100x), values outside clipped into the end
+    bins so that tails count (evaluate.py's binning)."""
+    real, gen = np.asarray(real, np.float64).ravel(), np.asarray(gen, np.float64).ravel()
+    lo, hi = float(real.min()), float(real.max())
+    if len(gen):
+        q = np.quantile(gen, [0.005, 0.995])
+        lo, hi = min(lo, q[0]), max(hi, q[1])
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.geomspace(lo, hi, n_bins + 1) if lo > 0 and hi / lo > 100 else np.linspace(lo, hi, n_bins + 1)
+    return calochallenge_separation(*(np.histogram(np.clip(v, lo, hi), edges)[0] for v in (real, gen)), edges)[0]
+
+
 # ---------------------------------------------------------------- command line
 
 

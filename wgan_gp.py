@@ -4,14 +4,15 @@ A conditional Wasserstein GAN with gradient penalty: a dense generator turns noi
 standardised log energy into the fraction of the cluster energy in each cell (softmax, so the
 energy is conserved by construction), and a dense critic scores (cells, energy).
 
-    python wgan_gp.py                                  # no --data: TOY atlas89 showers, CPU, a few minutes
+    python wgan_gp.py                                  # no --data: 40k TOY atlas89 showers, CPU, < 5 minutes
     python wgan_gp.py --data atlas.h5 --out runs/atlas # real 89/247-cell clusters, 1000 epochs (the original's)
     python wgan_gp.py --data dataset_1_photons_1.hdf5  # CaloChallenge dataset 1 photons (368 voxels)
-    python wgan_gp.py --seeds 5                        # 5 seeds, their samples pooled for the plots
+    python wgan_gp.py --seeds 5                        # 5 seeds as one batched model, samples pooled
+    python wgan_gp.py --epochs 1000 --out runs/wgan_gp_1000   # the original's epoch count on TOY data
     python wgan_gp.py --resume --epochs 200            # continue runs/wgan_gp/ckpt.pt up to epoch 200
     python wgan_gp.py --generate 10000 --ckpt runs/wgan_gp/ckpt.pt --energy 10:100 --out gen.h5
     python wgan_gp.py --generate 5000 --ckpt runs/wgan_gp/ckpt.pt --energy-file real.h5 --out gen.h5
-    python wgan_gp.py --benchmark                      # one JSON line: showers/s and training samples/s
+    python wgan_gp.py --benchmark --seeds 5            # JSON: showers/s, ms per training iteration, 5 vs 1 seed
     torchrun --nproc_per_node=4 wgan_gp.py --data atlas.h5
 
 Formats (detected from the keys and the number of cells): ATLAS clusters `cells` (N,89|247) MeV,
@@ -19,27 +20,38 @@ Formats (detected from the keys and the number of cells): ATLAS clusters `cells`
 photons `incident_energies` (N,1) MeV, `showers` (N,368) MeV. Noise cuts (common.geometry(...).
 noise_cut) are applied to the training data and to the generated showers alike.
 
-Deviations from the original (reference.md) and why:
-- Gradient penalty per sample, mean_i (|grad_x D(x_i)|_2 - 1)^2: the original took one norm over the
-  whole batch's gradient, a bug that makes the batch, not each sample, 1-Lipschitz.
-- Default epochs: 1000 (the original's) with --data; 50 on the 20k toy showers made without --data
-  (17.5k for training: 875k critic samples, about 2.7k generator steps), so that the README's
-  `python wgan_gp.py` ends in a few minutes on a 2-core CPU. An epoch count, not a time limit, gives
-  the same result on any machine; toy fidelity is that of a short run, well short of 1000 epochs.
-- L1 penalty (--l1, off by default, 1e-5 in the original when used) acts on the generator's
-  pre-softmax logits: on the softmax output it would be constant (the fractions sum to 1).
-- LeakyReLU slope 0.2 (tf.nn.leaky_relu's default; the original's value is not recorded).
-- CaloChallenge ds1: the condition is the incident energy and the visible total is not known in
-  advance, so the generator has a second head for the standardised log(total / incident energy),
-  which the critic sees beside the cell fractions: shape and total (their correlation included) are
-  learned jointly by the adversarial loss, which a separate regression of the total would miss. For
-  ATLAS the condition is the cluster total (as in the original); generated cells sum to it exactly
-  before the noise cuts.
+Faithful to the original code (github polklin/CERN_project): Keras Dense defaults (glorot-uniform
+kernels, zero biases), LeakyReLU slope 0.3 (keras LeakyReLU() default, training.py lines 126-148),
+softmax output, Adam(5e-5, 0.5, 0.5) as Keras 2 computes it, batch 64, 5 critic steps per generator
+step over consecutive minibatches of a shuffled epoch (training.py lines 245-265), generator-step
+conditions drawn from the training events, gradient-penalty weight 10, clusters above 300 GeV
+(before the noise cuts) removed (PreProcessing.py lines 18-24; ATLAS files and toy data), noise cuts
+on training and generated showers. Speed: the critic's loss and its exact gradient are computed by
+hand (critic_grads: no double backward), the K seeds of --seeds K are one batched network.
+
+Deviations from the original and why:
+- Gradient penalty per sample, mean_i (|grad_x D(x_i)|_2 - 1)^2: training.py lines 112-116 take one
+  norm over the whole batch's gradient, a bug that makes the batch, not each sample, 1-Lipschitz.
+- Train/validation split: seeded random, --val-frac 0.125 (training.py lines 168-175: the first 35000
+  events train, the rest test); log(E) is standardised on the training events (PreProcessing.py
+  lines 58-60: on all events). Validation at the end (and with --eval-every), not every 250 epochs.
+- The critic scores real showers high (training.py: low, labels +1 real / -1 fake); a mirror image.
+- L1 penalty (--l1, off by default): training.py line 131 puts l1(1e-5) on the softmax output, where
+  it is a constant (the fractions sum to 1) with zero gradient; here it acts on the logits.
+- Default epochs: 1000 with --data (config.py line 16: 1001); TOY_EPOCHS on the 40k TOY showers made
+  without --data, so that the README's `python wgan_gp.py` ends in minutes on one CPU core.
+- CaloChallenge ds1 (not in the original): the condition is the incident energy and the visible total
+  is unknown, so the generator has a second head for the standardised log(total / incident energy),
+  which the critic sees beside the fractions; no 300 GeV cut (ds1 spans 1 GeV-4 TeV). For ATLAS the
+  condition is the cluster total (as in the original); generated cells sum to it before noise cuts.
 - Negative cells of ATLAS files are accepted (signed noise) and removed by the noise cut; negative
   CaloChallenge voxels and non-positive energies are bad input.
-- --seeds K: seeds seed..seed+K-1 share the train/validation split (made with --seed), write
-  ckpt_seed<s>.pt, and generated.h5 pools their samples (K showers per held-out event). --resume on
-  one process continues bit for bit; under torchrun, ranks > 0 are reseeded on resume.
+- --seeds K (Klein trained 5 seeds per setting and pooled their samples): one batched network, each
+  member with its own random stream, so member k equals a single run with --seed seed+k (same split);
+  one ckpt.pt; generated.h5 pools K showers per held-out event. --resume continues bit for bit on one
+  process; under torchrun, ranks > 0 are reseeded on resume.
+- Figures printed and written to metrics.json compare generated showers with the held-out real ones,
+  binned as evaluate.py bins them (common.auto_bins / separation_power_clipped).
 - generated.h5 of an ATLAS model: `energy` is the true energy of the held-out event whose cluster
   total conditioned it; with --generate --energy, the conditioning cluster total (the model does not
   know the true energy; file attribute energy_is says which).
@@ -62,6 +74,7 @@ import torch.nn as nn
 import common
 
 SCRIPT = "wgan_gp.py"
+TOY_EPOCHS = 100        # default epochs without --data (README main job)
 
 
 # ---------------------------------------------------------------- flags
@@ -73,7 +86,7 @@ def get_args(argv=None):
     a = p.add_argument
     a("--data", default=None, help="HDF5 file (ATLAS cells/energy or CaloChallenge showers/incident_energies); "
       "none: toy atlas89 showers made once under ./data/")
-    a("--toy-n", type=int, default=20000, help="number of toy showers without --data (the study had ~40k)")
+    a("--toy-n", type=int, default=40000, help="number of toy showers without --data (the study had ~40k)")
     a("--out", default=None, help="output folder (default runs/wgan_gp); with --generate: the output .h5 file")
     a("--epochs", type=int, default=None, help="training epochs (passes of the critic over the training set); "
       "default 1000 with --data (the original), 50 on toy data")
@@ -88,14 +101,15 @@ def get_args(argv=None):
     a("--l1", type=float, default=0.0, help="L1 penalty on the generator's logits (the original used 1e-5)")
     a("--val-frac", type=float, default=0.125, help="fraction of events held out for validation (35k of 40k)")
     a("--seed", type=int, default=0, help="random seed (also of the train/validation split)")
-    a("--seeds", type=int, default=1, help="train K seeds (seed..seed+K-1) and pool their samples for the plots")
+    a("--seeds", type=int, default=1, help="train K seeds (seed..seed+K-1) as one batched model; their samples "
+      "are pooled (Klein pooled 5 seeds per setting)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     a("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast on CUDA (ignored on CPU)")
-    a("--compile", action="store_true", help="torch.compile the generator's sampling in the critic steps "
-      "(the critic's double backward cannot be compiled)")
+    a("--compile", action="store_true", help="torch.compile the critic and generator steps (worth it on CUDA)")
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt (model, optimiser, epoch, RNG states)")
     a("--ckpt-every", type=int, default=10, help="save the checkpoint every N epochs (and at the end)")
     a("--log-every", type=int, default=1, help="print a progress line every N epochs")
+    a("--eval-every", type=int, default=0, help="print the validation figures every N epochs (0: at the end only)")
     a("--no-plots", action="store_true", help="skip plots/ (faster; metrics.json and generated.h5 still written)")
     a("--generate", type=int, default=None, metavar="N", help="write N showers from --ckpt to --out FILE")
     a("--ckpt", default=None, help="checkpoint to generate from")
@@ -112,8 +126,8 @@ def get_args(argv=None):
     for name in ("toy_n", "batch_size", "layers", "width", "latent", "n_critic", "seeds", "ckpt_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.epochs is not None and args.epochs < 1 or args.lr <= 0 or args.gp < 0 or args.l1 < 0:
-        p.error("--epochs must be >= 1, --lr > 0, --gp and --l1 >= 0")
+    if args.epochs is not None and args.epochs < 1 or args.lr <= 0 or args.gp < 0 or args.l1 < 0 or args.eval_every < 0:
+        p.error("--epochs must be >= 1, --lr > 0, --gp, --l1 and --eval-every >= 0")
     if not 0 < args.val_frac < 1:
         p.error("--val-frac must be in (0, 1)")
     if args.generate is not None:
@@ -190,13 +204,17 @@ def noise_cut(cells, geom):
     return np.where(cells >= geom.noise_cut, cells, 0.0).astype(np.float32)
 
 
+E_MAX_MEV = 300_000.0    # PreProcessing.py lines 18-24: clusters above 300 GeV (total before noise cuts) removed
+
+
 def prepare(d, seed, val_frac):
-    """Noise cuts, fractions of the cluster total, conditions, seeded train/validation split."""
+    """300 GeV cut (ATLAS), noise cuts, fractions of the cluster total, conditions, seeded split."""
+    over = (d["cells"].sum(1, dtype=np.float64) > E_MAX_MEV) if d["fmt"] == "atlas" else np.zeros(len(d["cells"]), bool)
     cells = noise_cut(d["cells"], d["geom"])
     total = cells.sum(1, dtype=np.float64)
-    keep = np.flatnonzero(total > 0)
+    keep = np.flatnonzero((total > 0) & ~over)
     if len(keep) < 2:
-        raise DataError(f"{d['path']}: fewer than 2 showers with energy left after the noise cuts")
+        raise DataError(f"{d['path']}: fewer than 2 showers with energy left after the 300 GeV and noise cuts")
     perm = np.random.default_rng(seed).permutation(keep)
     n_val = max(1, int(round(val_frac * len(keep))))
     val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
@@ -215,7 +233,7 @@ def prepare(d, seed, val_frac):
     x = np.concatenate(x, 1)
     c = ((log_e - norm["mu_e"]) / norm["sd_e"])[:, None].astype(np.float32)
     return dict(x=x, c=c, cells=cells, total=total, cond_e=cond_e, train=train, val=val, norm=norm,
-                n_dropped=int(len(total) - len(keep)))
+                n_over=int(over.sum()), n_dropped=int(((total <= 0) & ~over).sum()))
 
 
 def write_h5(path, fmt, geom, cells, energy, attrs):
@@ -240,205 +258,317 @@ def write_h5(path, fmt, geom, cells, energy, attrs):
 # ---------------------------------------------------------------- model
 
 
-def mlp(n_in, width, layers, slope):
-    mods = []
-    for i in range(layers):
-        mods += [nn.Linear(n_in if i == 0 else width, width), nn.LeakyReLU(slope)]
-    return nn.Sequential(*mods)
+SLOPE = 0.3     # keras.layers.LeakyReLU() default alpha, as training.py uses it (lines 126-148)
+lrelu_bwd = torch.ops.aten.leaky_relu_backward
 
 
-class Generator(nn.Module):
-    """(noise, condition) -> dense layers -> softmax over cells (+ optional head for log total/E)."""
+class Dense(nn.Module):
+    """K independent dense networks (one per seed) with stacked weights: layer l of member k maps
+    h[k] (B, n_l) -> h[k] @ W_l[k] + b_l[k], LeakyReLU between layers. All weights live in ONE flat
+    parameter (K, P), so the optimiser and a DDP all-reduce see one tensor per network."""
 
-    def __init__(self, n_cells, latent=100, width=128, layers=3, n_cond=1, ratio_head=False, slope=0.2):
+    def __init__(self, sizes, k=1, slope=SLOPE):
         super().__init__()
-        self.body = mlp(latent + n_cond, width, layers, slope)
-        self.cells = nn.Linear(width, n_cells)
-        self.ratio = nn.Linear(width, 1) if ratio_head else None
+        self.sizes, self.k, self.slope = list(sizes), k, slope
+        self.flat = nn.Parameter(torch.zeros(k, sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))))
 
-    def forward(self, z, c):
-        h = self.body(torch.cat([z, c], 1))
-        logits = self.cells(h).float()
-        x = torch.softmax(logits, 1)
-        if self.ratio is not None:
-            x = torch.cat([x, self.ratio(h).float()], 1)
-        return x, logits
+    def layers(self, t=None):
+        """[(W (K,in,out), b (K,1,out))] as views of the flat parameter (or of a tensor shaped like it)."""
+        t, out, off = self.flat if t is None else t, [], 0
+        for i, o in zip(self.sizes[:-1], self.sizes[1:]):
+            out.append((t[:, off:off + i * o].view(-1, i, o), t[:, off + i * o:off + i * o + o].view(-1, 1, o)))
+            off += i * o + o
+        return out
 
-
-class Critic(nn.Module):
-    """(cell fractions [+ log total/E], condition) -> dense layers -> linear score."""
-
-    def __init__(self, n_in, width=128, layers=3, n_cond=1, slope=0.2):
-        super().__init__()
-        self.net = nn.Sequential(mlp(n_in + n_cond, width, layers, slope), nn.Linear(width, 1))
-
-    def forward(self, x, c):
-        return self.net(torch.cat([x, c], 1)).float()
+    @torch.no_grad()
+    def glorot_(self, gens):
+        """Keras Dense defaults: glorot-uniform kernels, zero biases; member k draws from gens[k]."""
+        self.flat.zero_()
+        for k, g in enumerate(gens):
+            for W, _ in self.layers():
+                lim = math.sqrt(6.0 / sum(W.shape[1:]))
+                W[k].copy_(torch.rand(W.shape[1:], generator=g, device=g.device) * (2 * lim) - lim)
 
 
-def build(args, n_x, ratio_head):
-    return (Generator(n_x - int(ratio_head), args["latent"], args["width"], args["layers"], ratio_head=ratio_head),
-            Critic(n_x, args["width"], args["layers"]))
+def forward(layers, h, slope, keep=False):
+    """(K,B,in) -> (K,B,out); with keep, also each layer's input and each hidden pre-activation."""
+    hs, pre = [h], []
+    for W, b in layers[:-1]:
+        a = torch.baddbmm(b, h, W)
+        h = torch.nn.functional.leaky_relu(a, slope)
+        if keep:
+            hs.append(h)
+            pre.append(a)
+    return torch.baddbmm(layers[-1][1], h, layers[-1][0]), hs, pre
+
+
+def deltas(layers, pre, dy, slope):
+    """Backward through the hidden layers: d loss / d pre-activation of each hidden layer, first first."""
+    ds = []
+    for (W, _), a in zip(reversed(layers[1:]), reversed(pre)):
+        dy = lrelu_bwd(torch.bmm(dy, W.transpose(1, 2)), a, slope, False)
+        ds.append(dy)
+    return ds[::-1]
+
+
+def flat_grad(lefts, ds, n_bias_rows):
+    """Weight gradients left_l^T @ d_l and bias gradients (sum over the first n_bias_rows rows of d_l),
+    packed like Dense.flat."""
+    out = []
+    for left, d in zip(lefts, ds):
+        out += [torch.bmm(left.transpose(1, 2), d).flatten(1), d[:, :n_bias_rows].sum(1)]
+    return torch.cat(out, 1)
+
+
+def generator_out(gl, gin, n_cells, keep=False):
+    """(noise | condition) -> (x = softmax cell fractions [+ ratio head], logits, forward cache)."""
+    out, hs, pre = forward(gl, gin, SLOPE, keep)
+    logits = out[..., :n_cells]
+    p = torch.softmax(logits, -1)                       # fp32 under autocast
+    x = p if out.shape[-1] == n_cells else torch.cat([p, out[..., n_cells:].to(p.dtype)], -1)
+    return x, logits, (hs, pre, p)
+
+
+def critic_grads(cl, h, B, nx, gp_weight):
+    """Critic loss -W + gp_weight * mean_i (|grad_x D(x_i)|_2 - 1)^2 and its exact parameter gradient,
+    without a double backward. h (K, 3B, n_in): real, fake and interpolate rows (with the condition
+    column), overwritten. One forward, one backward that also gives the interpolates' input gradient
+    g; the penalty's gradient through g is (LeakyReLU'' = 0) a forward pass of dGP/dg through the
+    network linearised at the interpolates; both share one weight-gradient matmul per layer.
+    -> (flat gradient (K,P), loss (K,), Wasserstein estimate (K,))."""
+    K = h.shape[0]
+    y, hs, pre = forward(cl, h, SLOPE, keep=True)
+    dy = torch.full((1, 3 * B, 1), 1.0 / B, dtype=y.dtype, device=y.device)
+    dy[:, :B] = -1.0 / B                                        # dL/dD: real -1/B, fake +1/B,
+    dy[:, 2 * B:] = 1.0                                         # interpolates: input-gradient seed
+    dy = dy.expand(K, -1, -1)
+    ds = deltas(cl, pre, dy, SLOPE)
+    W0 = cl[0][0][:, :nx]
+    g = torch.bmm(ds[0][:, 2 * B:], W0.transpose(1, 2))        # grad_x D at the interpolates
+    norm = g.norm(dim=2, keepdim=True)
+    gp = ((norm - 1) ** 2).mean((1, 2))
+    G = g * ((2.0 * gp_weight / B) * (norm - 1) / norm.clamp_min(1e-12))   # dL/dg
+    e = torch.bmm(G, W0)
+    for l in range(1, len(cl)):             # interpolate rows of each layer's input -> penalty terms
+        hs[l][:, 2 * B:] = lrelu_bwd(e, pre[l - 1][:, 2 * B:], SLOPE, False)
+        if l + 1 < len(cl):
+            e = torch.bmm(hs[l][:, 2 * B:], cl[l][0])
+    hs[0][:, 2 * B:, :nx] = G
+    hs[0][:, 2 * B:, nx:] = 0                                   # the condition is not penalised
+    grad = flat_grad(hs, ds + [dy], 2 * B)
+    wd = (y[:, :B] - y[:, B:2 * B]).mean((1, 2))
+    return grad, -wd + gp_weight * gp, wd
+
+
+def generator_grads(gl, cl, gin, n_cells, l1):
+    """Generator loss -mean D(G(z, c)) (+ l1 * |logits|) and its parameter gradient, by hand."""
+    B = gin.shape[1]
+    x, logits, (hs, pre_g, p) = generator_out(gl, gin, n_cells, keep=True)
+    y, _, pre_c = forward(cl, torch.cat([x, gin[..., -1:]], -1), SLOPE, keep=True)
+    dy = torch.full_like(y, -1.0 / B)
+    dx = torch.bmm(deltas(cl, pre_c, dy, SLOPE)[0], cl[0][0][:, :x.shape[-1]].transpose(1, 2))
+    dxp = dx[..., :n_cells]
+    dout = p * (dxp - (p * dxp).sum(-1, keepdim=True))          # through the softmax
+    loss = -y.mean((1, 2))
+    if l1:
+        dout = dout + (l1 / B) * torch.sign(logits)
+        loss = loss + l1 * logits.abs().sum(-1).mean(-1)
+    if x.shape[-1] > n_cells:
+        dout = torch.cat([dout, dx[..., n_cells:]], -1)         # ratio head (CaloChallenge)
+    return flat_grad(hs, deltas(gl, pre_g, dout, SLOPE) + [dout], B), loss
+
+
+def build(hp, n_x, ratio_head, k=1):
+    w, L = hp["width"], hp["layers"]
+    return Dense([hp["latent"] + 1] + [w] * L + [n_x], k), Dense([n_x + 1] + [w] * L + [1], k)
 
 
 # ---------------------------------------------------------------- train
 
 
-def rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+class Adam:
+    """Adam as Keras 2 computes it (training.py lines 191, 222: Adam(5e-5, beta_1=0.5, beta_2=0.5),
+    epsilon K.epsilon() = 1e-7): lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), p -= lr_t m / (sqrt(v) + eps).
+    Elementwise, so K stacked members update exactly as K separate ones."""
+
+    def __init__(self, p, lr, betas, eps=1e-7):
+        self.p, self.lr, (self.b1, self.b2), self.eps, self.t = p, lr, betas, eps, 0
+        self.m, self.v = torch.zeros_like(p), torch.zeros_like(p)
+
+    @torch.no_grad()
+    def step(self, g):
+        self.t += 1
+        self.m.lerp_(g, 1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        lr_t = self.lr * math.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+        self.p.addcdiv_(self.m, self.v.sqrt().add_(self.eps), value=-lr_t)
+
+    def state_dict(self):
+        return {"t": self.t, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, s):
+        self.t = s["t"]
+        self.m.copy_(s["m"])
+        self.v.copy_(s["v"])
 
 
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def member_generators(seeds, device, offset=0):
+    return [torch.Generator(device).manual_seed(s + offset) for s in seeds]
 
 
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+def perms(n, need, g, device):
+    """`need` indices from back-to-back random permutations of range(n) (one when n >= need)."""
+    return torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-need // n))])[:need]
 
 
-def critic_loss(critic, real, fake, c, gp_weight):
-    """Wasserstein critic loss + per-sample gradient penalty, in ONE forward of the critic
-    (so that a DDP-wrapped critic sees one forward and one backward per step)."""
-    eps = torch.rand(real.shape[0], 1, device=real.device)
-    interp = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    out = critic(torch.cat([real, fake, interp]), c.repeat(3, 1))
-    d_real, d_fake, d_int = out.split(real.shape[0])
-    grad, = torch.autograd.grad(d_int.sum(), interp, create_graph=True)
-    gp = ((grad.norm(2, dim=1) - 1) ** 2).mean()          # per sample, then averaged
-    wdist = d_real.mean() - d_fake.mean()
-    return -wdist + gp_weight * gp, wdist
+def epoch_draws(gens, n, n_iter, n_critic, bs, latent, device):
+    """All of one epoch's randomness, member by member from its own generator (so K batched seeds
+    draw exactly what K single-seed runs draw): critic minibatches (consecutive slices of a
+    permutation, as training.py lines 251-257), generator-step conditions (distinct training events,
+    line 262), interpolation weights, noise -> tensors (K, n_iter, ...)."""
+    out = []
+    for g in gens:
+        out.append((perms(n, n_iter * n_critic * bs, g, device).view(n_iter, n_critic, bs),
+                    perms(n, n_iter * bs, g, device).view(n_iter, bs),
+                    torch.rand(n_iter, n_critic, bs, 1, generator=g, device=device),
+                    torch.randn(n_iter, n_critic * bs, latent, generator=g, device=device),
+                    torch.randn(n_iter, bs, latent, generator=g, device=device)))
+    return [torch.stack(t) for t in zip(*out)]
 
 
-def train_step(nets, opts, real, cond, args, amp, g_step):
-    """One critic step, then a generator step if g_step -> (loss_d, wdist, loss_g or None).
-    nets: (generator, critic, generator for sampling, unwrapped critic); DDP-wrapped or not."""
-    gen, crit, g_fast, d_raw = nets
-    opt_g, opt_d = opts
-    z = lambda: torch.randn(len(real), args.latent, device=real.device)  # noqa: E731
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-        fake = g_fast(z(), cond)[0].float()
-    with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-        loss_d, wdist = critic_loss(crit, real, fake, cond, args.gp)
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
-    loss_g = None
-    if g_step:
-        d_raw.requires_grad_(False)     # the unwrapped critic: its DDP wrapper sees one forward per step
-        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            fake, logits = gen(z(), cond)
-            loss_g = -d_raw(fake, cond).mean()
-            if args.l1:
-                loss_g = loss_g + args.l1 * logits.abs().sum(1).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        d_raw.requires_grad_(True)
-    return loss_d, wdist, loss_g
+def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1, reduce=None):
+    """n_critic critic steps then one generator step; -> (3, K) sums of critic loss, W, generator loss.
+    real (K, n_critic, B, n_x), cond (K, n_critic, B, 1), eps like cond, gin_c (K, n_critic*B, latent+1)
+    and gin_g (K, B, latent+1) noise | condition. buf (K, n_critic, 3B, n_x+1) is scratch space.
+    The generator is fixed during the critic steps: their fakes come from one forward pass."""
+    K, nc, B, nx = real.shape
+    fake = generator_out(gl, gin_c, n_cells)[0].view(K, nc, B, nx)
+    buf[:, :, :B, :nx] = real
+    buf[:, :, B:2 * B, :nx] = fake
+    buf[:, :, 2 * B:, :nx] = torch.lerp(fake, real, eps)
+    buf[..., nx:].unflatten(2, (3, B)).copy_(cond[:, :, None])
+    sums = torch.zeros(3, K, device=buf.device)
+    for j in range(nc):
+        grad, loss, wd = critic_grads(cl, buf[:, j], B, nx, gp)
+        opts[1].step(reduce(grad) if reduce else grad.float())
+        sums[0] += loss
+        sums[1] += wd
+    grad, loss = generator_grads(gl, cl, gin_g, n_cells, l1)
+    opts[0].step(reduce(grad) if reduce else grad.float())
+    sums[2] += loss
+    return sums
 
 
-def train(args, run_seed, data, device, ckpt_path, log, amp, world=(0, 1)):
-    """Train one seed; returns (unwrapped generator, history). Resumes from ckpt_path if asked."""
+def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
+    """Train the seeds as ONE batched model; returns (generator, {seed: history})."""
     rank, size = world
-    x = torch.as_tensor(data["x"], device=device)                  # whole dataset on the device
+    K = len(seeds)
+    x = torch.as_tensor(data["x"], device=device)                   # whole dataset on the device
     c = torch.as_tensor(data["c"], device=device)
-    train_idx = torch.as_tensor(data["train"], device=device)
+    tr = torch.as_tensor(data["train"], device=device)
     hp = {k: getattr(args, k) for k in ("latent", "width", "layers")}
-    seed_all(run_seed)
-    gen, crit = (m.to(device) for m in build(hp, x.shape[1], data["ratio_head"]))
-    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas) for m in (gen, crit))
-    start, step, history = 0, 0, []
+    gen, crit = (m.to(device) for m in build(hp, x.shape[1], data["ratio_head"], K))
+    gens = member_generators(seeds, device)
+    gen.glorot_(gens)
+    crit.glorot_(gens)
+    opts = [Adam(m.flat, args.lr, args.betas) for m in (gen, crit)]
+    start, step, history = 0, 0, {s: [] for s in seeds}
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck.get("seeds") != seeds:
+            raise DataError(f"{ckpt_path}: checkpoint holds seeds {ck.get('seeds')}, the flags ask for {seeds}")
         try:
             gen.load_state_dict(ck["model"]["generator"])
             crit.load_state_dict(ck["model"]["critic"])
         except RuntimeError:
             raise DataError(f"{ckpt_path}: checkpoint's model shape differs from the flags (--layers/--width/--latent)")
-        opt_g.load_state_dict(ck["optim"]["generator"])
-        opt_d.load_state_dict(ck["optim"]["critic"])
-        start, step, history = ck["epoch"], ck["step"], ck["history"]
-        set_rng_state(ck["rng"])
+        for o, name in zip(opts, ("generator", "critic")):
+            o.load_state_dict(ck["optim"][name])
+        start, step, history = ck["epoch"], ck["step"], {int(s): h for s, h in ck["history"].items()}
+        for g, st in zip(gens, ck["rng"]):
+            g.set_state(st.cpu())
         if rank:
-            seed_all(run_seed + 1000 * rank + start)
-        log(f"seed {run_seed}: resumed from {ckpt_path} at epoch {start}, step {step}")
+            gens = member_generators(seeds, device, 1000 * rank + start)
+        log(f"resumed from {ckpt_path} at epoch {start}, step {step}")
     elif rank:
-        seed_all(run_seed + 1000 * rank)                           # each rank its own minibatches
-    g_raw, d_raw = gen, crit
-    if size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device.index] if device.type == "cuda" else None
-        gen, crit = DDP(gen, device_ids=ids), DDP(crit, device_ids=ids)
-    g_fast = torch.compile(g_raw) if args.compile else g_raw
-    n_batches = max(1, len(train_idx) // (args.batch_size * size))
-    bs = min(args.batch_size, len(train_idx))
+        gens = member_generators(seeds, device, 1000 * rank)         # each rank its own minibatches
+    n_cells = x.shape[1] - int(data["ratio_head"])
+    bs = min(args.batch_size, len(tr))
+    n_iter = max(1, len(tr) // (bs * args.n_critic * size))       # training.py line 251
+    gl, cl = gen.layers(), crit.layers()
+    buf = torch.zeros(K, args.n_critic, 3 * bs, x.shape[1] + 1, device=device)
+    step_fn = torch.compile(iteration) if args.compile else iteration
+
+    def reduce(grad):
+        grad = grad.float()
+        if size > 1:
+            dist.all_reduce(grad)
+            grad /= size
+        return grad
     t0, seen = time.time(), 0
     for epoch in range(start, args.epochs):
-        perm = train_idx[torch.randperm(len(train_idx), device=device)]
-        sums = np.zeros(3)
-        for b in range(n_batches):
-            idx = perm[(b * bs) % len(perm):][:bs]
-            if len(idx) < bs:
-                idx = perm[:bs]
-            loss_d, wdist, loss_g = train_step((gen, crit, g_fast, d_raw), (opt_g, opt_d), x[idx], c[idx], args,
-                                               amp, g_step=(b + 1) % args.n_critic == 0)
-            seen += bs
-            sums[:2] += loss_d.item(), wdist.item()
-            if loss_g is not None:
-                step += 1
-                sums[2] += loss_g.item()
-        n_g = max(1, n_batches // args.n_critic)
-        history.append({"epoch": epoch + 1, "loss_d": sums[0] / n_batches, "wdist": sums[1] / n_batches,
-                        "loss_g": sums[2] / n_g})
+        idx_c, idx_g, eps, z_c, z_g = epoch_draws(gens, len(tr), n_iter, args.n_critic, bs, args.latent, device)
+        real, cond = x[tr[idx_c]], c[tr[idx_c]]
+        gin_c = torch.cat([z_c, cond.flatten(2, 3)], -1)
+        gin_g = torch.cat([z_g, c[tr[idx_g]]], -1)
+        sums = torch.zeros(3, K, device=device)
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            for it in range(n_iter):
+                sums += step_fn(gl, cl, opts, buf, real[:, it], cond[:, it], eps[:, it], gin_c[:, it], gin_g[:, it],
+                                n_cells, args.gp, args.l1, reduce)
+        step += n_iter
+        seen += n_iter * args.n_critic * bs
+        s = (sums / torch.tensor([n_iter * args.n_critic] * 2 + [n_iter], device=device)[:, None]).tolist()
+        for k, sd in enumerate(seeds):
+            history[sd].append({"epoch": epoch + 1, "loss_d": s[0][k], "wdist": s[1][k], "loss_g": s[2][k]})
         done = epoch + 1
         if rank == 0 and (done % args.log_every == 0 or done == args.epochs):
             el = time.time() - t0
-            rate = seen * size / max(el, 1e-9)
             eta = el / (done - start) * (args.epochs - done)
-            h = history[-1]
-            log(f"epoch {done}/{args.epochs} | step {step} | loss_d {h['loss_d']:.4f} loss_g {h['loss_g']:.4f} "
-                f"W {h['wdist']:.4f} | {rate:.0f} samples/s | ETA {datetime.timedelta(seconds=int(eta))}"
-                + (f" | seed {run_seed}" if args.seeds > 1 else ""))
+            log(f"epoch {done}/{args.epochs} | step {step} | loss_d {np.mean(s[0]):.4f} loss_g {np.mean(s[2]):.4f} "
+                f"W {np.mean(s[1]):.4f} | {seen * size / max(el, 1e-9):.0f} samples/s | "
+                f"ETA {datetime.timedelta(seconds=int(eta))}" + (f" | mean of {K} seeds" if K > 1 else ""))
+        if rank == 0 and args.eval_every and done % args.eval_every == 0 and done < args.epochs:
+            log(f"epoch {done}: " + summary(validate(gen, data, seeds, device)[0]))
         if rank == 0 and (done % args.ckpt_every == 0 or done == args.epochs):
             torch.save({
-                "model": {"generator": g_raw.state_dict(), "critic": d_raw.state_dict()},
-                "optim": {"generator": opt_g.state_dict(), "critic": opt_d.state_dict()},
-                "epoch": done, "step": step, "args": vars(args), "rng": rng_state(), "history": history,
-                "seed": run_seed, "norm": data["norm"], "geometry": data["geom"].name, "format": data["fmt"],
-                "toy": data["toy"], "hp": hp}, ckpt_path + ".tmp")
+                "model": {"generator": gen.state_dict(), "critic": crit.state_dict()},
+                "optim": {"generator": opts[0].state_dict(), "critic": opts[1].state_dict()},
+                "epoch": done, "step": step, "args": vars(args), "rng": [g.get_state() for g in gens],
+                "history": history, "seeds": seeds, "norm": data["norm"], "geometry": data["geom"].name,
+                "format": data["fmt"], "toy": data["toy"], "hp": hp}, ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
-    return g_raw, history
+    return gen, history
 
 
 # ---------------------------------------------------------------- generate
 
 
 @torch.no_grad()
-def sample(gen, cond_e, norm, latent, device, batch=10000):
-    """Generated fractions (and total / condition ratio) for conditioning energies cond_e (MeV) -> cells MeV."""
-    gen.eval()
-    out = []
-    for s in range(0, len(cond_e), batch):
-        e = torch.as_tensor(cond_e[s:s + batch], dtype=torch.float32, device=device)
-        c = ((torch.log(e) - norm["mu_e"]) / norm["sd_e"])[:, None]
-        x = gen(torch.randn(len(e), latent, device=device), c)[0].double()
+def sample(gen, cond_e, norm, gens, batch=10000):
+    """Showers in MeV for conditioning energies cond_e (K, n) MeV, member k from gens[k] -> (K, n, C)."""
+    device, out = gen.flat.device, []
+    n_cells = gen.sizes[-1] - int("mu_r" in norm)
+    for s in range(0, cond_e.shape[1], batch):
+        e = torch.as_tensor(cond_e[:, s:s + batch], dtype=torch.float64, device=device)
+        c = ((torch.log(e) - norm["mu_e"]) / norm["sd_e"]).float()[..., None]
+        z = torch.stack([torch.randn(e.shape[1], gen.sizes[0] - 1, generator=g, device=device) for g in gens])
+        x = generator_out(gen.layers(), torch.cat([z, c], -1), n_cells)[0].double()
+        total = e
         if "mu_r" in norm:                                   # ds1: total = E_inc * exp(log ratio)
-            total = e.double() * torch.exp(norm["mu_r"] + norm["sd_r"] * x[:, -1])
-            x = x[:, :-1]
-        else:                                                # ATLAS: the condition IS the total
-            total = e.double()
-        out.append((x * total[:, None]).float().cpu().numpy())
-    gen.train()
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            total = e * torch.exp(norm["mu_r"] + norm["sd_r"] * x[..., -1])
+        out.append((x[..., :n_cells] * total[..., None]).float().cpu().numpy())
+    return np.concatenate(out, 1)
+
+
+def validate(gen, data, seeds, device):
+    """Generated showers for the held-out events (one per seed and event, noise cuts applied) and
+    the metrics against the held-out real showers."""
+    val = data["val"]
+    cells = sample(gen, np.tile(data["cond_e"][val], (len(seeds), 1)), data["norm"],
+                   member_generators(seeds, device, 10_000))
+    fake = noise_cut(cells.reshape(len(seeds) * len(val), -1), data["geom"])
+    return evaluate(data["cells"][val], fake, data["geom"], data["toy"]), fake
 
 
 def load_generator(path, device):
@@ -447,7 +577,7 @@ def load_generator(path, device):
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
         fmt, geom = ck["format"], common.geometry(ck["geometry"])
-        gen, _ = build(ck["hp"], geom.n_cells + int(fmt != "atlas"), fmt != "atlas")
+        gen, _ = build(ck["hp"], geom.n_cells + int(fmt != "atlas"), fmt != "atlas", len(ck["seeds"]))
         gen.load_state_dict(ck["model"]["generator"])
     except (KeyError, RuntimeError, TypeError, EOFError, ValueError) as e:
         raise DataError(f"{path}: not a wgan_gp.py checkpoint ({type(e).__name__})")
@@ -476,8 +606,10 @@ def generate_main(args, device):
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise DataError(f"{args.out}: folder does not exist")
-    torch.manual_seed(args.seed)
-    cells = noise_cut(sample(gen, cond_e, ck["norm"], ck["hp"]["latent"], device), geom)
+    K = gen.k                                                        # event i from seed member i % K
+    cond = np.resize(cond_e, -(-args.generate // K) * K).reshape(-1, K).T
+    cells = sample(gen, cond, ck["norm"], member_generators(range(K), device, args.seed))
+    cells = noise_cut(cells.transpose(1, 0, 2).reshape(-1, cells.shape[2])[:args.generate], geom)
     write_h5(args.out, fmt, geom, cells, true_e, {"generated": True, "model": "wgan_gp", "ckpt": args.ckpt,
                                                   "toy": bool(ck["toy"]), "energy_is": energy_is})
     print(f"wrote {len(cells)} generated {geom.name} showers to {args.out}")
@@ -485,39 +617,60 @@ def generate_main(args, device):
 
 
 def benchmark(args, device, amp):
+    """Generation showers/s, and the time of one training iteration (n_critic critic steps + one
+    generator step) for 1 and for --seeds K batched members, alternated, medians."""
     geom = common.geometry("atlas89")
     hp = {"latent": args.latent, "width": args.width, "layers": args.layers}
-    gen, crit = (m.to(device) for m in build(hp, geom.n_cells, False))
-    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=args.betas) for m in (gen, crit))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    norm = {"mu_e": math.log(5e4), "sd_e": 1.0}
-    gb, tb = 10000, args.batch_size
-    e = np.full(gb, 5e4)
-    real = torch.softmax(torch.randn(4096, geom.n_cells, device=device), 1)
-    cond = torch.randn(4096, 1, device=device)
+    B, nc, n, C = args.batch_size, args.n_critic, 4096, geom.n_cells
+    real = torch.softmax(torch.randn(n, C, device=device), 1)
+    cond = torch.randn(n, 1, device=device)
+    setups = {}
+    for K in sorted({1, args.seeds}):
+        gen, crit = (m.to(device) for m in build(hp, C, False, K))
+        gens = member_generators(range(K), device)
+        gen.glorot_(gens)
+        crit.glorot_(gens)
+        setups[K] = (gen, crit, [Adam(m.flat, args.lr, args.betas) for m in (gen, crit)],
+                     torch.zeros(K, nc, 3 * B, C + 1, device=device))
 
-    def gen_run(reps):
-        for _ in range(reps):
-            sample(gen, e, norm, args.latent, device, batch=gb)
-
-    def train_run(reps):
-        for i in range(reps):
-            idx = torch.randint(0, 4096, (tb,), device=device)
-            train_step((gen, crit, gen, crit), (opt_g, opt_d), real[idx], cond[idx], args, amp,
-                       g_step=(i + 1) % args.n_critic == 0)[0].item()
-    rates = []
-    for fn, chunk, per in ((gen_run, 1, gb), (train_run, 50, tb)):
-        fn(chunk)                                                      # warm-up
-        sync()
-        t, n = time.perf_counter(), 0
-        while n < 3 * chunk or time.perf_counter() - t < 2.0:          # at least 2 s of work
-            fn(chunk)
-            n += chunk
-        sync()
-        rates.append(n * per / (time.perf_counter() - t))
-    print(json.dumps({"script": SCRIPT, "device": str(device), "dtype": args.dtype if amp else "fp32",
-                      "gen_batch": gb, "gen_showers_per_s": round(rates[0]), "train_batch": tb,
-                      "train_samples_per_s": round(rates[1])}))
+    def run_iteration(K):
+        gen, crit, opts, buf = setups[K]
+        i, ig = torch.randint(0, n, (K, nc, B), device=device), torch.randint(0, n, (K, B), device=device)
+        gin_c = torch.cat([torch.randn(K, nc * B, args.latent, device=device), cond[i].flatten(1, 2)], -1)
+        gin_g = torch.cat([torch.randn(K, B, args.latent, device=device), cond[ig]], -1)
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            iteration(gen.layers(), crit.layers(), opts, buf, real[i], cond[i], torch.rand(K, nc, B, 1, device=device),
+                      gin_c, gin_g, C, args.gp, args.l1)
+    times = {K: [] for K in setups}
+    for r in range(8):
+        for K in setups:
+            if r == 0:
+                run_iteration(K)                                         # warm-up
+            sync()
+            t = time.perf_counter()
+            for _ in range(20):
+                run_iteration(K)
+            sync()
+            times[K].append((time.perf_counter() - t) / 20)
+    med = {K: float(np.median(v)) for K, v in times.items()}
+    gen, norm, e = setups[1][0], {"mu_e": math.log(5e4), "sd_e": 1.0}, np.full((1, 10000), 5e4)
+    gens = member_generators([0], device)
+    sample(gen, e, norm, gens)
+    sync()
+    t, reps = time.perf_counter(), 0
+    while reps < 3 or time.perf_counter() - t < 1.0:
+        sample(gen, e, norm, gens)
+        reps += 1
+    sync()
+    out = {"script": SCRIPT, "device": str(device), "dtype": args.dtype if amp else "fp32",
+           "threads": torch.get_num_threads(), "gen_batch": 10000,
+           "gen_showers_per_s": round(reps * 1e4 / (time.perf_counter() - t)), "train_batch": B, "n_critic": nc,
+           "train_iter_ms": round(1e3 * med[1], 3), "train_samples_per_s": round(nc * B / med[1])}
+    if args.seeds > 1:
+        out.update(seeds=args.seeds, train_iter_ms_seeds=round(1e3 * med[args.seeds], 3),
+                   seeds_cost_ratio=round(med[args.seeds] / med[1], 3))
+    print(json.dumps(out))
     return 0
 
 
@@ -525,13 +678,15 @@ def benchmark(args, device, amp):
 
 
 def evaluate(real, fake, geom, toy):
-    """Metrics of real vs generated cells (MeV) with common.py: correlation MSE, separation powers."""
-    sp = lambda a, b: common.separation_power(a, b, bins=50)  # noqa: E731
+    """Metrics of real vs generated cells (MeV) with common.py, binned as evaluate.py bins them:
+    correlation MSE, separation powers."""
+    bins = common.auto_bins(len(real), len(fake))
+    sp = lambda a, b: common.separation_power_clipped(a, b, bins)  # noqa: E731
     names = geom.layer_names
     fr, ff = common.fraction_per_layer(real, geom), common.fraction_per_layer(fake, geom)
     er, ef = common.energy_per_layer(real, geom), common.energy_per_layer(fake, geom)
     cwr, cwf = common.centre_width_per_layer(real, geom), common.centre_width_per_layer(fake, geom)
-    m = {"toy": toy, "correlation_mse": common.correlation_mse(real, fake),
+    m = {"toy": toy, "correlation_mse": common.correlation_mse(real, fake), "bins": bins,
          "separation_power": {
              "fraction_per_layer": {n: sp(fr[:, i], ff[:, i]) for i, n in enumerate(names)},
              "energy_per_layer": {n: sp(er[:, i], ef[:, i]) for i, n in enumerate(names)},
@@ -544,6 +699,12 @@ def evaluate(real, fake, geom, toy):
     m["mean_fraction_per_layer"] = {"real": dict(zip(names, fr.mean(0).tolist())),
                                     "generated": dict(zip(names, ff.mean(0).tolist()))}
     return m
+
+
+def summary(m):
+    fsp = m["separation_power"]["fraction_per_layer"]
+    return (f"{'TOY ' if m['toy'] else ''}correlation MSE {m['correlation_mse']:.4f} | fraction-per-layer "
+            "separation power " + " ".join(f"{k} {v:.3f}" for k, v in fsp.items()))
 
 
 def layer_image(geom, lay, vec):
@@ -703,45 +864,37 @@ def run(args, device, amp, world, log):
     data.update(geom=d["geom"], fmt=d["fmt"], toy=d["toy"] or no_data,
                 ratio_head=d["fmt"] != "atlas")
     if args.epochs is None:
-        args.epochs = 50 if no_data else 1000
-    ckpts = {s: os.path.join(args.out, "ckpt.pt" if args.seeds == 1 else f"ckpt_seed{s}.pt")
-             for s in range(args.seed, args.seed + args.seeds)}
-    if args.resume and not any(os.path.exists(p) for p in ckpts.values()):
-        raise DataError(f"{next(iter(ckpts.values()))}: no checkpoint to resume from")
+        args.epochs = TOY_EPOCHS if no_data else 1000
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if args.resume and not os.path.exists(ckpt):
+        raise DataError(f"{ckpt}: no checkpoint to resume from")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         log(f"{d['geom'].name} ({d['fmt']}): {len(data['train'])} train, {len(data['val'])} validation events"
-            + (f", {data['n_dropped']} empty after the noise cuts dropped" if data["n_dropped"] else "")
-            + f"; {args.epochs} epochs, device {device}")
-    histories, fakes = {}, []
-    val = data["val"]
-    for s, path in ckpts.items():
-        gen, histories[s] = train(args, s, data, device, path, log, amp, world)
-        if rank == 0:
-            torch.manual_seed(10_000 + s)
-            fakes.append(noise_cut(sample(gen, data["cond_e"][val], data["norm"], args.latent, device), d["geom"]))
+            + (f"; {data['n_over']} clusters above 300 GeV removed" if d["fmt"] == "atlas" else "")
+            + (f"; {data['n_dropped']} empty after the noise cuts dropped" if data["n_dropped"] else "")
+            + f"; {args.epochs} epochs, {len(seeds)} seed(s), device {device}")
+    gen, histories = train(args, seeds, data, device, ckpt, log, amp, world)
     if rank != 0:
         return 0
-    fake = np.concatenate(fakes)
+    val = data["val"]
+    metrics, fake = validate(gen, data, seeds, device)
     real = data["cells"][val]
-    write_h5(os.path.join(args.out, "generated.h5"), d["fmt"], d["geom"], fake, np.tile(d["energy"][val], args.seeds),
-             {"generated": True, "model": "wgan_gp", "toy": data["toy"], "seeds": list(ckpts),
+    write_h5(os.path.join(args.out, "generated.h5"), d["fmt"], d["geom"], fake, np.tile(d["energy"][val], len(seeds)),
+             {"generated": True, "model": "wgan_gp", "toy": data["toy"], "seeds": seeds,
               "energy_is": "held-out real event's " + ("true energy" if d["fmt"] == "atlas" else "incident energy")})
-    metrics = evaluate(real, fake, d["geom"], data["toy"])
-    metrics.update(data=args.data, geometry=d["geom"].name, seeds=list(ckpts), epochs=args.epochs,
-                   n_train=len(data["train"]), n_val=len(val), n_generated=len(fake), val_indices=val.tolist(),
+    metrics.update(data=args.data, geometry=d["geom"].name, seeds=seeds, epochs=args.epochs, n_train=len(data["train"]),
+                   n_val=len(val), n_generated=len(fake), n_over_300GeV=data["n_over"], val_indices=val.tolist(),
                    final_wdist={s: h[-1]["wdist"] if h else None for s, h in histories.items()})
     mpath = os.path.join(args.out, "metrics.json")
     with open(mpath + ".tmp", "w") as f:
         f.write(json.dumps(metrics, indent=1))
     os.replace(mpath + ".tmp", mpath)
-    fsp = metrics["separation_power"]["fraction_per_layer"]
-    log(f"validation ({'TOY ' if data['toy'] else ''}{len(val)} real vs {len(fake)} generated): correlation MSE "
-        f"{metrics['correlation_mse']:.4f} | fraction-per-layer separation power "
-        + " ".join(f"{k} {v:.3f}" for k, v in fsp.items()))
     if not args.no_plots:
         plots(os.path.join(args.out, "plots"), real, fake, d["geom"], data["toy"], metrics, histories)
-    log(f"wrote {args.out}/: ckpt, generated.h5, metrics.json" + ("" if args.no_plots else ", plots/"))
+    log(f"wrote {args.out}/: ckpt.pt, generated.h5, metrics.json" + ("" if args.no_plots else ", plots/"))
+    log(f"validation, {len(val)} held-out real vs {len(fake)} generated: " + summary(metrics))
     return 0
 
 

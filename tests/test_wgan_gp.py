@@ -72,7 +72,7 @@ def test_train_outputs(trained):
         assert (out / "plots" / f"{p}.png").stat().st_size > 1000, p
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     assert ck["epoch"] == 2 and ck["step"] > 0 and ck["geometry"] == "atlas89" and ck["toy"] is True
-    assert {"python", "numpy", "torch"} <= set(ck["rng"])
+    assert ck["seeds"] == [0] and len(ck["rng"]) == 1                 # one generator state per seed
     assert not list(out.glob("*.tmp*")) and not list((out / "plots").glob("*.tmp*"))
 
 
@@ -103,18 +103,18 @@ def test_resume_continues(trained):
     assert after["epoch"] == 3 and after["step"] > before["step"]
 
 
-def test_resume_equals_uninterrupted(toy, tmp_path):
+def test_resume_of_seeds_equals_uninterrupted(toy, tmp_path):
     data = toy("atlas89", 256)
-    flags = ["--data", data, "--no-plots", *tiny(2)]
+    flags = ["--data", data, "--no-plots", "--seeds", "2", *tiny(2)]
     assert wg.main([*flags, "--out", str(tmp_path / "a")]) == 0
-    assert wg.main(["--data", data, "--no-plots", *tiny(1), "--out", str(tmp_path / "b")]) == 0
+    assert wg.main(["--data", data, "--no-plots", "--seeds", "2", *tiny(1), "--out", str(tmp_path / "b")]) == 0
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["epoch"] == 1
     assert wg.main([*flags, "--out", str(tmp_path / "b"), "--resume"]) == 0
     a, b = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False) for x in "ab")
     assert a["step"] == b["step"] and b["epoch"] == 2
     for part in ("generator", "critic"):
-        for k, v in a["model"][part].items():
-            assert torch.equal(v, b["model"][part][k]), (part, k)
+        assert torch.equal(a["model"][part]["flat"], b["model"][part]["flat"]), part
+        assert torch.equal(a["optim"][part]["v"], b["optim"][part]["v"]), part
     with h5py.File(tmp_path / "a" / "generated.h5") as fa, h5py.File(tmp_path / "b" / "generated.h5") as fb:
         assert np.array_equal(fa["cells"][()], fb["cells"][()])
 
@@ -129,16 +129,16 @@ def test_calochallenge1(toy, tmp_path):
     assert showers.shape == (n_val, 368) and inc.shape == (n_val, 1)
     assert np.all(np.isfinite(showers)) and np.all(showers >= 0) and np.all(showers.sum(1) > 0)
     ck = torch.load(tmp_path / "cc" / "ckpt.pt", weights_only=False)
-    assert "mu_r" in ck["norm"] and "ratio.weight" in ck["model"]["generator"]
+    assert "mu_r" in ck["norm"] and ck["model"]["generator"]["flat"].shape[1] == 9 * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 369 + 369
 
 
 def test_atlas247_two_seeds(toy, tmp_path):
     data = toy("atlas247", 256)
     r = _ok(run_script("wgan_gp.py", "--data", data, "--out", "s2", "--seeds", "2", "--no-plots",
                        *tiny(1), cwd=tmp_path))
-    assert "seed 1" in r.stdout
+    assert "mean of 2 seeds" in r.stdout
     out = tmp_path / "s2"
-    assert (out / "ckpt_seed0.pt").exists() and (out / "ckpt_seed1.pt").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=False)["model"]["generator"]["flat"].shape[0] == 2
     n_val = round(0.125 * 256)
     _check_atlas(out / "generated.h5", 2 * n_val, 247)                 # both seeds' samples pooled
     m = json.loads((out / "metrics.json").read_text())
@@ -243,29 +243,124 @@ def test_benchmark_json(tmp_path):
 
 
 def test_model_shapes_and_parameter_counts():
-    g = wg.Generator(89, latent=100, width=128, layers=3)
-    d = wg.Critic(89, width=128, layers=3)
+    g, d = wg.build({"latent": 100, "width": 128, "layers": 3}, 89, False, k=2)
     # Dense(101->128), 2 x Dense(128->128), Dense(128->89) / Dense(90->128), 2 x Dense(128->128), Dense(128->1)
-    assert sum(p.numel() for p in g.parameters()) == 101 * 128 + 128 + 2 * (128 * 128 + 128) + 128 * 89 + 89
-    assert sum(p.numel() for p in d.parameters()) == 90 * 128 + 128 + 2 * (128 * 128 + 128) + 129
-    x, logits = g(torch.randn(6, 100), torch.randn(6, 1))
-    assert x.shape == logits.shape == (6, 89)
-    assert torch.allclose(x.sum(1), torch.ones(6)) and torch.all(x > 0)   # softmax: energy conserved
-    assert d(x, torch.randn(6, 1)).shape == (6, 1)
-    g2 = wg.Generator(368, latent=10, width=32, layers=1, ratio_head=True)
-    x2, _ = g2(torch.randn(4, 10), torch.randn(4, 1))
-    assert x2.shape == (4, 369) and torch.allclose(x2[:, :368].sum(1), torch.ones(4))
+    assert g.flat.shape == (2, 101 * 128 + 128 + 2 * (128 * 128 + 128) + 128 * 89 + 89)
+    assert d.flat.shape == (2, 90 * 128 + 128 + 2 * (128 * 128 + 128) + 129)
+    g.glorot_(wg.member_generators([0, 1], "cpu"))
+    x, logits, _ = wg.generator_out(g.layers(), torch.randn(2, 6, 101), 89)
+    assert x.shape == logits.shape == (2, 6, 89)
+    assert torch.allclose(x.sum(-1), torch.ones(2, 6)) and torch.all(x > 0)   # softmax: energy conserved
+    assert wg.forward(d.layers(), torch.randn(2, 6, 90), wg.SLOPE)[0].shape == (2, 6, 1)
+    W, b = g.layers()[0]                     # Keras defaults: glorot-uniform kernels, zero biases
+    lim = (6 / (101 + 128)) ** 0.5
+    assert torch.all(b == 0) and W.abs().max() <= lim and W.abs().max() > 0.9 * lim
+    assert not torch.equal(W[0], W[1])                                  # members differ
+    g2, _ = wg.build({"latent": 10, "width": 32, "layers": 1}, 369, True)
+    x2, _, _ = wg.generator_out(g2.layers(), torch.randn(1, 4, 11), 368)
+    assert x2.shape == (1, 4, 369) and torch.allclose(x2[..., :368].sum(-1), torch.ones(1, 4))
+
+
+def test_leaky_relu_slope_is_keras_default():
+    assert wg.SLOPE == 0.3
+    net = wg.Dense([1, 1, 1])
+    with torch.no_grad():
+        net.flat.copy_(torch.tensor([[1.0, 0.0, 1.0, 0.0]]))             # identity, identity
+    y = wg.forward(net.layers(), torch.tensor([[[-2.0], [3.0]]]), wg.SLOPE)[0]
+    assert y.flatten().tolist() == pytest.approx([-0.6, 3.0])
+
+
+def _critic_reference(flat, sizes, h, nx, B, gp_weight):
+    """The critic loss by plain autograd, create_graph=True for the gradient penalty."""
+    net = wg.Dense(sizes, k=flat.shape[0]).double()
+
+    def D(x):
+        for i, (W, b) in enumerate(net.layers(flat)):
+            x = torch.baddbmm(b, x, W)
+            x = torch.nn.functional.leaky_relu(x, 0.3) if i < len(sizes) - 2 else x
+        return x
+    real, fake, interp = h[:, :B], h[:, B:2 * B], h[:, 2 * B:].clone().requires_grad_(True)
+    g = torch.autograd.grad(D(interp).sum(), interp, create_graph=True)[0][..., :nx]
+    gp = ((g.norm(dim=2) - 1) ** 2).mean(1)
+    return -(D(real).mean((1, 2)) - D(fake).mean((1, 2))) + gp_weight * gp
+
+
+def test_explicit_gradient_penalty_equals_autograd():
+    torch.manual_seed(0)
+    K, B, nx, sizes = 2, 7, 5, [6, 9, 8, 1]
+    net = wg.Dense(sizes, k=K).double()
+    with torch.no_grad():
+        net.flat.normal_(0, 0.5)
+    h = torch.rand(K, 3 * B, 6, dtype=torch.double)
+    h[:, B:, 5] = h[:, :B, 5].repeat(1, 2)                              # one condition per sample
+    with torch.no_grad():
+        grad, loss, _ = wg.critic_grads(net.layers(), h.clone(), B, nx, 10.0)
+    flat = net.flat.detach().clone().requires_grad_(True)
+    ref = _critic_reference(flat, sizes, h, nx, B, 10.0)
+    ref.sum().backward()
+    assert torch.allclose(loss, ref.detach(), rtol=0, atol=1e-6)
+    assert torch.allclose(grad, flat.grad, rtol=0, atol=1e-6)
+    assert grad.abs().max() > 1e-2
+
+
+def test_generator_gradient_equals_autograd():
+    torch.manual_seed(1)
+    K, B, n_cells = 2, 6, 4
+    for ratio in (False, True):
+        gen, crit = wg.build({"latent": 3, "width": 7, "layers": 2}, n_cells + ratio, ratio, k=K)
+        gen, crit = gen.double(), crit.double()
+        with torch.no_grad():
+            gen.flat.normal_()
+            crit.flat.normal_()
+        gin = torch.randn(K, B, 4, dtype=torch.double)
+        with torch.no_grad():
+            grad, loss = wg.generator_grads(gen.layers(), crit.layers(), gin, n_cells, 0.01)
+        flat = gen.flat.detach().clone().requires_grad_(True)
+        x, logits, _ = wg.generator_out(gen.layers(flat), gin, n_cells)
+        y = wg.forward(crit.layers(), torch.cat([x, gin[..., -1:]], -1), wg.SLOPE)[0]
+        ref = -y.mean((1, 2)) + 0.01 * logits.abs().sum(-1).mean(-1)
+        ref.sum().backward()
+        assert torch.allclose(loss, ref.detach(), atol=1e-10) and torch.allclose(grad, flat.grad, atol=1e-10)
 
 
 def test_gradient_penalty_is_per_sample():
-    class Half(torch.nn.Module):      # D(x) = |x|^2 / 2: grad_x D = x, so |grad| = |x| per sample
-        def forward(self, x, c):
-            return 0.5 * (x ** 2).sum(1, keepdim=True)
-    x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
-    loss, wdist = wg.critic_loss(Half(), x, x.clone(), torch.zeros(2, 1), gp_weight=1.0)
+    # one hidden layer kept positive by its bias: D(x) = 3 x_0 + const, so |grad_x D| = 3 for each sample
+    net = wg.Dense([3, 2, 1])
+    with torch.no_grad():
+        net.flat.copy_(torch.tensor([[1.0, 0, 0, 1, 0, 0, 10, 10, 3, 0, 0]]))
+    h = torch.tensor([[[1.0, 0, 0], [3, 0, 0]]]).repeat(1, 3, 1)         # real = fake = interpolate rows
+    _, loss, wdist = wg.critic_grads(net.layers(), h, 2, 2, 1.0)
     assert wdist.item() == 0.0
-    # per sample: mean((1-1)^2, (3-1)^2) = 2; a whole-batch norm would give (sqrt(10)-1)^2 = 4.68
-    assert loss.item() == pytest.approx(2.0)
+    # per sample: mean((3-1)^2, (3-1)^2) = 4; a whole-batch norm would give (3 sqrt(2) - 1)^2 = 10.5
+    assert loss.item() == pytest.approx(4.0)
+
+
+def test_300_gev_cut(toy, tmp_path):
+    with h5py.File(toy("atlas89", 256)) as f:
+        arrays = {k: f[k][()] for k in f}
+    arrays["cells"][5] *= 400e3 / arrays["cells"][5].sum()              # a 400 GeV cluster
+    path = _bad_file(tmp_path, "hot.h5", **arrays)
+    data = wg.prepare(wg.read_showers(path), seed=0, val_frac=0.25)
+    assert data["n_over"] == 1 and 5 not in set(data["train"]) | set(data["val"])
+    assert len(data["train"]) + len(data["val"]) == 256 - 1 - data["n_dropped"]
+    assert wg.prepare(wg.read_showers(toy("atlas89", 256)), seed=0, val_frac=0.25)["n_over"] == 0
+
+
+def _train_args(seeds, epochs, out):
+    return wg.get_args(["--epochs", str(epochs), "--batch-size", "16", "--n-critic", "2", "--width", "16",
+                        "--latent", "8", "--out", str(out), "--seeds", str(seeds), "--ckpt-every", "1"])
+
+
+def test_batched_seeds_equal_separate_runs(toy, tmp_path):
+    d = wg.read_showers(toy("atlas89", 256))
+    data = wg.prepare(d, seed=0, val_frac=0.125)
+    data.update(geom=d["geom"], fmt="atlas", toy=True, ratio_head=False)
+    quiet = lambda msg: None  # noqa: E731
+    both, _ = wg.train(_train_args(2, 2, tmp_path), [3, 4], data, "cpu", str(tmp_path / "b.pt"), quiet, False)
+    for k, s in enumerate((3, 4)):
+        one, _ = wg.train(_train_args(1, 2, tmp_path), [s], data, "cpu", str(tmp_path / f"{s}.pt"), quiet, False)
+        assert torch.allclose(both.flat[k], one.flat[0], rtol=0, atol=1e-5)
+        assert not torch.allclose(both.flat[k], both.flat[1 - k], atol=1e-3)
 
 
 def test_prepare_normalises_and_cuts(toy):
