@@ -829,8 +829,12 @@ def _grid(n):
 def lhcb_asymmetry(images, momentum, point, orthogonal=False):
     """(N,) (E_side1 - E_side2) / E_total, split by the line through the shower centre.
     Images are [.., i_y, i_x] (MLHEP). orthogonal=False ("longitudinal"): line perpendicular
-    to p_xy, side1 = ahead along p_xy. orthogonal=True ("transverse"): line along p_xy,
-    side1 = left of p_xy. Cells on the line count in side1. Empty image -> 0."""
+    to p_xy, side1 = ahead along p_xy (as MLHEP calogan_metrics.get_assymetry).
+    orthogonal=True ("transverse"): line along p_xy, side1 = LEFT of p_xy (counter-clockwise
+    from it), a property of the shower in its own frame. MLHEP's side1 is the side above the line
+    (larger y), i.e. left of p_xy only when px > 0: MLHEP transverse = sign(px) x this one (and
+    undefined at px = 0, where its line has infinite slope). Cells on the line count in side1.
+    Empty image -> 0."""
     images = np.asarray(images)
     n, h, w = images.shape
     centre = lhcb_centre(momentum, point)
@@ -872,6 +876,46 @@ def lhcb_sparsity(images, alphas=np.logspace(-5, -1, 20)):
             out[sl, j] = np.count_nonzero(chunk >= alpha * total[sl, None], axis=1)
     out /= x.shape[1]
     out[total == 0] = 0.0
+    return out
+
+
+LHCB_PRD_CLUSTERS, LHCB_PRD_RUNS = 100, 100   # MLHEP analysis/score.py
+
+
+def lhcb_physics_features(images, momentum, point):
+    """(N, 24) the physics features of MLHEP analysis/score.py (calogan_metrics.get_physical_stats),
+    in its column order: longitudinal and transverse asymmetry, width along and across p_xy (cell
+    units), the 20-point sparsity curve. Conventions are those of lhcb_asymmetry / lhcb_width; an
+    empty image has asymmetries and widths 0 (MLHEP: NaN) and sparsity 1 (as MLHEP: 0 >= alpha 0)."""
+    f = np.concatenate([np.stack([fn(images, momentum, point, orthogonal=o) for fn in (lhcb_asymmetry, lhcb_width)
+                                  for o in (False, True)], axis=1), lhcb_sparsity(images)], axis=1)
+    f[_total(images) == 0, 4:] = 1.0
+    return f
+
+
+def lhcb_prd(real, gen, real_momentum, real_point, gen_momentum=None, gen_point=None,
+             num_clusters=LHCB_PRD_CLUSTERS, num_runs=LHCB_PRD_RUNS, seed=0):
+    """The MLHEP 2019 LHCb score (analysis/score.py): PRD-AUC of generated vs real showers on the
+    24 physics features (lhcb_physics_features, unstandardised as in score.py) and on the images,
+    100 k-means clusters (fewer when there are fewer points), averaged over 100 runs;
+    score = min of the two AUCs. Generated showers take the real conditions unless given.
+    prd_auc_images: score.py meant to compare an embedding of the images but, as written, embeds
+    the real sample twice, so its image AUC is 1 by construction and its score is the physics AUC
+    alone. Here the image AUC compares the real and generated images themselves (the 900 raw cell
+    energies, no embedding network): the comparison the formula intends, and a stricter one.
+    Differences from score.py: our k-means (one k-means++ start per run, 10 Lloyd steps) instead
+    of sklearn MiniBatchKMeans(n_init=10); widths use all cells (lhcb_width).
+    Returns {prd_auc_physics, prd_auc_images, score, prd_physics: (precision, recall), prd_images,
+    features: (real, generated) (N, 24) arrays}."""
+    gen_momentum = real_momentum if gen_momentum is None else gen_momentum
+    gen_point = real_point if gen_point is None else gen_point
+    k = min(num_clusters, len(real) + len(gen))
+    out = {"features": (lhcb_physics_features(real, real_momentum, real_point),
+                        lhcb_physics_features(gen, gen_momentum, gen_point))}
+    for name, a, b in (("physics", *out["features"]), ("images", real, gen)):
+        out[f"prd_{name}"] = prd(a, b, num_clusters=k, num_runs=num_runs, seed=seed)
+        out[f"prd_auc_{name}"] = prd_auc(*out[f"prd_{name}"])
+    out["score"] = min(out["prd_auc_physics"], out["prd_auc_images"])
     return out
 
 

@@ -59,9 +59,10 @@ the calibrated output. Differences kept: float32 instead of float64, a 60/20/20 
 at most --cls-max-events showers per class instead of its fixed event counts.
 Detector extras (native): LCD sampling fraction per 10 GeV bin and profiles; ATLAS correlation MSE, cell
 variance and a nearest-neighbour memorisation check (generated vs held-out real distances to real half
-A; much below 1 = copies); LHCb PRD on raw images and standardised physics features (equal sizes, k-means
-20 clusters), score = min (MLHEP); ILD quantile JSD of visible energy, hits, centre of gravity x/y and the
-pixel spectrum (reference.md: unconfirmed which five), --amplification on two disjoint real halves.
+A; much below 1 = copies); LHCb MLHEP protocol (common.lhcb_prd: PRD on the 24 physics features of
+score.py and on raw images, equal sizes, 100 clusters), score = min; ILD quantile JSD of visible energy,
+hits, centre of gravity x/y and the pixel spectrum (reference.md: unconfirmed which five),
+--amplification on two disjoint real halves.
 """
 import argparse
 import json
@@ -597,16 +598,15 @@ def atlas_extra(real, gen, args, plot):
 def lhcb_extra(real, gen, fr, fg, args, plot):
     """PRD-AUC on raw images and on the physics features, samples of equal size; score = min (MLHEP)."""
     rng = np.random.default_rng(args.seed)
-    phys = {k: v for k, v in fr.items() if k not in ("e_vis", "e_ratio", "n_hits")}
-    pr, pg = standardised(phys, fr), standardised(phys, fg)   # showers with an undefined feature left out
-    out, curves = {}, []
-    for name, a, b in (("images", real["cells"], gen["cells"]), ("physics", pr, pg)):
-        m = min(len(a), len(b), args.prd_max)
-        a, b = a[np.sort(rng.permutation(len(a))[:m])], b[np.sort(rng.permutation(len(b))[:m])]
-        curves.append(common.prd(a, b, num_clusters=min(20, 2 * m), num_runs=args.prd_runs, seed=args.seed))
-        out[f"prd_auc_{name}"], out[f"prd_n_per_sample_{name}"] = common.prd_auc(*curves[-1]), m
-    plot.update(prd=curves, sparsity=(real["sparsity_curve"], gen["sparsity_curve"]))
-    return {**out, "prd_auc_score": min(out["prd_auc_images"], out["prd_auc_physics"]),
+    m = min(real["n"], gen["n"], args.prd_max)
+    ir, ig = (np.sort(rng.permutation(x["n"])[:m]) for x in (real, gen))
+    r = common.lhcb_prd(real["cells"][ir].reshape(-1, 30, 30), gen["cells"][ig].reshape(-1, 30, 30),
+                        real["momentum"][ir], real["point"][ir], gen["momentum"][ig], gen["point"][ig],
+                        num_runs=args.prd_runs, seed=args.seed)
+    out = {f"prd_{k}_{name}": v for name in ("images", "physics") for k, v in (("auc", r[f"prd_auc_{name}"]),
+                                                                                ("n_per_sample", m))}
+    plot.update(prd=[r["prd_images"], r["prd_physics"]], sparsity=(real["sparsity_curve"], gen["sparsity_curve"]))
+    return {**out, "prd_auc_score": r["score"],
             "sparsity_curve_alphas": LHCB_ALPHAS.tolist(), "sparsity_curve_real": _list(real["sparsity_curve"]),
             "sparsity_curve_gen": _list(gen["sparsity_curve"])}
 

@@ -39,32 +39,52 @@ def check_mlhep(path, n, nonzero=False):
 def test_attention_identity_at_init():
     torch.manual_seed(0)
     att = S.SelfAttention(16)
-    assert att.gamma.item() == 0.0 and att.query.out_channels == 2 and att.key.out_channels == 2
+    assert att.gamma.item() == 0.0 and att.query.out_features == 2 and att.key.out_features == 2
+    assert att.value.out_features == 8 and att.out.out_features == 16
     x = torch.randn(3, 16, 8, 8)
     assert torch.equal(att(x), x)
 
 
-def test_attention_attends_where_it_should():
-    """Queries in the left half attend to position j1, the right half to j2: with gamma = 1 and
-    an identity value map, the output there is x + x[j1] (resp. x + x[j2])."""
-    c, h, w = 8, 6, 6
-    att = S.SelfAttention(c, sn=False)          # one query/key channel
-    x = torch.zeros(1, c, h, w)
-    x[0, 0, :, :3], x[0, 0, :, 3:] = 1.0, -1.0  # which half a query sits in
-    j1, j2 = (4, 5), (1, 0)                     # right half and left half: far from their queries
-    x[0, 1][j1], x[0, 1][j2] = 1.0, -1.0        # key markers
-    x[0, 2] = torch.arange(h * w, dtype=torch.float32).view(h, w)   # payload
+def _attention_by_hand(att, x):
+    """The SAGAN block written out position by position: query of cell i, keys and values max-pooled
+    over each 2x2 block j, out_i = x_i + gamma * W_o sum_j softmax_j(q_i . k_j) v_j."""
+    b, c, h, w = x.shape
+    out = x.clone()
+    lin = lambda m, u: m.weight @ u + m.bias   # noqa: E731
+    for n in range(b):
+        keys, vals = [], []
+        for by in range(0, h, 2):
+            for bx in range(0, w, 2):
+                cells = [x[n, :, by + dy, bx + dx] for dy in (0, 1) for dx in (0, 1)]
+                keys.append(torch.stack([lin(att.key, u) for u in cells]).max(0).values)
+                vals.append(torch.stack([lin(att.value, u) for u in cells]).max(0).values)
+        keys, vals = torch.stack(keys), torch.stack(vals)
+        for iy in range(h):
+            for ix in range(w):
+                a = torch.softmax(keys @ lin(att.query, x[n, :, iy, ix]), 0)
+                out[n, :, iy, ix] += att.gamma * lin(att.out, a @ vals)
+    return out
+
+
+def test_attention_matches_hand_written_block():
+    torch.manual_seed(1)
+    att = S.SelfAttention(16, sn=False)
     with torch.no_grad():
-        for conv in (att.query, att.key, att.value):
-            conv.weight.zero_()
-            conv.bias.zero_()
-        att.query.weight[0, 0] = 10.0
-        att.key.weight[0, 1] = 10.0
-        att.value.weight[:, :, 0, 0] = torch.eye(c)
-        att.gamma.fill_(1.0)
-        out = att(x) - x
-    assert torch.allclose(out[0, 2, :, :3], torch.full((h, 3), x[0, 2][j1].item()), atol=1e-3)
-    assert torch.allclose(out[0, 2, :, 3:], torch.full((h, 3), x[0, 2][j2].item()), atol=1e-3)
+        att.gamma.fill_(0.7)
+        x = torch.randn(2, 16, 4, 6)
+        torch.testing.assert_close(att(x), _attention_by_hand(att, x), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_attention_equals_unchunked():
+    torch.manual_seed(2)
+    att = S.SelfAttention(32).eval()       # eval: no power iteration between the calls
+    with torch.no_grad():
+        att.gamma.fill_(1.3)
+        x = torch.randn(50, 32, 16, 16)
+        whole = att(x, chunk=50)
+        for chunk in (1, 7, 32):
+            assert (att(x, chunk=chunk) - whole).abs().max().item() < 1e-5
+        assert (whole - x).abs().max().item() > 0.1    # the block does something
 
 
 def test_shapes_and_parameter_counts():
@@ -103,6 +123,75 @@ def test_frame_maps_agree_with_common_asymmetry():
         mine = np.where(fr[:, k] >= 0, e, -e).sum((1, 2)) / e.sum((1, 2))
         np.testing.assert_allclose(mine, S.aux_target("asymmetry", e, d["ParticleMomentum"], d["ParticlePoint"])[:, k],
                                    atol=1e-6)
+
+
+# ------------------------------------------------------------------ MLHEP protocol (common.py)
+
+def _hand_shower(cells):
+    img = np.zeros((1, 30, 30))
+    for iy, ix, e in cells:   # [i_y, i_x]; cell centre x = i_x - 14.5, y = i_y - 14.5
+        img[0, iy, ix] = e
+    return img
+
+
+def test_transverse_asymmetry_convention_on_a_hand_made_shower():
+    """Transverse side 1 = left of p_xy (counter-clockwise). MLHEP (calogan_metrics.get_assymetry,
+    orthog=True) takes the side above the line y = y_c + (py/px)(x - x_c): left only when px > 0."""
+    # centre (0, 0) (point 0, p_xy / p_z tiny); 3 units at y = +2.5 (above), 1 unit at y = -2.5
+    img = _hand_shower([(17, 15, 3.0), (12, 15, 1.0)])
+    pt = np.zeros((1, 3))
+
+    def mlhep(p):   # MLHEP's rule, written out for this shower
+        xs, ys = np.meshgrid(np.arange(30) - 14.5, np.arange(30) - 14.5)
+        above = ys - (p[1] / p[0]) * xs >= 0
+        return (img[0][above].sum() - img[0][~above].sum()) / img.sum()
+    for p, ours in (((1.0, 0.0), 0.5), ((-1.0, 0.0), -0.5), ((1.0, 0.2), 0.5), ((-1.0, -0.3), -0.5)):
+        mom = np.array([[p[0], p[1], 1e4]])
+        a = common.lhcb_asymmetry(img, mom, pt, orthogonal=True)[0]
+        assert a == pytest.approx(ours)                         # +y is left of +x, right of -x
+        assert mlhep(p) == pytest.approx(0.5)                    # MLHEP: above the line, whatever px
+        assert a == pytest.approx(np.sign(p[0]) * mlhep(p))     # ours = sign(px) x MLHEP
+    # along +y, left is -x: 2 units at x = -4.5, 6 at x = +4.5 -> (2 - 6) / 8
+    img2 = _hand_shower([(15, 10, 2.0), (15, 19, 6.0)])
+    assert common.lhcb_asymmetry(img2, np.array([[0.0, 1.0, 1e4]]), pt, orthogonal=True)[0] == pytest.approx(-0.5)
+
+
+def test_mlhep_physics_features_columns():
+    # one hot cell 3 cells ahead of the centre along +x: asymmetry along 1, across 1 (on the line
+    # counts as side 1), widths 0, sparsity 1/900 at every alpha
+    img = _hand_shower([(14, 18, 5.0)])
+    f = common.lhcb_physics_features(img, np.array([[1.0, 0.0, 1e4]]), np.array([[-0.5, -0.5, 0.0]]))
+    assert f.shape == (1, 24)
+    np.testing.assert_allclose(f[0, :4], [1.0, 1.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(f[0, 4:], 1 / 900)
+    assert common.LHCB_PRD_CLUSTERS == 100 and common.LHCB_PRD_RUNS == 100   # score.py
+
+
+def _blob_showers(n, ahead, seed):
+    """n showers, each a 3x3 blob 4 cells ahead of (or behind) the centre along a random p_xy."""
+    rng = np.random.default_rng(seed)
+    phi = rng.uniform(0, 2 * np.pi, n)
+    mom = np.stack([np.cos(phi), np.sin(phi), np.full(n, 1e4)], 1)
+    pt = np.c_[rng.uniform(-3, 3, (n, 2)), np.zeros(n)]
+    img = np.zeros((n, 30, 30))
+    s = 4.0 if ahead else -4.0
+    for i in range(n):
+        cx, cy = pt[i, :2] + s * mom[i, :2] + 14.5
+        ix, iy = int(round(cx)), int(round(cy))
+        img[i, iy - 1:iy + 2, ix - 1:ix + 2] = rng.uniform(0.5, 1.5, (3, 3))
+    return img, mom, pt
+
+
+def test_mlhep_prd_auc_identical_and_disjoint():
+    img, mom, pt = _blob_showers(300, True, 0)
+    r = common.lhcb_prd(img, img, mom, pt, num_runs=3)
+    assert r["prd_auc_physics"] == pytest.approx(1.0, abs=1e-6) and r["score"] == pytest.approx(1.0, abs=1e-6)
+    assert r["features"][0].shape == (300, 24)
+    img2, mom2, pt2 = _blob_showers(300, True, 1)      # same distribution, other showers
+    assert common.lhcb_prd(img, img2, mom, pt, mom2, pt2, num_clusters=20, num_runs=3)["prd_auc_physics"] > 0.85
+    behind = _blob_showers(300, False, 1)              # longitudinal asymmetry -1 instead of +1
+    r = common.lhcb_prd(img, *behind[:1], mom, pt, *behind[1:], num_runs=3)
+    assert r["prd_auc_physics"] < 0.01 and r["score"] < 0.01
 
 
 @pytest.fixture
@@ -315,11 +404,14 @@ def test_bad_input_subprocess(toy, tmp_path):
 
 
 def test_benchmark_and_help(tmp_path):
-    p = run_script("sagan_aux.py", "--benchmark", "--ch", "8", "--batch-size", "8", "--device", "cpu", cwd=tmp_path)
+    p = run_script("sagan_aux.py", "--benchmark", "--ch", "8", "--nz", "8", "--batch-size", "8", "--device", "cpu",
+                   "--bench-rounds", "1", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     line = json.loads(p.stdout.strip().splitlines()[-1])
-    assert line["script"] == "sagan_aux.py" and line["device"] == "cpu"
-    assert line["gen_showers_per_s"] > 0 and line["train_samples_per_s"] > 0 and line["train_batch"] == 8
+    assert line["script"] == "sagan_aux.py" and line["device"] == "cpu" and line["train_batch"] == 8
+    for k in ("gen_aux_per_s", "gen_baseline_per_s", "train_aux_per_s", "train_baseline_per_s",
+              "gen_time_ratio_aux_over_baseline", "train_time_ratio_aux_over_baseline"):
+        assert line[k] > 0, k
     assert os.listdir(tmp_path) == []
     p = run_script("sagan_aux.py", "--help", cwd=tmp_path)
     assert p.returncode == 0 and "--aux-weight" in p.stdout and "--baseline" in p.stdout
