@@ -27,10 +27,11 @@ Choices (* = not public, ours) and deviations:
   class Generator): noise 256, Linear(256+5 -> 4 ch) + LeakyReLU -> (ch, 2, 2), three
   ConvT(k3, s2, p1, op1) with BN + ReLU, ConvT to 1 channel + ReLU, 32x32 cropped [1:31]; ch 256
   as there (64 on toy data). Added: spectral norm on every layer (SAGAN), log energy units.
-- *Attention: one block in G on the 16x16 map (before the last ConvT), one in D on its 16x16 map
-  (after the first conv), as SAGAN puts attention on the larger maps; at 8x8 a shower core is one
-  position. The block is the SAGAN authors' (pooled keys/values, SelfAttention) run in batch
-  chunks: generation stays within 1.3x of --baseline (--benchmark).
+- *Attention: one block in G on its 8x8 map (after the second ConvT), one in D on its 8x8 map
+  (after the second conv): 1/4 of the image side, as SAGAN's feat32 on 128x128 images (Zhang et
+  al. 2019, Table 1: feat32 and feat64 did best). On the 16x16 maps (feat64's analogue) the aux
+  generator took 2.2x the baseline's time at --ch 64, on 8x8 1.2x (--benchmark). The block is the
+  SAGAN authors' (pooled keys and values, SelfAttention), run in batch chunks.
 - *How R joins D: R's prediction (standardised) is concatenated with the 5 conditions and D's
   flattened features before D's SN-MLP head, where the LHCb baseline D took its conditions.
   loss_D = hinge + w MSE(R(real), metric(real)) (w = --aux-weight; R is in D's optimiser and the
@@ -298,7 +299,8 @@ class Regressor(nn.Module):
 
     def __init__(self, out_dim=2, cond_dim=5, width=16):
         super().__init__()   # per-cell layers as Linear on (B, 900, features) rows: 3x faster than 1x1 convs on CPU
-        self.net = nn.Sequential(nn.Linear(6, width), nn.ReLU(inplace=True), nn.Linear(width, width), nn.ReLU(inplace=True))
+        self.net = nn.Sequential(nn.Linear(6, width), nn.ReLU(inplace=True), nn.Linear(width, width),
+                                 nn.ReLU(inplace=True))
         self.head = nn.Sequential(nn.Linear(2 * width + cond_dim, 64), nn.ReLU(), nn.Linear(64, out_dim))
 
     def forward(self, energy, frame, cond):
@@ -554,19 +556,18 @@ def train_main(args):
     run = Run(args)
     if run.ddp:
         import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
         dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
     out = args.out or os.path.join("runs", "sagan_aux")
     ckpt_path = os.path.join(out, "ckpt.pt")
-    toy = args.data is None
-    path = common.toy_path("lhcb", args.toy_n, 0) if toy else args.data
-    if toy:
-        if run.main:
-            print(f"no --data: training on TOY lhcb showers ({path})", flush=True)
-            if not os.path.isfile(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                common.write_toy("lhcb", path, args.toy_n, 0)
-        if run.ddp:
-            dist.barrier()
+    path = common.toy_path("lhcb", args.toy_n, 0) if args.data is None else args.data
+    if args.data is None and run.main:
+        print(f"no --data: training on TOY lhcb showers ({path})", flush=True)
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            common.write_toy("lhcb", path, args.toy_n, 0)
+    if args.data is None and run.ddp:
+        dist.barrier()
     resume = None
     if args.resume:
         if not os.path.isfile(ckpt_path):
@@ -574,68 +575,57 @@ def train_main(args):
         resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for k in ("nz", "ch", "aux", "baseline", "pdg", "val_frac", "seed"):
             setattr(args, k, resume["args"][k])
-    d, toy_attr = load_mlhep(path)
-    toy = toy or toy_attr
-    label = "TOY " if toy else ""
+    d, toy = load_mlhep(path)
+    toy = toy or args.data is None
     if args.pdg is not None:
         keep = d["ParticlePDG"] == args.pdg
         if not keep.any():
             raise DataError(f"{path}: no events with ParticlePDG == {args.pdg}")
         d = {k: v[keep] for k, v in d.items()}
     n = len(d["EnergyDeposit"])
-    perm = np.random.default_rng(args.seed).permutation(n)
     n_val = max(1, int(round(args.val_frac * n)))
     if n - n_val < 2:
         raise DataError(f"{path}: only {n} events, too few to hold out a validation split")
+    perm = np.random.default_rng(args.seed).permutation(n)
     val_idx, tr_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     images, raw = d["EnergyDeposit"].astype(np.float32), conditions(d)
-
+    y = aux_target(args.aux, images, d["ParticleMomentum"], d["ParticlePoint"])
     if resume is not None:
         norm = resume["norm"]
     else:   # normalisation constants from the training split only
-        nz_cells = images[tr_idx][images[tr_idx] > 0]
-        e0 = float(np.percentile(nz_cells, 1)) if nz_cells.size else 1.0
-        y = aux_target(args.aux, images[tr_idx], d["ParticleMomentum"][tr_idx], d["ParticlePoint"][tr_idx])
+        cells = images[tr_idx][images[tr_idx] > 0]
+        e0 = float(np.percentile(cells, 1)) if cells.size else 1.0
         norm = {"cond_mean": raw[tr_idx].mean(0), "cond_std": raw[tr_idx].std(0) + 1e-6, "e0": e0,
                 "s": float(np.log1p(images[tr_idx].max() / e0)) or 1.0,
-                "aux_mean": y.mean(0), "aux_std": y.std(0) + 1e-6}
-    os.makedirs(out, exist_ok=True) if run.main else None
-
+                "aux_mean": y[tr_idx].mean(0), "aux_std": y[tr_idx].std(0) + 1e-6}
     dev = run.device
-    tr = torch.as_tensor(tr_idx, device=dev)
-    X = (torch.log1p(torch.as_tensor(images, device=dev) / norm["e0"]) / norm["s"]).unsqueeze(1)
-    RAW = torch.as_tensor(raw, dtype=torch.float32, device=dev)
-    C = torch.as_tensor((raw - norm["cond_mean"]) / norm["cond_std"], dtype=torch.float32, device=dev)
-    Y = torch.as_tensor((aux_target(args.aux, images, d["ParticleMomentum"], d["ParticlePoint"]) - norm["aux_mean"])
-                        / norm["aux_std"], dtype=torch.float32, device=dev)
+    t32 = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)   # noqa: E731
+    X = (torch.log1p(t32(images) / norm["e0"]) / norm["s"]).unsqueeze(1)
+    RAW, C = t32(raw), t32((raw - norm["cond_mean"]) / norm["cond_std"])
+    Y, tr = t32((y - norm["aux_mean"]) / norm["aux_std"]), torch.as_tensor(tr_idx, device=dev)
 
     random.seed(args.seed + run.rank)
     np.random.seed(args.seed + run.rank)
     torch.manual_seed(args.seed)                      # same initial weights on every rank
     G, D, R = (m.to(dev) if m is not None else None for m in build(args))
+    nets = {k: m for k, m in (("G", G), ("D", D), ("R", R)) if m is not None}
     torch.manual_seed(args.seed + run.rank)
-    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(list(D.parameters()) + (list(R.parameters()) if R else []), args.lr_d, betas=(0.0, 0.9))
+    opts = {"G": torch.optim.Adam(G.parameters(), args.lr_g, betas=(0.0, 0.9)),
+            "D": torch.optim.Adam([p for k in "DR" if k in nets for p in nets[k].parameters()], args.lr_d,
+                                  betas=(0.0, 0.9))}
     epoch0, step = 0, 0
     if resume is not None:
-        for k, m in (("G", G), ("D", D), ("R", R)):
-            if m is not None:
-                m.load_state_dict(resume["model"][k])
-        opt_g.load_state_dict(resume["optim"]["G"])
-        opt_d.load_state_dict(resume["optim"]["D"])
-        epoch0, step = resume["epoch"], resume["step"]
-        rngs = resume["rng"]
+        for k, m in nets.items():
+            m.load_state_dict(resume["model"][k])
+        for k, o in opts.items():
+            o.load_state_dict(resume["optim"][k])
+        epoch0, step, rngs = resume["epoch"], resume["step"], resume["rng"]
         set_rng_state(rngs[run.rank] if run.rank < len(rngs) else rngs[0])
-    if run.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-    # training views: DDP-wrapped for D's step; Dp, Rp (plain) score G's fakes; all compiled with --compile
-    Gt, Dt, Rt = (DDP(m) if run.ddp and m is not None else m for m in (G, D, R))
-    Gt, Dt, Rt, Dp, Rp = (torch.compile(m) if args.compile and m is not None else m for m in (Gt, Dt, Rt, D, R))
-    if args.dtype == "bf16" and dev.type != "cuda" and run.main:
-        print("--dtype bf16 is ignored on CPU (autocast is used on CUDA only)", flush=True)
-
+    # training views: DDP-wrapped for D's step; D, R (plain) score G's fakes; all compiled with --compile
+    views = [DDP(m) if run.ddp and m is not None else m for m in (G, D, R)] + [D, R]
+    views = tuple(torch.compile(m) if args.compile and m is not None else m for m in views)
+    os.makedirs(out, exist_ok=True) if run.main else None
     log = open(os.path.join(out, "log.txt"), "a") if run.main else None
-    npar = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
 
     def say(msg):
         if run.main:
@@ -643,26 +633,25 @@ def train_main(args):
             log.write(msg + "\n")
             log.flush()
 
+    if args.dtype == "bf16" and dev.type != "cuda":
+        say("--dtype bf16 is ignored on CPU (autocast is used on CUDA only)")
     b = args.batch_size
-    steps_per_epoch = max(1, len(tr_idx) // (b * run.world))
+    spe = max(1, len(tr_idx) // (b * run.world))   # steps per epoch
     say(f"{SCRIPT}: {'baseline GAN' if args.baseline else 'SAGAN + aux regressor (' + args.aux + ')'} | "
-        f"{label}data {path}: {len(tr_idx)} train, {len(val_idx)} held out | device {dev} | "
-        f"G {npar(G)} D {npar(D)} R {npar(R)} parameters")
-    t0, done, last = time.time(), 0, {}
+        f"{'TOY ' * toy}data {path}: {len(tr_idx)} train, {len(val_idx)} held out | device {dev} | "
+        + " ".join(f"{k} {sum(p.numel() for p in m.parameters())}" for k, m in nets.items()) + " parameters")
+    t0, done = time.time(), 0
     for epoch in range(epoch0, args.epochs):
-        for m in (G, D, R):
-            m.train() if m is not None else None
+        for m in nets.values():
+            m.train()
         order = tr[torch.randperm(len(tr), device=dev)]
-        for i in range(steps_per_epoch):
+        for i in range(spe):
             idx = order[(i * b) % len(order):][:b]
-            last = train_step((Gt, Dt, Rt, Dp, Rp), (opt_g, opt_d), (X[idx], C[idx], RAW[idx], Y[idx]), args, run,
-                              norm)
-            step += 1
-            done += 1
-            if step % args.log_every == 0 or i == steps_per_epoch - 1:
-                el = time.time() - t0
-                rate = done * b * run.world / el
-                left = ((args.epochs - epoch - 1) * steps_per_epoch + steps_per_epoch - i - 1) * b * run.world / rate
+            last = train_step(views, (opts["G"], opts["D"]), (X[idx], C[idx], RAW[idx], Y[idx]), args, run, norm)
+            step, done = step + 1, done + 1
+            if step % args.log_every == 0 or i == spe - 1:
+                rate = done * b * run.world / (time.time() - t0)
+                left = ((args.epochs - epoch) * spe - i - 1) * b * run.world / rate
                 say(f"epoch {epoch + 1}/{args.epochs} | step {step} | loss_d {last['loss_d']:.4f} "
                     f"loss_g {last['loss_g']:.4f} mse {last['mse']:.4f} | {rate:.0f} samples/s | ETA {fmt_time(left)}")
         rngs = [rng_state()]
@@ -670,14 +659,17 @@ def train_main(args):
             rngs = [None] * run.world
             dist.all_gather_object(rngs, rng_state())
         if run.main and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
-            models = {k: m.state_dict() for k, m in (("G", G), ("D", D), ("R", R)) if m is not None}
-            torch.save({"model": models, "optim": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                        "epoch": epoch + 1, "step": step, "args": vars(args), "rng": rngs, "norm": norm,
-                        "geometry": "lhcb", "toy": toy}, ckpt_path + ".tmp")
+            torch.save({"model": {k: m.state_dict() for k, m in nets.items()},
+                        "optim": {k: o.state_dict() for k, o in opts.items()}, "epoch": epoch + 1, "step": step,
+                        "args": vars(args), "rng": rngs, "norm": norm, "geometry": "lhcb", "toy": toy},
+                       ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
-
     if run.main:
-        final(args, G, R, norm, d, images, raw, val_idx, tr_idx, path, out, toy, label, epoch0, step, dev, say)
+        metrics = final(args, G, R, norm, d, images, raw, val_idx, path, out, toy)
+        metrics.update({"epochs": args.epochs, "step": step, "resumed_from_epoch": epoch0, "n_train": len(tr_idx)})
+        write_json(metrics, os.path.join(out, "metrics.json"))
+        say(f"{'TOY ' * toy}PRD-AUC physics {metrics['prd_auc_physics']} images {metrics['prd_auc_images']} "
+            f"score {metrics['score']} -> {out}/metrics.json")
         log.close()
     if run.ddp:
         dist.barrier()
@@ -685,38 +677,37 @@ def train_main(args):
     return 0
 
 
-def final(args, G, R, norm, d, images, raw, val_idx, tr_idx, path, out, toy, label, epoch0, step, dev, say):
-    """Generate for the held-out conditions; metrics.json and plots."""
+def write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def final(args, G, R, norm, d, images, raw, val_idx, path, out, toy):
+    """Generate for the held-out conditions (generated.h5/.npz), plots; returns the metrics."""
     mom, point, pdg = d["ParticleMomentum"][val_idx], d["ParticlePoint"][val_idx], d["ParticlePDG"][val_idx]
     torch.manual_seed(args.seed + 12345)
+    dev = next(G.parameters()).device
     gen = sample(G, (raw[val_idx] - norm["cond_mean"]) / norm["cond_std"], norm, args.nz, dev)
-    write_mlhep(os.path.join(out, "generated.h5"), gen, mom, point, pdg, toy)
-    if path.endswith(".npz"):
-        write_mlhep(os.path.join(out, "generated.npz"), gen, mom, point, pdg, toy)
+    for ext in (".h5", ".npz") if path.endswith(".npz") else (".h5",):
+        write_mlhep(os.path.join(out, "generated" + ext), gen, mom, point, pdg, toy)
     m = min(len(val_idx), args.n_eval)
-    real = images[val_idx][:m]
+    real, rr = images[val_idx][:m], raw[val_idx][:m]
     metrics, feats = evaluate(real, gen[:m], mom[:m], point[:m], seed=args.seed)
     if R is not None:   # regressor's error on held-out real showers, in target units
         R.eval()
-        rr, t = raw[val_idx][:m], (lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev))
+        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)   # noqa: E731
         with torch.no_grad():
             pred = R(t(real).unsqueeze(1), frame_maps(t(rr)), t((rr - norm["cond_mean"]) / norm["cond_std"]))
         pred = pred.cpu().numpy() * norm["aux_std"] + norm["aux_mean"]
         truth = aux_target(args.aux, real, mom[:m], point[:m])
         metrics["aux_rmse_val"] = np.sqrt(((pred - truth) ** 2).mean(0)).tolist()
         metrics["aux_target_std_val"] = truth.std(0).tolist()
-    metrics.update({"script": SCRIPT, "toy": toy, "data": path, "model": "baseline" if args.baseline else "sagan_aux",
-                    "aux": args.aux, "aux_weight": args.aux_weight, "epochs": args.epochs, "step": step,
-                    "resumed_from_epoch": epoch0, "n_train": len(tr_idx), "n_val": len(val_idx), "n_eval": m,
-                    "val_indices": val_idx.tolist()})
-    tmp = os.path.join(out, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(out, "metrics.json"))
     if feats is not None:
-        make_plots(real, gen[:m], feats, os.path.join(out, "plots"), label)
-    say(f"{label}PRD-AUC images {metrics['prd_auc_images']} physics {metrics['prd_auc_physics']} "
-        f"score {metrics['score']} -> {out}/metrics.json")
+        make_plots(real, gen[:m], feats, os.path.join(out, "plots"), "TOY " * toy)
+    return {**metrics, "script": SCRIPT, "toy": toy, "data": path, "model": "baseline" if args.baseline else
+            "sagan_aux", "aux": args.aux, "aux_weight": args.aux_weight, "seed": args.seed, "ch": args.ch,
+            "n_val": len(val_idx), "n_eval": m, "val_indices": val_idx.tolist()}
 
 
 def main(argv=None):
