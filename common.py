@@ -188,6 +188,18 @@ def reduce_ild(layers, mip_cut=ILD_MIP_CUT_MEV):
     return cut.reshape(-1, 10, 3, 10, 3).sum((2, 4))
 
 
+def ild10_observables(showers):
+    """The Calomplification observables of (N,10,10) MeV showers: e_vis (sum), n_hits (pixels
+    above the MIP cut), cog_x, cog_y (energy-weighted centre, mm), 1-d; and pixel: (N,100), the
+    pixel energies with NaN below the cut (a subset of showers is a subset of rows)."""
+    s = np.asarray(showers, np.float64).reshape(len(showers), 100)
+    g, e = geometry("ild10"), s.sum(1)
+    safe = np.where(e > 0, e, 1.0)
+    return {"e_vis": e, "n_hits": (s > ILD_MIP_CUT_MEV).sum(1).astype(np.float64),
+            "cog_x": np.where(e > 0, s @ g.x / safe, 0.0), "cog_y": np.where(e > 0, s @ g.y / safe, 0.0),
+            "pixel": np.where(s > ILD_MIP_CUT_MEV, s, np.nan)}
+
+
 # ---------------------------------------------------------------- toy showers
 
 
@@ -1151,6 +1163,26 @@ def amplification_scan(reference, truth_pool, generated, n_quantiles=QUANTILE_CO
     gen_jsd = np.array([_jsd(p_ref, _bin_probs(gen, edges)) if gen.size else 1.0 for edges, p_ref in bins])
     return {"n_quantiles": ks, "sizes": grid, "truth_jsd": truth, "gen_jsd": gen_jsd,
             "equivalent_size": {k: _crossing_size(grid, truth[i], gen_jsd[i]) for i, k in enumerate(ks)}}
+
+
+def ild10_quantile_jsd(ref_obs, obs, n_bins):
+    """quantile_jsd per observable of two ild10_observables dicts (NaN dropped; at most n_bins, and
+    >= 10 reference values per quantile); 1 for an observable the sample lacks."""
+    out = {}
+    for k, v in obs.items():
+        r, v = _values(_rows(ref_obs[k])), _values(_rows(v))
+        out[k] = quantile_jsd(r, v, min(n_bins, r.size // 10)) if v.size else 1.0
+    return out
+
+
+def ild10_amplification(truth, generated, n_quantiles, n_train, seed=0):
+    """amplification_scan on each ild10 observable of (N,10,10) showers: the truth split into a
+    reference half and a disjoint pool half; truth subset sizes include n_train x (1, 2, 5, 10)."""
+    perm = np.random.default_rng(seed).permutation(len(truth))
+    half = len(truth) // 2
+    ref, pool, gen = (ild10_observables(x) for x in (truth[perm[:half]], truth[perm[half:]], generated))
+    sizes = np.r_[np.geomspace(10, len(truth) - half, 20), n_train * np.array([1, 2, 5, 10])]
+    return {k: amplification_scan(ref[k], pool[k], gen[k], n_quantiles, sizes, seed=seed) for k in ref}
 
 
 def separation_power(a, b, bins=50):
