@@ -1,68 +1,55 @@
 """evaluate.py: physics validation of generated calorimeter showers against real ones.
 
-One command tells whether generated showers can stand in for the real (Geant4) ones:
-
-    python common.py toy calochallenge1 -n 2000 -o real.h5 --seed 0   # or your real data file
-    python common.py toy calochallenge1 -n 2000 -o gen.h5 --seed 1    # or a script's generated.h5
-    python evaluate.py real.h5 gen.h5 --out report/                   # CaloChallenge protocol (auto for these files)
-    python evaluate.py real.h5 gen.h5 --protocol native --out report/ # this project's observables instead
+    python common.py toy calochallenge1 -n 2000 -o real.h5 --seed 0    # or your real data file
+    python common.py toy calochallenge1 -n 2000 -o gen.h5 --seed 1     # or a script's generated.h5
+    python evaluate.py real.h5 gen.h5 --out report/                    # CaloChallenge protocol (auto here)
+    python evaluate.py real.h5 gen.h5 --protocol native --out report/  # this project's observables instead
     python evaluate.py real.h5 runs/a/generated.h5 runs/b/generated.h5 --labels a,b --out report/
     python evaluate.py ild_real.h5 runs/vaegan/generated.h5 --amplification --out report/
-    python evaluate.py ds3_real.h5 ds3_gen.h5 --device cuda --cls-calochallenge  # the challenge's classifier
+    python evaluate.py ds3_real.h5 ds3_gen.h5 --device cuda --cls-calochallenge   # the challenge's classifier
 
-The first file is the reference ("real"); every further file is a generated sample with its own colour
-in the plots and its own row in report.md. The format is recognised from keys and shapes: LCD (`ECAL`
-25x25x25, or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS cluster (`cells`
-89/247 + `energy`, MeV), CaloChallenge (`incident_energies`, `showers` of 368 / 6480 / 40500 voxels:
-dataset 1 photons / 2 / 3, MeV), LHCb (`EnergyDeposit` 30x30 + `ParticleMomentum`/`ParticlePoint`, .h5
-or .npz), ILD (group `30x30` with `energy` GeV and `layers` MeV, reduced to 10x10 with common.reduce_ild;
-or reduced `showers` (N,10,10) with optional `energy` GeV, else 50 GeV). All files must be of one
-detector. Outputs in --out: metrics.json, report.md, plots/*.png and *.pdf. Datasets 2 and 3 (up to
-100k x 40500 float32 = 16 GB a file) are never held in memory: features are computed block by block
-from the file and the classifier reads only its subsample.
+The first file is the reference ("real"), every further file a generated sample (own colour, own report.md
+row). Formats, recognised from keys and shapes: LCD (`ECAL` 25x25x25 or 51x51x25 centre-cropped, Ep =
+`target[:,1]` or `energy`, GeV), ATLAS (`cells` 89/247 + `energy`, MeV), CaloChallenge (`incident_energies`,
+`showers` of 368/6480/40500 voxels = dataset 1 photons/2/3, MeV), LHCb (`EnergyDeposit` 30x30 +
+`ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers` MeV reduced by
+common.reduce_ild, or reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Outputs in --out:
+metrics.json, report.md, plots/*.png and *.pdf. Datasets 2 and 3 (up to 100k x 40500 float32, 16 GB a file)
+are never held in memory: features are computed block by block from the file, the classifier reads only its
+subsample (at most 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events).
 
-Protocols (--protocol; auto = calochallenge for CaloChallenge files, native otherwise):
-- calochallenge follows CaloChallenge/homepage code/evaluate.py: every voxel below its args.min_energy
-  (ds1 1 MeV; ds2/3 0.5 keV / 0.033) is set to 0 in every file before anything else; the features are
-  HighLevelFeatures.CalculateFeatures' (common.calochallenge_features: E per layer, centres and widths in
-  eta/phi on layers binned in alpha, in r on all layers, sparsity); the separation power is
-  _separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms in the binning of
-  its plot_Etot_Einc, plot_E_layers, plot_ECEtas, plot_ECPhis, plot_ECWidthEtas, plot_ECWidthPhis, plot_ECR,
-  plot_ECWidthR, plot_sparsity and plot_cell_dist (entries outside the range dropped, as there; empty
-  layers give 0 as there). report.md sets the mean separation power of each feature group beside the
-  classifier AUC/JSD as the challenge's results do. Not reproduced: Etot/Einc per discrete energy, the
-  high-level and ResNet classifiers, FPD/KPD (jetnet), PRDC. Check on toy ds1 files: run the challenge's
-  `python evaluate.py -i gen.h5 -r real.h5 -m hist-chi -d 1-photons --output_dir cc/` (needs sklearn and
-  LaTeX) and compare cc/histogram_chi2_1-photons.txt with metrics.json `separation_power`; sparsity, EC r
-  and width r come from its plot_sparsity/plot_ECR/plot_ECWidthR, which its evaluate.py defines but does
-  not call: call them on HighLevelFeatures of the cut showers. Features agree to 1e-13 (float64 input),
-  separation powers exactly.
-- native: per detector the validation of the original authors (reference.md) and, for all, the field's
-  yardsticks: separation power of every high-level observable in our binning (real range widened to the
-  generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails clipped into the end bins).
-Both: observables constant in the real sample are dropped and listed; empty showers (nothing left after
-the cut) are counted and reported. The challenge maps their centres/widths to 0 (its 1e-16 convention,
-kept in that protocol); native makes centres, widths, fractions and LHCb asymmetries of an empty shower
-undefined (NaN, as the MLHEP reference does; LHCb sparsity 1) and leaves them out of histograms and the
-Frechet distance. An observable is "flagged" when its separation power exceeds max(0.01, 3 x the
-statistical floor B (1/n1 + 1/n2) / 4 of B occupied bins). Frechet distance: on features standardised
-with the real mean and std (~ D/N for one distribution).
-Classifier two-sample test (all detectors): MLP on voxels / E_inc plus log10(E_inc / MeV), balanced
-classes, 60/20/20 train/validation/test (the same shower indices from both files), Adam; AUC and
-JSD = (ln2 - BCE)/ln2 on the test split after calibration on the validation split. Default (CPU-sized):
-2 x 256 hidden, LeakyReLU 0.2, standardised inputs, early stopping on the validation loss, Platt scaling
-(never p = 0 or 1). --cls-calochallenge: the challenge's DNN as its code builds it (num_layer=2 is an
-input layer plus 2 hidden ones: 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam 2e-4, batch
-1000, 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's
-IsotonicRegression(out_of_bounds='clip', y_min=1e-6, y_max=1-1e-6), done here without sklearn), AUC of
-the calibrated output. Differences kept: float32 instead of float64, a 60/20/20 split of a subsample of
-at most --cls-max-events showers per class instead of its fixed event counts.
-Detector extras (native): LCD sampling fraction per 10 GeV bin and profiles; ATLAS correlation MSE, cell
-variance and a nearest-neighbour memorisation check (generated vs held-out real distances to real half
-A; much below 1 = copies); LHCb MLHEP protocol (common.lhcb_prd: PRD on the 24 physics features of
-score.py and on raw images, equal sizes, 100 clusters), score = min; ILD quantile JSD of visible energy,
-hits, centre of gravity x/y and the pixel spectrum (reference.md: unconfirmed which five),
---amplification on two disjoint real halves.
+--protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py:
+voxels below its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
+HighLevelFeatures.CalculateFeatures, with its expressions and dtypes (common.calochallenge_features); separation
+power = _separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms binned as its
+plot_Etot_Einc, plot_E_layers, plot_ECEtas/ECPhis, plot_ECWidthEtas/WidthPhis, plot_ECR, plot_ECWidthR,
+plot_sparsity and plot_cell_dist bin them (common.calochallenge_edges; entries outside the range dropped).
+report.md gives AUC, JSD and the mean separation power per feature group, as the challenge's results do. Not
+reproduced: Etot/Einc per discrete energy, its high-level and ResNet classifiers, FPD/KPD, PRDC. Check: run
+`python evaluate.py -i gen.h5 -r real.h5 -m hist-chi -d 1-photons --output_dir cc/` in its code/ (needs sklearn,
+LaTeX) and compare cc/histogram_chi2_1-photons.txt with our metrics.json separation_power; for sparsity, EC r and
+width r call its plot_sparsity, plot_ECR, plot_ECWidthR (defined, not called there) on its HighLevelFeatures of
+the cut showers. Done on toy ds1 (2 x 2000) and random ds2, ds3 files (2 x 300): every separation power equal
+(30, 362, 362), every feature bit-identical.
+--protocol native: per detector the original authors' validation (reference.md) and the field's yardsticks in
+our binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x,
+tails clipped into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell
+variance, nearest-neighbour memorisation (generated vs held-out real distance to real half A; << 1 = copies);
+LHCb: MLHEP protocol (common.lhcb_prd: PRD on the 24 physics features of score.py and on raw images, equal
+sizes, 100 clusters), score = min; ILD: quantile JSD of E_vis, hits, centre of gravity x/y, pixel spectrum
+(reference.md: unconfirmed which five), --amplification on two disjoint real halves.
+Both: observables constant in the real sample are dropped and listed. Empty showers (no energy left after the
+cut) are counted and reported; the challenge gives their centres and widths 0 (kept); native makes centres,
+widths, fractions and LHCb asymmetries undefined (NaN, as MLHEP; LHCb sparsity 1) and leaves them out of the
+histograms and of the Frechet distance (features standardised with the real mean and std; ~ D/N for one
+distribution). Flagged: separation power > max(0.01, 3 x the floor B (1/n1 + 1/n2) / 4 of B occupied bins).
+Classifier (all detectors): voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 train/validation/
+test split of the same shower indices in both files, Adam; AUC and JSD = (ln2 - BCE)/ln2 on the test split after
+calibration on the validation split. Default (CPU-sized): 2 x 256 hidden, LeakyReLU 0.2, standardised inputs,
+early stopping on the validation loss, Platt scaling. --cls-calochallenge: its DNN as its code builds it
+(num_layer=2 = input layer + 2 hidden: 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam 2e-4, batch
+1000, 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's IsotonicRegression, clip,
+y in [1e-6, 1-1e-6], here without sklearn), AUC of the calibrated output; kept different: float32, our split.
 """
 import argparse
 import json
@@ -87,31 +74,25 @@ def get_args(argv=None):
     p.add_argument("--out", default="report", help="output folder: metrics.json, report.md, plots/")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per generated file")
     p.add_argument("--protocol", default="auto", choices=["auto", "calochallenge", "native"],
-                   help="calochallenge: the challenge's voxel cut, features and binning; native: this project's "
-                        "observables per detector; auto: calochallenge for CaloChallenge files, else native")
-    p.add_argument("--amplification", action="store_true",
-                   help="ILD only: VAE-GAN amplification study (truth subsets vs generated samples)")
+                   help="calochallenge: the challenge's cut, features, binning; native: ours; auto: calochallenge "
+                        "for CaloChallenge files, else native")
+    p.add_argument("--amplification", action="store_true", help="ILD only: VAE-GAN amplification study")
     p.add_argument("--max-events", type=int, default=None, help="read at most the first N showers of each file")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="device of the classifier (auto = cuda if available)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the classifier")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, classifier, k-means and subsampling")
-    p.add_argument("--bins", type=int, default=0,
-                   help="native: histogram bins for separation power and plots (0 = auto: sqrt(N) within 10..50)")
+    p.add_argument("--bins", type=int, default=0, help="native: histogram bins (0 = sqrt(N) within 10..50)")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier two-sample test")
     p.add_argument("--cls-calochallenge", action="store_true",
-                   help="the challenge's classifier settings for every --cls flag left at its default: 3 x 2048 "
-                        "hidden, LeakyReLU 0.01, raw inputs, lr 2e-4, batch 1000, 50 epochs, best accuracy, isotonic")
+                   help="the challenge's classifier for each --cls flag left at its default (3 x 2048, LeakyReLU "
+                        "0.01, raw inputs, lr 2e-4, batch 1000, 50 epochs, best accuracy, isotonic)")
     p.add_argument("--cls-hidden", type=int, default=256, help="classifier hidden units per layer")
     p.add_argument("--cls-layers", type=int, default=2, help="classifier hidden layers")
     p.add_argument("--cls-epochs", type=int, default=30, help="classifier maximum epochs")
     p.add_argument("--cls-patience", type=int, default=5, help="early stopping: epochs without validation gain")
     p.add_argument("--cls-batch", type=int, default=256, help="classifier batch size")
     p.add_argument("--cls-lr", type=float, default=1e-3, help="classifier Adam learning rate")
-    p.add_argument("--calibration", default="platt", choices=["platt", "isotonic"],
-                   help="classifier calibration on the validation split")
-    p.add_argument("--cls-max-events", type=int, default=None,
-                   help="classifier: at most this many showers per class (default: 50000, at most 5e8 inputs on "
-                        "CUDA and 2e8 on CPU per class, e.g. 12345 for 40500 voxels on CUDA)")
+    p.add_argument("--calibration", default="platt", choices=["platt", "isotonic"], help="classifier calibration")
+    p.add_argument("--cls-max-events", type=int, default=None, help="classifier: at most this many showers per class")
     p.add_argument("--quantiles", type=int, default=50, help="ILD: quantile bins of the JSD (>= 10 real showers each)")
     p.add_argument("--prd-runs", type=int, default=10, help="LHCb: k-means runs averaged in PRD")
     p.add_argument("--prd-max", type=int, default=10000, help="LHCb: at most this many showers per sample in PRD")
@@ -122,9 +103,9 @@ def get_args(argv=None):
         p.error("give the real file and at least one generated file")
     if args.cls_calochallenge:  # CaloChallenge code/evaluate.py defaults; flags given explicitly win
         for k, v in dict(cls_hidden=2048, cls_layers=3, cls_lr=2e-4, cls_batch=1000, cls_epochs=50,
-                         calibration="isotonic").items():
-            setattr(args, k, v if getattr(args, k) == p.get_default(k) else getattr(args, k))
-        args.cls_patience = args.cls_epochs if args.cls_patience == p.get_default("cls_patience") else args.cls_patience
+                         calibration="isotonic", cls_patience=None).items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, args.cls_epochs if k == "cls_patience" else v)
     for name in ("max_events", "cls_hidden", "cls_layers", "cls_epochs", "cls_batch", "cls_max_events",
                  "quantiles", "prd_runs", "prd_max", "nn_queries"):
         v = getattr(args, name)
@@ -183,15 +164,12 @@ def _detect(path, keys):
     if "ECAL" in keys:
         return "lcd"
     if "cells" in keys:
-        n = shp["cells"][1:]
-        if n not in ((89,), (247,)):
+        if shp["cells"][1:] not in ((89,), (247,)):
             raise DataError(f"{path}: 'cells' has shape {shp['cells']}, expected (N, 89) or (N, 247)")
-        return f"atlas{n[0]}"
+        return f"atlas{shp['cells'][1]}"
     if "EnergyDeposit" in keys:
         return "lhcb"
-    if "30x30/layers" in keys:
-        return "ild"
-    if "showers" in keys and shp["showers"][1:] in ((10, 10), (100,)):
+    if "30x30/layers" in keys or "showers" in keys and shp["showers"][1:] in ((10, 10), (100,)):
         return "ild"
     if "showers" in keys or "incident_energies" in keys:
         nv = shp.get("showers", (0, 368))[1:]
@@ -216,9 +194,8 @@ def _need(path, keys, key, tail=None, n=None):
 
 
 def load(path, max_events=None, protocol="auto"):
-    """One file as a dict: detector, protocol, geom, cells (N, n_cells) float32 in the geometry's unit with
-    the protocol's cut applied (None for ds2/ds3: see blocks), e_inc (N,) float64 in the same unit, toy
-    flag, extra conditions (LHCb momentum, point)."""
+    """One file as a dict: detector, protocol, geom, cells (N, n_cells) in the geometry's unit, cut applied
+    (None for ds2/ds3: see blocks), e_inc (N,) float64 in that unit, toy flag, LHCb momentum and point."""
     keys, toy, close = _open(path)
     try:
         det = _detect(path, keys)
@@ -228,11 +205,10 @@ def load(path, max_events=None, protocol="auto"):
             raise DataError(f"{path}: --protocol calochallenge needs CaloChallenge files; this file is {det}")
         extra, e, ekey, transform = {}, None, None, None
         if det == "lcd":
-            ckey = "ECAL"
+            ckey, ekey = "ECAL", "target" if "target" in keys else "energy"
             ds = _need(path, keys, ckey, [(25, 25, 25), (51, 51, 25)])
             if ds.shape[1] == 51:
                 transform = lambda a: a[:, 13:38, 13:38, :]  # noqa: E731
-            ekey = "target" if "target" in keys else "energy"
             if ekey not in keys:
                 raise DataError(f"{path}: missing key 'target' (or 'energy'): the primary energy Ep")
             e = _need(path, keys, ekey, None, ds.shape[0])
@@ -240,7 +216,7 @@ def load(path, max_events=None, protocol="auto"):
                 raise DataError(f"{path}: 'target' has shape {e.shape}, expected (N, >=2) with Ep in column 1")
         elif det.startswith("atlas") or cc:
             ckey, ekey = ("cells", "energy") if det.startswith("atlas") else ("showers", "incident_energies")
-            ds = _need(path, keys, ckey, None)
+            ds = _need(path, keys, ckey)
             e = _need(path, keys, ekey, [(), (1,)], ds.shape[0])
         elif det == "lhcb":
             ckey = "EnergyDeposit"
@@ -252,9 +228,8 @@ def load(path, max_events=None, protocol="auto"):
             ds = _need(path, keys, ckey, [(30, 30, 30)])
             e = _need(path, keys, ekey, [(), (1,)], ds.shape[0])
         else:  # ild, already reduced; 50 GeV without an energy key
-            ckey = "showers"
+            ckey, ekey = "showers", next((k for k in ("energy", "30x30/energy") if k in keys), None)
             ds = _need(path, keys, ckey, [(10, 10), (100,)])
-            ekey = next((k for k in ("energy", "30x30/energy") if k in keys), None)
             e = None if ekey is None else _need(path, keys, ekey, [(), (1,)], ds.shape[0])
         n = min(ds.shape[0], max_events or ds.shape[0])
         # the challenge computes in the file's dtype: float64 files stay float64 under its protocol
@@ -270,9 +245,8 @@ def load(path, max_events=None, protocol="auto"):
             e_inc = np.linalg.norm(extra["momentum"], axis=1)
         else:
             e_inc = np.full(n, 50.0) if e is None else np.asarray(e[:n], np.float64)
-            e_inc = e_inc[:, 1] if ekey == "target" else e_inc.reshape(n, -1)[:, 0]
-            e_inc = e_inc * 1000.0 if det == "ild" else e_inc
-            extra["e_file"] = None if e is None else np.asarray(e[:n]).reshape(n, -1)[:, -1]  # file dtype
+            e_inc = e_inc[:, 1] if ekey == "target" else e_inc.reshape(n, -1)[:, 0] * (1000.0 if det == "ild" else 1.0)
+            extra["e_file"] = None if e is None else np.asarray(e[:n]).reshape(n, -1)[:, -1]  # in the file's dtype
         if not np.isfinite(e_inc).all() or (e_inc <= 0).any():
             raise DataError(f"{path}: the incident energy has NaN, inf or non-positive values")
     finally:
@@ -293,8 +267,7 @@ def blocks(d, rows=None):
     A sample not held in memory is read from its file again, and checked as it is read."""
     if d["cells"] is not None:
         for s in range(0, d["n"] if rows is None else len(rows), BLOCK):
-            sl = slice(s, s + BLOCK)
-            yield sl, d["cells"][sl if rows is None else rows[sl]]
+            yield slice(s, s + BLOCK), d["cells"][slice(s, s + BLOCK) if rows is None else rows[s:s + BLOCK]]
         return
     keys, _, close = _open(d["path"])
     try:
@@ -302,16 +275,13 @@ def blocks(d, rows=None):
         for s in range(0, d["n"], BLOCK):
             e = min(d["n"], s + BLOCK)
             lo, hi = (s, e) if rows is None else np.searchsorted(rows, [s, e])
-            if hi == lo:
-                continue
-            a = np.asarray(ds[s:e], d["dtype"])
-            if not np.isfinite(a).all():
-                raise DataError(f"{path}: '{key}' has NaN or inf values")
-            if (a < 0).any():
-                raise DataError(f"{path}: '{key}' has negative values")
-            a = (d["transform"](a) if d["transform"] else a).reshape(len(a), -1)
-            a[a < d["cut"]] = 0.0
-            yield slice(lo, hi), a if rows is None else a[rows[lo:hi] - s]
+            if hi > lo:
+                a = np.asarray(ds[s:e], d["dtype"])
+                if not np.isfinite(a).all() or (a < 0).any():
+                    raise DataError(f"{path}: '{key}' has {'NaN or inf' if (a < 0).sum() == 0 else 'negative'} values")
+                a = (d["transform"](a) if d["transform"] else a).reshape(len(a), -1)
+                a[a < d["cut"]] = 0.0
+                yield slice(lo, hi), a if rows is None else a[rows[lo:hi] - s]
     finally:
         close()
 
@@ -320,13 +290,16 @@ def blocks(d, rows=None):
 
 CC_GROUPS = {"Etot_Einc": "E_tot / E_inc", "E_layer": "energy per layer [MeV]", "EC_eta": "centre in eta [mm]",
              "EC_phi": "centre in phi [mm]", "width_eta": "width in eta [mm]", "width_phi": "width in phi [mm]",
-             "EC_r": "centre in r [mm]", "width_r": "width in r [mm]", "sparsity": "sparsity (fraction of empty voxels)"}
+             "EC_r": "centre in r [mm]", "width_r": "width in r [mm]", "sparsity": "sparsity (empty voxel fraction)"}
 CC_PREFIX = {t: p for p, t in CC_GROUPS.items()}
 UNDEFINED_WHEN_EMPTY = ("centre_", "width_", "frac_", "cog_", "asym_", "middle_core")   # native protocol
+LHCB_ALPHAS = np.logspace(-5, -1, 20)
+LABEL = {"e_vis": "visible energy E_vis", "e_ratio": "E_vis / E_inc (sampling fraction, response)",
+         "n_hits": "number of hit cells"}
 
 
 def features(d):
-    """High-level observables of one sample, block by block: dict name -> (N,) float64, and plot groups.
+    """High-level observables of one sample, block by block: dict name -> (N,), and plot groups.
     Sets d["n_empty"] (showers with nothing left after the cut) and d["max_cell"]."""
     parts = [block_features(d, cells, sl) for sl, cells in blocks(d)]
     f = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
@@ -351,8 +324,7 @@ def block_features(d, cells, sl):
     if g.name == "lcd":
         mom = common.axis_moments(cells.reshape(n, 25, 25, 25))
         for a, ax in enumerate("xyz"):
-            f[f"centre_{ax}"] = mom[(a, 1)]
-            f[f"width_{ax}"] = np.sqrt(np.maximum(mom[(a, 2)], 0.0))
+            f[f"centre_{ax}"], f[f"width_{ax}"] = mom[(a, 1)], np.sqrt(np.maximum(mom[(a, 2)], 0.0))
         groups.append(("Shower shapes (first two moments, cell units; z = depth)",
                        [f"{k}_{ax}" for k in ("centre", "width") for ax in "xyz"]))
     elif g.name.startswith("atlas") or g.name.startswith("calochallenge"):
@@ -360,13 +332,11 @@ def block_features(d, cells, sl):
         cw = common.centre_width_per_layer(cells, g)
         onehot = (g.layer[:, None] == np.arange(g.n_layers)[None, :]).astype(np.float64)
         hit = ((cells > 0).astype(np.float64) @ onehot) / onehot.sum(0)  # exact counts of hit cells per layer
-        blocks_ = {"e": common.energy_per_layer(cells, g), "frac": common.fraction_per_layer(cells, g),
-                   f"centre_{ax[0]}": cw["centre_x"], f"centre_{ax[1]}": cw["centre_y"],
-                   f"width_{ax[0]}": cw["width_x"], f"width_{ax[1]}": cw["width_y"], "sparsity": 1.0 - hit}
-        for key, arr in blocks_.items():
-            names = [f"{key}_{ln}" for ln in g.layer_names]
-            f.update({nm: arr[:, i] for i, nm in enumerate(names)})
-            groups.append((f"{key} per layer", names))
+        for key, arr in {"e": common.energy_per_layer(cells, g), "frac": common.fraction_per_layer(cells, g),
+                         f"centre_{ax[0]}": cw["centre_x"], f"centre_{ax[1]}": cw["centre_y"], f"width_{ax[0]}":
+                         cw["width_x"], f"width_{ax[1]}": cw["width_y"], "sparsity": 1.0 - hit}.items():
+            f.update({f"{key}_{ln}": arr[:, i] for i, ln in enumerate(g.layer_names)})
+            groups.append((f"{key} per layer", [f"{key}_{ln}" for ln in g.layer_names]))
         if g.name.startswith("atlas"):
             f["middle_core_fraction"] = common.middle_core_fraction(cells, g)
             groups[0][1].append("middle_core_fraction")
@@ -380,18 +350,13 @@ def block_features(d, cells, sl):
         groups.append(("MLHEP physics metrics", [k for k in f if k[0] != "_" and k not in groups[0][1]]))
     else:  # ild10
         cw = common.centre_width_per_layer(cells, g)
-        f.update(cog_x=cw["centre_x"][:, 0], cog_y=cw["centre_y"][:, 0],
-                 width_x=cw["width_x"][:, 0], width_y=cw["width_y"][:, 0])
+        f.update(cog_x=cw["centre_x"][:, 0], cog_y=cw["centre_y"][:, 0], width_x=cw["width_x"][:, 0],
+                 width_y=cw["width_y"][:, 0])
         groups.append(("Centre of gravity and width (mm)", ["cog_x", "cog_y", "width_x", "width_y"]))
     for k in f:
         if k.startswith(UNDEFINED_WHEN_EMPTY):
             f[k][f["_empty"]] = np.nan
     return f, groups
-
-
-LHCB_ALPHAS = np.logspace(-5, -1, 20)
-LABEL = {"e_vis": "visible energy E_vis", "e_ratio": "E_vis / E_inc (sampling fraction, response)",
-         "n_hits": "number of hit cells"}
 
 
 def _fin(v):
@@ -402,19 +367,17 @@ def _fin(v):
 def edges_for(real, gens, n_bins):
     """Native bin edges: the real range widened to the generated 0.5-99.5% quantiles; (edges, log-spaced)."""
     lo, hi = float(real.min()), float(real.max())
-    for g in gens:
-        if len(g):
-            q = np.quantile(g, [0.005, 0.995])
-            lo, hi = min(lo, q[0]), max(hi, q[1])
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
+    for g in (g for g in gens if len(g)):
+        q = np.quantile(g, [0.005, 0.995])
+        lo, hi = min(lo, q[0]), max(hi, q[1])
+    lo, hi = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
     log = lo > 0 and hi / lo > 100
     return (np.geomspace(lo, hi, n_bins + 1) if log else np.linspace(lo, hi, n_bins + 1)), log
 
 
 def sep_stats(real, gen, edges, clip=True):
-    """Separation power and floor of two samples (finite values only); clip=True (native) counts entries
-    outside the edges in the end bins, clip=False (the challenge) drops them."""
+    """Separation power and statistical floor of two samples (finite values only); clip=True (native) counts
+    entries outside the edges in the end bins, clip=False (the challenge) drops them."""
     if edges is None:
         return math.nan, math.nan
     h = [np.histogram(np.clip(v, edges[0], edges[-1]) if clip else v, edges)[0] for v in (_fin(real), _fin(gen))]
@@ -425,22 +388,13 @@ def sep_power(real, gen, edges, clip=True):
     return sep_stats(real, gen, edges, clip)[0]
 
 
-def voxel_counts(d, edges):
-    """Histogram of every voxel energy of a sample (plot_cell_dist), block by block."""
-    out = np.zeros(len(edges) - 1, np.int64)
-    for _, cells in blocks(d):
-        out += np.histogram(cells, edges)[0]
-    return out
-
-
 def standardised(feat_real, feat):
-    """(N', D) feature matrix standardised with the real sample's mean and std (std 0 -> 1); showers with an
+    """(N', D) features standardised with the real sample's mean and std (std 0 -> 1); showers with an
     undefined (NaN) feature left out."""
     r, x = (np.stack([f[k] for k in feat_real], 1) for f in (feat_real, feat))
     r, x = r[np.isfinite(r).all(1)], x[np.isfinite(x).all(1)]
     mu, sd = r.mean(0), r.std(0)
-    sd[sd == 0] = 1.0
-    return (x - mu) / sd
+    return (x - mu) / np.where(sd == 0, 1.0, sd)
 
 # ---------------------------------------------------------------- model: classifier two-sample test
 
@@ -450,11 +404,9 @@ class Classifier(nn.Module):
 
     def __init__(self, n_in, hidden, layers, slope=0.2):
         super().__init__()
-        mods, w = [], n_in
-        for _ in range(layers):
-            mods += [nn.Linear(w, hidden), nn.LeakyReLU(slope)]
-            w = hidden
-        self.net = nn.Sequential(*mods, nn.Linear(w, 1))
+        sizes = [n_in] + [hidden] * layers
+        self.net = nn.Sequential(*[m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.LeakyReLU(slope))],
+                                 nn.Linear(sizes[-1], 1))
 
     def forward(self, x):
         return self.net(x).squeeze(-1)
@@ -465,11 +417,9 @@ def classifier_inputs(d, idx, out):
     low-level input, voxels / E_inc (cut applied) and log10(E_inc / MeV)."""
     if not isinstance(d, dict):
         out[:] = d[idx]
-        return
-    for sl, cells in blocks(d, idx):
+    for sl, cells in blocks(d, idx) if isinstance(d, dict) else ():
         e = d["e_inc"][idx[sl]]
-        out[sl, :-1] = cells / e[:, None]
-        out[sl, -1] = np.log10(e * (1000.0 if d["geom"].unit == "GeV" else 1.0))
+        out[sl, :-1], out[sl, -1] = cells / e[:, None], np.log10(e * (1000.0 if d["geom"].unit == "GeV" else 1.0))
 
 
 def two_sample_test(real, gen, args, device, log, tag):
@@ -484,11 +434,10 @@ def two_sample_test(real, gen, args, device, log, tag):
         return {"skipped": f"too few showers ({m}) per class"}
     # the same shower indices from both files: a generated file conditioned on the real file event by
     # event keeps each (real i, generated i) pair in one split, so conditions cannot leak across splits
-    idx, pos = np.sort(rng.permutation(min(n_r, n_g))[:m]), rng.permutation(m)
+    idx, pos, (a, b) = np.sort(rng.permutation(min(n_r, n_g))[:m]), rng.permutation(m), (int(0.6 * m), int(0.8 * m))
     x = np.empty((2 * m, n_in), np.float32)   # the only copy: splits are row indices into it
     classifier_inputs(real, idx, x[:m])
     classifier_inputs(gen, idx, x[m:])
-    a, b = int(0.6 * m), int(0.8 * m)
     rows = {k: np.r_[p, p + m] for k, p in (("train", pos[:a]), ("val", pos[a:b]), ("test", pos[b:]))}
     raw = args.cls_calochallenge   # the challenge feeds the inputs as they are
     if not raw:  # standardised on the training rows; a floor on the std keeps never-hit voxels from blowing up
@@ -496,14 +445,13 @@ def two_sample_test(real, gen, args, device, log, tag):
         for c in range(0, len(tr), 4096):
             xc = x[tr[c:c + 4096]].astype(np.float64)
             s1, s2 = s1 + xc.sum(0), s2 + (xc * xc).sum(0)
-        mu, sd = s1 / len(tr), np.sqrt(np.maximum(s2 / len(tr) - (s1 / len(tr)) ** 2, 0.0))
-        x -= mu.astype(np.float32)
+        sd = np.sqrt(np.maximum(s2 / len(tr) - (s1 / len(tr)) ** 2, 0.0))
+        x -= (s1 / len(tr)).astype(np.float32)
         x /= np.maximum(sd, 1e-3 * sd.max() + 1e-12).astype(np.float32)
     X, Y = torch.from_numpy(x).to(device), torch.cat([torch.ones(m), torch.zeros(m)]).to(device)
     rows = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
     model = Classifier(n_in, args.cls_hidden, args.cls_layers, 0.01 if raw else 0.2).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.cls_lr)
-    bce = nn.BCEWithLogitsLoss()
+    opt, bce = torch.optim.Adam(model.parameters(), lr=args.cls_lr), nn.BCEWithLogitsLoss()
 
     def logits(name):
         model.eval()
@@ -523,11 +471,11 @@ def two_sample_test(real, gen, args, device, log, tag):
         val, acc = float(bce(z, y)), float(((z > 0).float() == y).float().mean())
         if (-acc if raw else val) < best - (0.0 if raw else 1e-4):  # the challenge keeps the best accuracy
             best, best_epoch = -acc if raw else val, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
         rate = epoch * n_train / (time.time() - t0)
         log(f"classifier {tag}: epoch {epoch}/{args.cls_epochs} | loss {loss.item():.4f} val {val:.4f} acc {acc:.3f} "
             f"| {rate:.0f} samples/s | ETA {(args.cls_epochs - epoch) * n_train / rate:.0f} s")
-        if epoch - best_epoch >= args.cls_patience:
+        if epoch - best_epoch >= args.cls_patience or raw and acc == 1.0:   # the challenge stops at accuracy 1
             break
     model.load_state_dict(best_state)
     (zv, yv), (zt, yt) = logits("val"), logits("test")
@@ -547,26 +495,24 @@ def two_sample_test(real, gen, args, device, log, tag):
         a, b = (float(v) for v in ab.detach()) if ab[0] > 0 else (0.0, 0.0)  # useless classifier: p = 1/2
         p, cal = torch.sigmoid(a * zt.double() + b).cpu().numpy(), {"method": "platt", "a": a, "b": b}
     y = yt.double().cpu().numpy()
-    test_bce = float(-np.mean(y * np.maximum(np.log(p), -100) + (1 - y) * np.maximum(np.log(1 - p), -100)))
+    with np.errstate(divide="ignore"):   # log(0) -> -100 as torch's BCELoss clamps it
+        test_bce = float(-np.mean(y * np.maximum(np.log(p), -100) + (1 - y) * np.maximum(np.log(1 - p), -100)))
     return {"auc": common.auc_score(y, p), "jsd": (math.log(2) - test_bce) / math.log(2), "bce": test_bce,
             "n_train": n_train, "n_val": len(rows["val"]), "n_test": len(rows["test"]), "best_epoch": best_epoch,
             "epochs_run": epoch, "calibration": cal, "device": str(device)}
 
-# ---------------------------------------------------------------- train: detector-specific validation
+# ---------------------------------------------------------------- train: detector-specific validation (native)
 
 
 def lcd_extra(real, gen, plot):
-    """Sampling fraction per 10 GeV bin (and its ratio), profiles, moments (2DGAN validation)."""
+    """Sampling fraction per 10 GeV bin (and its ratio), profiles (2DGAN validation)."""
     edges = np.arange(0.0, 10.0 * math.ceil(real["e_inc"].max() / 10.0) + 10.0, 10.0)
-    sf = [common.binned_stat(d["e_inc"], d["cells"].sum(1, dtype=np.float64) / d["e_inc"], edges)
-          for d in (real, gen)]
-    ok = (sf[0][2] >= 5) & (sf[1][2] >= 5)
-    ratio = sf[1][0] / sf[0][0]
+    sf = [common.binned_stat(d["e_inc"], d["cells"].sum(1, dtype=np.float64) / d["e_inc"], edges) for d in (real, gen)]
+    ok, ratio = (sf[0][2] >= 5) & (sf[1][2] >= 5), sf[1][0] / sf[0][0]
     prof = [[p.mean(0) for p in common.axis_profiles(d["cells"].reshape(-1, 25, 25, 25))] for d in (real, gen)]
     plot.update(sf_bins=(edges, sf), profiles=prof)
-    return {"sampling_fraction_bins_GeV": edges.tolist(),
-            "sampling_fraction_real": _list(sf[0][0]), "sampling_fraction_gen": _list(sf[1][0]),
-            "sampling_fraction_ratio": _list(np.where(ok, ratio, np.nan)),
+    return {"sampling_fraction_bins_GeV": edges.tolist(), "sampling_fraction_real": _list(sf[0][0]),
+            "sampling_fraction_gen": _list(sf[1][0]), "sampling_fraction_ratio": _list(np.where(ok, ratio, np.nan)),
             "sampling_fraction_max_abs_ratio_minus_1": _num(np.nanmax(np.abs(ratio[ok] - 1))) if ok.any() else None,
             "profile_rel_l1_error": {ax: float(np.sum(np.abs(prof[1][a] - prof[0][a])) / np.sum(prof[0][a]))
                                      for a, ax in enumerate("xyz")}}
@@ -574,15 +520,12 @@ def lcd_extra(real, gen, plot):
 
 def atlas_extra(real, gen, args, plot):
     """Correlation MSE, variance per cell, nearest-neighbour memorisation check (Klein's validation)."""
-    rng = np.random.default_rng(args.seed)
-    n_corr = min(real["n"], gen["n"], 20000)
-    cr, cg = (d["cells"][rng.permutation(d["n"])[:n_corr]] for d in (real, gen))
-    half = real["n"] // 2
+    rng, half = np.random.default_rng(args.seed), real["n"] // 2
+    cr, cg = (d["cells"][rng.permutation(d["n"])[:min(real["n"], gen["n"], 20000)]] for d in (real, gen))
     out = {"correlation_mse": common.correlation_mse(cr, cg),
            "correlation_mse_real_halves": common.correlation_mse(real["cells"][:half], real["cells"][half:])}
     vr, vg = common.cell_variance(real["cells"]), common.cell_variance(gen["cells"])
-    live = vr > 0
-    out["cell_variance_mean_abs_rel_diff"] = _num(np.mean(np.abs(vg[live] - vr[live]) / vr[live]))
+    out["cell_variance_mean_abs_rel_diff"] = _num(np.mean(np.abs(vg[vr > 0] - vr[vr > 0]) / vr[vr > 0]))
     plot["variance"] = (vr, vg)
     # memorisation: generated vs held-out real distances to the nearest real shower of half A
     norm = [d["cells"] / np.maximum(d["cells"].sum(1, keepdims=True), 1e-30) for d in (real, gen)]
@@ -596,19 +539,16 @@ def atlas_extra(real, gen, args, plot):
 
 
 def lhcb_extra(real, gen, fr, fg, args, plot):
-    """PRD-AUC on raw images and on the physics features, samples of equal size; score = min (MLHEP)."""
-    rng = np.random.default_rng(args.seed)
+    """MLHEP protocol (common.lhcb_prd): PRD-AUC on the 24 physics features and the raw images, equal sizes."""
     m = min(real["n"], gen["n"], args.prd_max)
-    ir, ig = (np.sort(rng.permutation(x["n"])[:m]) for x in (real, gen))
+    ir, ig = (np.sort(np.random.default_rng(args.seed).permutation(x["n"])[:m]) for x in (real, gen))
     r = common.lhcb_prd(real["cells"][ir].reshape(-1, 30, 30), gen["cells"][ig].reshape(-1, 30, 30),
                         real["momentum"][ir], real["point"][ir], gen["momentum"][ig], gen["point"][ig],
                         num_runs=args.prd_runs, seed=args.seed)
-    out = {f"prd_{k}_{name}": v for name in ("images", "physics") for k, v in (("auc", r[f"prd_auc_{name}"]),
-                                                                                ("n_per_sample", m))}
     plot.update(prd=[r["prd_images"], r["prd_physics"]], sparsity=(real["sparsity_curve"], gen["sparsity_curve"]))
-    return {**out, "prd_auc_score": r["score"],
-            "sparsity_curve_alphas": LHCB_ALPHAS.tolist(), "sparsity_curve_real": _list(real["sparsity_curve"]),
-            "sparsity_curve_gen": _list(gen["sparsity_curve"])}
+    return {"prd_auc_images": r["prd_auc_images"], "prd_auc_physics": r["prd_auc_physics"], "prd_n_per_sample": m,
+            "prd_auc_score": r["score"], "sparsity_curve_alphas": LHCB_ALPHAS.tolist(),
+            "sparsity_curve_real": _list(real["sparsity_curve"]), "sparsity_curve_gen": _list(gen["sparsity_curve"])}
 
 
 ILD_OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel_spectrum")
@@ -628,8 +568,7 @@ def ild_extra(real, gen, fr, fg, args, plot):
         ref, pool = perm[: real["n"] // 2], perm[real["n"] // 2:]
         nb, amp = min(args.quantiles, len(ref) // 10), {}
         for k in ILD_OBS[:4]:
-            v = fr[k]
-            r = common.amplification(_fin(v[ref]), _fin(v[pool]), og[k], nb, seed=args.seed)
+            r = common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb, seed=args.seed)
             amp[k] = {kk: (_list(x) if isinstance(x, np.ndarray) else _num(x)) for kk, x in r.items()}
         out["amplification"] = {"n_bins": nb, "n_reference": len(ref), "n_truth_pool": len(pool), "observables": amp}
         plot["amplification"] = amp
@@ -640,10 +579,7 @@ def ild_extra(real, gen, fr, fg, args, plot):
 
 def _num(v):
     """JSON-safe float (NaN -> None, inf kept as a string)."""
-    if v is None:
-        return None
-    v = float(v)
-    return None if math.isnan(v) else ("inf" if math.isinf(v) else v)
+    return None if v is None or math.isnan(float(v)) else ("inf" if math.isinf(float(v)) else float(v))
 
 
 def _clean(obj):
@@ -652,10 +588,8 @@ def _clean(obj):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, np.ndarray)):
         return [_clean(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
+    if isinstance(obj, (bool, np.bool_, int, np.integer)):
+        return obj.item() if isinstance(obj, np.generic) else obj
     return _num(obj) if isinstance(obj, (float, np.floating)) else obj
 
 
@@ -669,25 +603,22 @@ class Plotter:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         self.plt, self.folder, self.title, self.labels = plt, folder, title, labels
-        self.colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(labels))]
-        self.written = []
+        self.colors, self.written = [plt.get_cmap("tab10")(i % 10) for i in range(len(labels))], []
 
     def _grid(self, n, ratio=True):
         """Figure with n panels, 4 per row; each panel a (histogram, ratio) pair of axes if ratio."""
-        ncols = min(4, n)
-        nrows = math.ceil(n / ncols)
+        ncols, nrows = min(4, n), math.ceil(n / min(4, n))
         fig = self.plt.figure(figsize=(4.4 * ncols, (4.2 if ratio else 3.4) * nrows + 0.6))
         gs = fig.add_gridspec(nrows, ncols, hspace=0.35, wspace=0.35, left=0.07, right=0.98,
                               bottom=0.55 / fig.get_figheight(), top=1 - 0.6 / fig.get_figheight())
         axes = []
         for i in range(n):
-            cell = gs[divmod(i, ncols)]
             if ratio:
-                inner = cell.subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+                inner = gs[divmod(i, ncols)].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
                 top = fig.add_subplot(inner[0])
                 axes.append((top, fig.add_subplot(inner[1], sharex=top)))
             else:
-                axes.append(fig.add_subplot(cell))
+                axes.append(fig.add_subplot(gs[divmod(i, ncols)]))
         return fig, axes
 
     def _finish(self, fig, name, subtitle):
@@ -699,7 +630,7 @@ class Plotter:
         self.plt.close(fig)
         self.written.append(name)
 
-    def _labels_and_ratio(self, top, bot, ylabel, xlabel, logx, x, ref, vals, step):
+    def _panel(self, top, bot, ylabel, xlabel, logx, x, ref, vals, step):
         """Labels of a (top, bottom) panel; the bottom one shows gen / real (steps for histograms)."""
         top.set_ylabel(ylabel)
         top.legend(fontsize=7)
@@ -711,21 +642,19 @@ class Plotter:
         bot.set(ylim=(0.5, 1.5), ylabel="gen / real", xlabel=xlabel, xscale="log" if logx else "linear")
 
     def hists(self, name, subtitle, keys, fr, fgs, edges, labels=None, clip=True):
-        """Histograms of real and generated values; edges[k] the bins (clip: tails in the end bins)."""
+        """Histograms of real and generated values in bins edges[k] (clip: tails counted in the end bins)."""
         fig, axes = self._grid(len(keys))
         for k, (top, bot) in zip(keys, axes):
-            e = edges[k]
-            h = [np.histogram(np.clip(_fin(v[k]), e[0], e[-1]) if clip else _fin(v[k]), e)[0] / max(1, len(_fin(v[k])))
-                 for v in [fr] + fgs]
+            e, vals = edges[k], [_fin(v[k]) for v in [fr] + fgs]
+            h = [np.histogram(np.clip(v, e[0], e[-1]) if clip else v, e)[0] / max(1, len(v)) for v in vals]
             top.stairs(h[0], e, fill=True, color="0.8", label="real")
             top.stairs(h[0], e, color="0.4")
             for hg, c, lab in zip(h[1:], self.colors, self.labels):
                 top.stairs(hg, e, color=c, lw=1.4, label=lab)
             pos = np.concatenate([x[x > 0] for x in h])
-            if len(pos) and pos.max() / pos.min() > 100:
-                top.set_yscale("log")
-            self._labels_and_ratio(top, bot, "fraction of showers", (labels or LABEL).get(k, k),
-                                   e[0] > 0 and e[-1] / e[0] > 100, e, h[0], h[1:], step=True)
+            top.set_yscale("log" if len(pos) and pos.max() / pos.min() > 100 else "linear")
+            self._panel(top, bot, "fraction of showers", (labels or LABEL).get(k, k), e[0] > 0 and e[-1] / e[0] > 100,
+                        e, h[0], h[1:], step=True)
         self._finish(fig, name, subtitle)
 
     def curves(self, name, subtitle, xs, real_curves, gen_curves, xlabels, ylabel, logy=True, logx=False):
@@ -735,10 +664,9 @@ class Plotter:
             top.plot(xs[i], real_curves[i], color="k", lw=2, label="real")
             for gc, c, lab in zip(gen_curves, self.colors, self.labels):
                 top.plot(xs[i], gc[i], color=c, marker=".", label=lab)
-            if logy and np.nanmin(real_curves[i]) > 0:
-                top.set_yscale("log")
-            self._labels_and_ratio(top, bot, ylabel, xlabels[i], logx, xs[i], np.asarray(real_curves[i]),
-                                   [np.asarray(gc[i]) for gc in gen_curves], step=False)
+            top.set_yscale("log" if logy and np.nanmin(real_curves[i]) > 0 else "linear")
+            self._panel(top, bot, ylabel, xlabels[i], logx, xs[i], np.asarray(real_curves[i]),
+                        [np.asarray(gc[i]) for gc in gen_curves], step=False)
         self._finish(fig, name, subtitle)
 
 
@@ -754,10 +682,9 @@ def verdict(row, n_feat):
 
 
 def write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with open(f"{path}.tmp{os.getpid()}", "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 # ---------------------------------------------------------------- main
 
@@ -768,45 +695,44 @@ def run(args, log=print):
     if other:
         raise DataError(f"{other['path']}: detector {other['detector']} differs from the real file's "
                         f"{data[0]['detector']}; all files must be of the same detector")
-    det, cc = data[0]["detector"], data[0]["protocol"] == "calochallenge"
+    (real, *gens), det, cc = data, data[0]["detector"], data[0]["protocol"] == "calochallenge"
     if args.amplification and det != "ild":
         raise DataError(f"{args.files[0]}: --amplification is the ILD (VAE-GAN) study; this file is {det}")
-    if args.amplification and data[0]["n"] < 40:
-        raise DataError(f"{args.files[0]}: --amplification needs >= 40 real showers, got {data[0]['n']}")
+    if args.amplification and real["n"] < 40:
+        raise DataError(f"{args.files[0]}: --amplification needs >= 40 real showers, got {real['n']}")
     toy = any(d["toy"] for d in data)
     title = DETECTOR_TITLE[det] + (" [TOY]" if toy else "")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: CUDA is not available")
-    feats = [features(d) for d in data]   # reads (and checks) ds2/ds3 files before anything is written
-    (fr, groups), fgs, real, gens = feats[0], [f for f, _ in feats[1:]], data[0], data[1:]
+    (fr, groups), *fgs = [features(d) for d in data]   # reads (and checks) ds2/ds3 files before anything is written
+    fgs = [f for f, _ in fgs]
     dead = [k for k in fr if not (len(_fin(fr[k])) and np.ptp(_fin(fr[k])) > 0)]   # constant in the real sample
-    for f in [fr] + fgs:
-        for k in dead:
-            f.pop(k)
+    for f, k in ((f, k) for f in [fr] + fgs for k in dead):
+        f.pop(k)
     groups = [(t, [k for k in ks if k in fr]) for t, ks in groups if set(ks) - set(dead)]
     os.makedirs(args.out if args.no_plots else os.path.join(args.out, "plots"), exist_ok=True)
     log(f"{title}: real {real['n']} showers ({real['path']}), generated "
         + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, gens)) + f"; protocol {real['protocol']}"
         + (f", voxels < {real['cut']:.4g} MeV set to 0" if cc else "") + f"; {len(dead)} constant observables dropped")
     bins = args.bins or int(np.clip(round(math.sqrt(min(d["n"] for d in data))), 10, 50))
-    edges = {k: common.calochallenge_edges(k, _fin(fr[k]).max(), det) if cc else edges_for(_fin(fr[k]), [_fin(f[k]) for f in fgs], bins)[0]
-             for k in fr}
+    native_edges = lambda k, gs: edges_for(_fin(fr[k]), [_fin(g[k]) for g in gs], bins)[0]  # noqa: E731
+    edges = {k: common.calochallenge_edges(k, _fin(fr[k]).max(), det) if cc else native_edges(k, fgs) for k in fr}
     vox_edges = common.calochallenge_edges("voxels", real["max_cell"], det) if cc else None
-    vox = [voxel_counts(d, vox_edges) for d in data] if vox_edges is not None else [None] * len(data)
+    # plot_cell_dist: every voxel; zeros lie below the first edge (the cut), so only the others are binned
+    vox = [None if vox_edges is None else sum(np.histogram(c[c > 0], vox_edges)[0] for _, c in blocks(d)) for d in data]
     rows, plot_extra = [], []
     for g, fg, lab, vc in zip(gens, fgs, args.labels, vox[1:]):
-        st = {k: sep_stats(fr[k], fg[k], edges[k] if cc else edges_for(_fin(fr[k]), [_fin(fg[k])], bins)[0], not cc)
-              for k in fr}
+        st = {k: sep_stats(fr[k], fg[k], edges[k] if cc else native_edges(k, [fg]), not cc) for k in fr}
         sp = {k: v[0] for k, v in st.items()}
         flagged = sorted((k for k in sp if sp[k] > max(0.01, 3 * st[k][1])), key=lambda k: -sp[k])
         row = {"label": lab, "path": g["path"], "n_events": g["n"], "toy": g["toy"], "n_empty": g["n_empty"],
                "separation_power": sp, "separation_power_noise": {k: v[1] for k, v in st.items()},
                "flagged": flagged, "separation_power_mean": float(np.nanmean(list(sp.values()))),
                "frechet_distance": max(0.0, common.frechet_distance(standardised(fr, fr), standardised(fr, fg)))}
-        if cc:  # mean separation power per feature group, as the challenge's results show them
-            row["calochallenge"] = {"voxels": common.calochallenge_separation(vox[0], vc, vox_edges)[0] if vc is not None else None,
+        if cc:  # mean separation power per feature group and of all voxels, as the challenge's results show them
+            row["calochallenge"] = {"voxels": common.calochallenge_separation(vox[0], vc, vox_edges)[0],
                                     **{CC_PREFIX[t]: float(np.nanmean([sp[k] for k in ks])) for t, ks in groups}}
         if not args.no_classifier:
             row["classifier"] = two_sample_test(real, g, args, device, log, lab)
@@ -816,8 +742,7 @@ def run(args, log=print):
             row["lcd"] = lcd_extra(real, g, pe)
         elif det.startswith("atlas"):
             row["atlas"] = atlas_extra(real, g, args, pe)
-            r = row["atlas"].get("nn_ratio")
-            row["memorisation"] = r is not None and r < 0.5
+            row["memorisation"] = row["atlas"].get("nn_ratio") is not None and row["atlas"]["nn_ratio"] < 0.5
         elif det == "lhcb":
             row["lhcb"] = lhcb_extra(real, g, fr, fg, args, pe)
         elif det == "ild":
@@ -835,8 +760,7 @@ def run(args, log=print):
                "bins": None if cc else bins, "generated": rows, "plots": plots, "settings": vars(args)}
     write_text(os.path.join(args.out, "metrics.json"), json.dumps(_clean(metrics), indent=1) + "\n")
     write_text(os.path.join(args.out, "report.md"), report_md(metrics, title, groups))
-    j = lambda *a: os.path.join(args.out, *a)  # noqa: E731
-    log(f"wrote {j('metrics.json')}, {j('report.md')} and {len(plots)} plots in {j('plots')}")
+    log(f"wrote {os.path.join(args.out, 'metrics.json')}, report.md and {len(plots)} plots in {args.out}/plots")
     return metrics
 
 
@@ -850,88 +774,83 @@ def _eq(v):
 
 
 def report_md(m, title, groups):
-    det, cc = m["detector"], m["protocol"] == "calochallenge"
+    det, cc, gen = m["detector"], m["protocol"] == "calochallenge", m["generated"]
     mse = ("corr. MSE", lambda r: r["atlas"]["correlation_mse"])
     head, col = {"lcd": ("max abs SF ratio - 1", lambda r: r["lcd"]["sampling_fraction_max_abs_ratio_minus_1"]),
                  "atlas89": mse, "atlas247": mse, "lhcb": ("PRD-AUC score", lambda r: r["lhcb"]["prd_auc_score"]),
                  "ild": ("mean quantile JSD", lambda r: np.mean([v for v in r["ild"]["quantile_jsd"].values()
                                                                  if v is not None]))}.get(det, (None, None))
-    head = None if cc else head
-    lines = [f"# Validation report: {title}", "",
-             f"Protocol: {m['protocol']}" + (f" (CaloChallenge code/evaluate.py: voxels below {m['voxel_cut']:.4g} MeV "
-                                             "set to 0, its high-level features and histogram binning)" if cc else "")
-             + f". Real: `{m['real']['path']}` ({m['real']['n_events']} showers{', TOY' if m['real']['toy'] else ''}, "
-             f"{m['real']['n_empty']} empty). {len(m['features'])} high-level observables"
+    rl = m["real"]
+    lines = [f"# Validation report: {title}", "", f"Protocol {m['protocol']}" + (
+             f" (CaloChallenge code/evaluate.py: voxels below {m['voxel_cut']:.4g} MeV set to 0, its high-level "
+             "features and histogram binning)" if cc else "") + f". Real: `{rl['path']}` ({rl['n_events']} showers"
+             f"{', TOY' if rl['toy'] else ''}, {rl['n_empty']} empty). {len(m['features'])} observables"
              + (f", {m['bins']} bins" if m["bins"] else "") + ". Dropped as constant in the real sample: "
              + (", ".join(m["dropped_features"]) or "none") + ".", "",
-             "| generated | N | empty | classifier AUC | JSD | Frechet dist. | mean sep. power | worst observable (sep.) | "
-             + (f"{head} | " if head else "") + "verdict |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if head else "") + "---|"]
-    for r in m["generated"]:
-        c, sp = r.get("classifier", {}), {k: v for k, v in r["separation_power"].items() if v is not None}
+             "| generated | N | empty | classifier AUC | JSD | Frechet dist. | mean sep. power | worst (sep.) | "
+             + (f"{head} | " if head else "") + "verdict |", "|---" * (9 + bool(head)) + "|"]
+    for r in gen:
+        c, sp = r.get("classifier", {}), {k: v for k, v in r["separation_power"].items() if v == v}
         worst = max(sp, key=sp.get) if sp else None
-        extra = f"{_fmt(col(r), '{:.4g}')} | " if head else ""
         lines.append(f"| {r['label']}{' (TOY)' if r['toy'] else ''} | {r['n_events']} | {r['n_empty']} | "
                      f"{_fmt(c.get('auc'))} | {_fmt(c.get('jsd'))} | {r['frechet_distance']:.4g} | "
-                     f"{_fmt(r['separation_power_mean'], '{:.4f}')} | {worst} ({_fmt(sp.get(worst))}) | {extra}{r['verdict']} |")
+                     f"{_fmt(r['separation_power_mean'], '{:.4f}')} | {worst} ({_fmt(sp.get(worst))}) | "
+                     + (f"{_fmt(col(r), '{:.4g}')} | " if head else "") + f"{r['verdict']} |")
     if cc:  # the challenge's results: classifier scores and separation power per feature group
         names = [CC_PREFIX[t] for t, _ in groups] + ["voxels"]
-        lines += ["", "Separation power per CaloChallenge feature group (mean over layers; per layer in metrics.json):",
-                  "", "| generated | AUC (low-level) | JSD | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
-        lines += [f"| {r['label']} | {_fmt(r.get('classifier', {}).get('auc'), '{:.4f}')} | "
-                  f"{_fmt(r.get('classifier', {}).get('jsd'), '{:.4f}')} | "
-                  + " | ".join(_fmt(r["calochallenge"][p], "{:.4f}") for p in names) + " |" for r in m["generated"]]
+        lines += ["", "Separation power per CaloChallenge feature group (mean over layers; each in metrics.json):", "",
+                  "| generated | AUC (low-level) | JSD | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+        lines += [f"| {r['label']} | " + " | ".join(_fmt(v, "{:.4f}") for v in [r.get("classifier", {}).get("auc"),
+                  r.get("classifier", {}).get("jsd")] + [r["calochallenge"][p] for p in names]) + " |" for r in gen]
     lines += ["", "Flagged observables (separation power > max(0.01, 3x the statistical floor)):", ""]
-    for r in m["generated"]:
-        lines.append(f"- {r['label']}: " + (", ".join(f"{k} {r['separation_power'][k]:.3f}" for k in r["flagged"])
-                                             or "none"))
-    amps = [r for r in m["generated"] if r.get("ild", {}).get("amplification")]
+    lines += [f"- {r['label']}: " + (", ".join(f"{k} {r['separation_power'][k]:.3f}" for k in r["flagged"]) or "none")
+              for r in gen]
+    amps = [r for r in gen if r.get("ild", {}).get("amplification")]
     if amps:
         lines += ["", "Amplification: number of real showers the generated sample is worth, per observable "
                   "(inf = better than the whole truth pool, None = worse than the smallest subset):", ""]
-    for r in amps:
-        amp = r["ild"]["amplification"]
-        lines.append(f"- {r['label']}: " + ", ".join(f"{k} {_eq(v['equivalent_size'])}" for k, v in amp["observables"].items())
-                     + f" (truth pool {amp['n_truth_pool']}, generated {r['n_events']})")
+    lines += [f"- {r['label']}: " + ", ".join(f"{k} {_eq(v['equivalent_size'])}" for k, v in
+                                              r["ild"]["amplification"]["observables"].items())
+              + f" (truth pool {r['ild']['amplification']['n_truth_pool']}, generated {r['n_events']})" for r in amps]
     lines += ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable (best published "
-              "CaloChallenge: ds1 photons ~0.63, ds2 0.53, ds3 0.56). JSD = (ln2 - BCE)/ln2 of the calibrated classifier "
-              "on its test split. Empty = showers with no energy left" + (" after the cut; the challenge gives their "
-              "centres and widths 0." if cc else "; their shape observables are undefined and left out.")
+              "CaloChallenge: ds1 photons ~0.63, ds2 0.53, ds3 0.56). JSD = (ln2 - BCE)/ln2 of the calibrated "
+              "classifier on its test split. Empty = showers with no energy left" + (" after the cut; the challenge "
+              "gives their centres and widths 0." if cc else "; their shape observables are undefined, left out.")
               + " Details: metrics.json; plots: plots/.", ""]
     return "\n".join(lines)
 
 
 def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
-    P = Plotter(os.path.join(args.out, "plots"), title, args.labels)
-    units = {"e_vis": f"visible energy [{real['geom'].unit}]"}
+    P, det = Plotter(os.path.join(args.out, "plots"), title, args.labels), real["detector"]
     cc = real["protocol"] == "calochallenge"
-    for sub, keys in groups:
+    few = lambda k: real["geom"].n_layers <= 5 or not k[-1].isdigit() or int(k.rpartition("_")[2]) % 5 == 0  # noqa
+    for sub, keys in groups:   # ds2/ds3: every 5th layer
+        keys = [k for k in keys if edges[k] is not None and (few(k) or not cc)]
         slug = "".join(c if c.isalnum() else "_" for c in sub.split("(")[0].split("[")[0].strip().lower())
-        keys = [k for k in keys if edges[k] is not None and (real["geom"].n_layers <= 5 or int(k.rpartition("_")[2]
-                                                                                                  or 0) % 5 == 0)]
-        if keys:  # ds2/ds3: every 5th layer
-            P.hists(f"hist_{slug}", sub, keys, fr, fgs, edges, {**LABEL, **units}, clip=not cc)
-    det = real["detector"]
+        if keys:
+            P.hists(f"hist_{slug}", sub, keys, fr, fgs, edges,
+                    {**LABEL, "e_vis": f"visible energy [{real['geom'].unit}]"}, clip=not cc)
+    spectrum = lambda name, key, vals, xlabel: P.hists(  # noqa: E731
+        name, xlabel, [key], {key: vals[0]}, [{key: v} for v in vals[1:]], {key: edges_for(vals[0], vals[1:], 50)[0]},
+        {key: xlabel})
     if det == "lcd":
         e, sf = pe[0]["sf_bins"]
         P.curves("sampling_fraction_vs_ep", "mean sampling fraction per 10 GeV bin", [0.5 * (e[1:] + e[:-1])],
                  [sf[0][0]], [[p["sf_bins"][1][1][0]] for p in pe], ["Ep [GeV]"], "mean E_vis / Ep", logy=False)
         P.curves("profiles", "mean energy profiles (log)", [np.arange(25)] * 3, pe[0]["profiles"][0],
                  [p["profiles"][1] for p in pe], ["x [cell]", "y [cell]", "z (depth) [layer]"], "mean deposit [GeV]")
-        spec = [{"cell_energy": d["cells"][:2000][d["cells"][:2000] > 0]} for d in [real] + gens]
-        P.hists("cell_spectrum", "cell energy spectrum (first 2000 showers)", ["cell_energy"], spec[0], spec[1:],
-                {"cell_energy": edges_for(spec[0]["cell_energy"], [s["cell_energy"] for s in spec[1:]], 50)[0]},
-                {"cell_energy": "cell energy [GeV]"})
+        spectrum("cell_spectrum", "cell_energy", [d["cells"][:2000][d["cells"][:2000] > 0] for d in [real] + gens],
+                 "cell energy [GeV] (first 2000 showers)")
     elif det.startswith("atlas"):
         vr = pe[0]["variance"][0]
         P.curves("cell_variance", "variance per cell", [np.arange(len(vr))], [vr],
                  [[p["variance"][1]] for p in pe], ["cell index"], "variance [MeV^2]")
         e_edges = np.geomspace(max(real["e_inc"].min(), 1e-3), real["e_inc"].max() * 1.0001, 9)
-        w = [common.binned_stat(d["e_inc"][ok], f["width_phi_Middle"][ok], e_edges)[0] for d, f in zip([real] + gens, [fr] + fgs)
-             for ok in [np.isfinite(f["width_phi_Middle"])]]
+        w = [common.binned_stat(d["e_inc"][ok], f["width_phi_Middle"][ok], e_edges)[0]
+             for d, f in zip([real] + gens, [fr] + fgs) for ok in [np.isfinite(f["width_phi_Middle"])]]
         P.curves("width_phi_middle_vs_energy", "mean width in phi of Middle vs energy",
-                 [np.sqrt(e_edges[1:] * e_edges[:-1])], w[:1], [[x] for x in w[1:]],
-                 ["E_true [MeV]"], "mean width phi", logy=False, logx=True)
+                 [np.sqrt(e_edges[1:] * e_edges[:-1])], w[:1], [[x] for x in w[1:]], ["E_true [MeV]"],
+                 "mean width phi", logy=False, logx=True)
     elif det == "lhcb":
         P.curves("sparsity_curve", "mean sparsity vs alpha", [LHCB_ALPHAS], [pe[0]["sparsity"][0]],
                  [[p["sparsity"][1]] for p in pe], ["alpha"], "fraction of cells >= alpha E_tot", logx=True)
@@ -943,9 +862,7 @@ def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
             axes[j].legend(fontsize=7)
         P._finish(fig, "prd", "precision-recall for distributions")
     elif det == "ild":
-        pix = [{"pixel": p} for p in [pe[0]["pixels"][0]] + [p["pixels"][1] for p in pe]]
-        P.hists("pixel_spectrum", "per-pixel energy spectrum", ["pixel"], pix[0], pix[1:],
-                {"pixel": edges_for(pix[0]["pixel"], [p["pixel"] for p in pix[1:]], 50)[0]}, {"pixel": "pixel energy [MeV]"})
+        spectrum("pixel_spectrum", "pixel", [pe[0]["pixels"][0]] + [p["pixels"][1] for p in pe], "pixel energy [MeV]")
         if "amplification" in pe[0]:
             keys = list(pe[0]["amplification"])
             fig, axes = P._grid(len(keys), ratio=False)
@@ -953,8 +870,8 @@ def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
                 a0 = pe[0]["amplification"][k]
                 ax.plot(a0["truth_sizes"], a0["truth_jsd"], "k-o", ms=3, label="truth subsets")
                 for p, c, lab in zip(pe, P.colors, args.labels):
-                    a = p["amplification"][k]
-                    ax.plot(a["gen_sizes"], a["gen_jsd"], "-s", ms=3, color=c, label=lab)
+                    ax.plot(p["amplification"][k]["gen_sizes"], p["amplification"][k]["gen_jsd"], "-s", ms=3, color=c,
+                            label=lab)
                 eq = ", ".join(_eq(p["amplification"][k]["equivalent_size"]) for p in pe)
                 ax.set(xscale="log", yscale="log", xlabel="number of showers", ylabel="quantile JSD",
                        title=f"{k} (equivalent truth size: {eq})")

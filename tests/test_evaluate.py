@@ -373,3 +373,13 @@ def test_lhcb_empty_images_undefined(toy):
     f, _ = ev.features(d)
     assert d["n_empty"] == 3 and np.isnan(f["asym_long"][:3]).all() and np.isfinite(f["asym_long"][3:]).all()
     assert (f["sparsity_1e-03"][:3] == 1).all() and np.isnan(f["width_trans"][:3]).all()   # MLHEP: all cells >= 0
+
+
+def test_calochallenge_plots_and_report(toy, tmp_path):
+    real, out = toy("calochallenge1", N), tmp_path / "cc"
+    assert ev.main([real, toy("calochallenge1", N, seed=1), "--out", str(out), "--no-classifier"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"hist_e_tot___e_inc", "hist_energy_per_layer", "hist_centre_in_eta", "hist_sparsity"} <= set(m["plots"])
+    assert all((out / "plots" / f"{p}.png").exists() for p in m["plots"])
+    md = (out / "report.md").read_text()
+    assert "| generated | AUC (low-level) | JSD | Etot_Einc | E_layer | EC_eta |" in md and "voxels below 1 MeV" in md
