@@ -364,17 +364,33 @@ def _centre_jitter(rng, B, cell):
     return rng.uniform(-0.5, 0.5, (2, B, 1)) * np.asarray(cell).reshape(2, 1, 1)
 
 
-def _check_toy_args(kind, n):
+TOY_MAX_GEV = 1e5          # 100 TeV: above any calorimeter here; larger values overflow the spot counts
+
+
+def _check_toy_args(kind, n, seed=0, energy=None):
     if kind not in TOY_KINDS:
         raise ValueError(f"unknown toy kind {kind!r}; choose from {', '.join(TOY_KINDS)}")
     if n <= 0:
         raise ValueError(f"number of showers must be positive, got {n}")
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    if energy is not None:
+        lo, hi = energy
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= TOY_MAX_GEV):
+            raise ValueError(f"--energy needs 0 < LO <= HI <= {TOY_MAX_GEV:g} GeV, got {lo:g}:{hi:g}")
+
+
+def tmp_name(path, suffix=""):
+    """A temporary name beside path, unique per process and call, never longer than the file-name
+    limit (path + '.tmp<pid>' passes 255 characters for a valid 250-character name)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{base[:150]}.{os.getpid()}.{os.urandom(4).hex()}.tmp{suffix}")
 
 
 def make_toy(kind, n, seed=0, energy=None, chunk=500):
     """Toy showers of one detector as a dict of the arrays its real files hold (design.md).
     energy: optional (lo, hi) in GeV (momentum for lhcb) to override the detector's default range."""
-    _check_toy_args(kind, n)
+    _check_toy_args(kind, n, seed, energy)
     if kind == "ild10":
         return make_toy_ild10(n, seed, energy)
     rng = np.random.default_rng(seed)
@@ -458,17 +474,19 @@ def write_toy(kind, path, n, seed=0, energy=None, workers=None, progress=False):
     so that 100k LCD showers (6 GB) never sit in memory at once."""
     import h5py
     from concurrent.futures import ProcessPoolExecutor
-    _check_toy_args(kind, n)
+    _check_toy_args(kind, n, seed, energy)
     npz = path.endswith(".npz")
     if npz and kind != "lhcb":
         raise ValueError(f"{path}: .npz is the LHCb format only; use .h5 for {kind}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ValueError(f"{path}: cannot write there (folder missing or not writable)")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not a file name")
     step = 2000
     blocks = [(kind, min(step, n - s), seed * 1_000_003 + s, energy) for s in range(0, n, step)]
     workers = min(workers or os.cpu_count() or 1, len(blocks))
-    tmp = path + f".tmp{os.getpid()}" + (".npz" if npz else "")
+    tmp = tmp_name(path, ".npz" if npz else "")
     t0 = time.time()
     try:
         with contextlib.ExitStack() as stack:
@@ -1270,8 +1288,13 @@ def separation_power_clipped(real, gen, n_bins):
 # ---------------------------------------------------------------- command line
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                      # one line (argparse prints the whole usage block)
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Geometry and toy-shower tools of the calorimeter scripts.")
+    p = _Parser(description="Geometry and toy-shower tools of the calorimeter scripts.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("toy", help="write toy GFlash showers in a detector's real file format")
     t.add_argument("kind", help=f"detector: {', '.join(TOY_KINDS)}")
@@ -1288,8 +1311,6 @@ def main(argv=None):
                 lo, hi = (float(v) for v in args.energy.split(":"))
             except ValueError:
                 raise ValueError(f"--energy must be LO:HI in GeV, got {args.energy!r}")
-            if not 0 < lo <= hi:
-                raise ValueError(f"--energy needs 0 < LO <= HI, got {args.energy!r}")
             energy = (lo, hi)
         write_toy(args.kind, args.out, args.n, args.seed, energy, progress=True)
     except (ValueError, OSError) as e:
