@@ -16,7 +16,9 @@ row). Formats, recognised from keys and shapes: LCD (`ECAL` 25x25x25 or 51x51x25
 common.reduce_ild, or reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Outputs in --out:
 metrics.json, report.md, plots/*.png and *.pdf. Datasets 2 and 3 (up to 100k x 40500 float32, 16 GB a file)
 are never held in memory: features are computed block by block from the file, the classifier reads only its
-subsample (at most 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events).
+subsample (at most 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events). Two hand-made
+20000-shower ds3 files (6.5 GB): peak RSS 2.4 GB (1.6 GB of it the classifier's subsample), 97 s on one CPU
+thread with --cls-epochs 1.
 
 --protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py:
 voxels below its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
@@ -436,14 +438,15 @@ def two_sample_test(real, gen, args, device, log, tag):
     # event keeps each (real i, generated i) pair in one split, so conditions cannot leak across splits
     idx, pos, (a, b) = np.sort(rng.permutation(min(n_r, n_g))[:m]), rng.permutation(m), (int(0.6 * m), int(0.8 * m))
     x = np.empty((2 * m, n_in), np.float32)   # the only copy: splits are row indices into it
+    step = int(np.clip(2 ** 23 // n_in, 64, 4096))   # rows per chunk: temporaries of at most ~64 MB
     classifier_inputs(real, idx, x[:m])
     classifier_inputs(gen, idx, x[m:])
     rows = {k: np.r_[p, p + m] for k, p in (("train", pos[:a]), ("val", pos[a:b]), ("test", pos[b:]))}
     raw = args.cls_calochallenge   # the challenge feeds the inputs as they are
     if not raw:  # standardised on the training rows; a floor on the std keeps never-hit voxels from blowing up
         s1, s2, tr = np.zeros(n_in), np.zeros(n_in), rows["train"]
-        for c in range(0, len(tr), 4096):
-            xc = x[tr[c:c + 4096]].astype(np.float64)
+        for c in range(0, len(tr), step):
+            xc = x[tr[c:c + step]].astype(np.float64)
             s1, s2 = s1 + xc.sum(0), s2 + (xc * xc).sum(0)
         sd = np.sqrt(np.maximum(s2 / len(tr) - (s1 / len(tr)) ** 2, 0.0))
         x -= (s1 / len(tr)).astype(np.float32)
@@ -456,7 +459,7 @@ def two_sample_test(real, gen, args, device, log, tag):
     def logits(name):
         model.eval()
         with torch.no_grad():
-            z = torch.cat([model(X[r]) for r in rows[name].split(4096)])
+            z = torch.cat([model(X[r]) for r in rows[name].split(step)])
         model.train()
         return z, Y[rows[name]]
 
