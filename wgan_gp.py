@@ -74,7 +74,7 @@ import torch.nn as nn
 import common
 
 SCRIPT = "wgan_gp.py"
-TOY_EPOCHS = 100        # default epochs without --data (README main job)
+TOY_EPOCHS = 175        # default epochs without --data (README main job: < 5 min on one core)
 
 
 # ---------------------------------------------------------------- flags
@@ -89,9 +89,9 @@ def get_args(argv=None):
     a("--toy-n", type=int, default=40000, help="number of toy showers without --data (the study had ~40k)")
     a("--out", default=None, help="output folder (default runs/wgan_gp); with --generate: the output .h5 file")
     a("--epochs", type=int, default=None, help="training epochs (passes of the critic over the training set); "
-      "default 1000 with --data (the original), 50 on toy data")
+      f"default 1000 with --data (the original), {TOY_EPOCHS} on toy data")
     a("--batch-size", type=int, default=64, help="minibatch size per process")
-    a("--lr", type=float, default=5e-5, help="Adam learning rate of generator and critic")
+    a("--lr", type=float, default=5e-5, help="Adam learning rate of generator and critic (Keras 2 update, epsilon 1e-7)")
     a("--betas", default="0.5,0.5", help="Adam betas b1,b2")
     a("--layers", type=int, default=3, help="dense hidden layers in generator and critic")
     a("--width", type=int, default=128, help="units per hidden layer")
@@ -116,7 +116,8 @@ def get_args(argv=None):
     a("--energy", default=None, help="with --generate: LO:HI GeV, log-uniform conditioning energy "
       "(ATLAS: cluster total; CaloChallenge: incident energy)")
     a("--energy-file", default=None, help="with --generate: take the conditions from this file (input format)")
-    a("--benchmark", action="store_true", help="print generation showers/s and training samples/s as JSON")
+    a("--benchmark", action="store_true", help="print generation showers/s and the time of a training "
+      "iteration (n_critic critic + 1 generator step) for 1 and --seeds K members as JSON")
     args = p.parse_args(argv)
     try:
         args.betas = tuple(float(b) for b in args.betas.split(","))
@@ -562,13 +563,14 @@ def sample(gen, cond_e, norm, gens, batch=10000):
 
 
 def validate(gen, data, seeds, device):
-    """Generated showers for the held-out events (one per seed and event, noise cuts applied) and
-    the metrics against the held-out real showers."""
+    """Generated showers for the held-out events (one per seed and event, noise cuts applied), the
+    metrics against the held-out real showers, and both samples' features."""
     val = data["val"]
     cells = sample(gen, np.tile(data["cond_e"][val], (len(seeds), 1)), data["norm"],
                    member_generators(seeds, device, 10_000))
-    fake = noise_cut(cells.reshape(len(seeds) * len(val), -1), data["geom"])
-    return evaluate(data["cells"][val], fake, data["geom"], data["toy"]), fake
+    fake, real = noise_cut(cells.reshape(len(seeds) * len(val), -1), data["geom"]), data["cells"][val]
+    fr, ff = features(real, data["geom"]), features(fake, data["geom"])
+    return evaluate(real, fake, data["geom"], data["toy"], fr, ff), fake, (fr, ff)
 
 
 def load_generator(path, device):
@@ -619,54 +621,43 @@ def generate_main(args, device):
 def benchmark(args, device, amp):
     """Generation showers/s, and the time of one training iteration (n_critic critic steps + one
     generator step) for 1 and for --seeds K batched members, alternated, medians."""
-    geom = common.geometry("atlas89")
-    hp = {"latent": args.latent, "width": args.width, "layers": args.layers}
+    C, B, nc, n = 89, args.batch_size, args.n_critic, 4096
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    B, nc, n, C = args.batch_size, args.n_critic, 4096, geom.n_cells
-    real = torch.softmax(torch.randn(n, C, device=device), 1)
-    cond = torch.randn(n, 1, device=device)
-    setups = {}
+    real, cond = torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device)
+    nets = {}
     for K in sorted({1, args.seeds}):
-        gen, crit = (m.to(device) for m in build(hp, C, False, K))
-        gens = member_generators(range(K), device)
-        gen.glorot_(gens)
-        crit.glorot_(gens)
-        setups[K] = (gen, crit, [Adam(m.flat, args.lr, args.betas) for m in (gen, crit)],
-                     torch.zeros(K, nc, 3 * B, C + 1, device=device))
+        gen, crit = (m.to(device) for m in build({k: getattr(args, k) for k in ("latent", "width", "layers")}, C,
+                                                 False, K))
+        for m in (gen, crit):
+            m.glorot_(member_generators(range(K), device))
+        nets[K] = (gen, crit, [Adam(m.flat, args.lr, args.betas) for m in (gen, crit)],
+                   torch.zeros(K, nc, 3 * B, C + 1, device=device))
 
     def run_iteration(K):
-        gen, crit, opts, buf = setups[K]
-        i, ig = torch.randint(0, n, (K, nc, B), device=device), torch.randint(0, n, (K, B), device=device)
-        gin_c = torch.cat([torch.randn(K, nc * B, args.latent, device=device), cond[i].flatten(1, 2)], -1)
-        gin_g = torch.cat([torch.randn(K, B, args.latent, device=device), cond[ig]], -1)
+        gen, crit, opts, buf = nets[K]
+        i = torch.randint(0, n, (K, nc + 1, B), device=device)
+        gin = torch.cat([torch.randn(K, (nc + 1) * B, args.latent, device=device), cond[i].flatten(1, 2)], -1)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            iteration(gen.layers(), crit.layers(), opts, buf, real[i], cond[i], torch.rand(K, nc, B, 1, device=device),
-                      gin_c, gin_g, C, args.gp, args.l1)
-    times = {K: [] for K in setups}
-    for r in range(8):
-        for K in setups:
-            if r == 0:
-                run_iteration(K)                                         # warm-up
-            sync()
-            t = time.perf_counter()
-            for _ in range(20):
-                run_iteration(K)
-            sync()
-            times[K].append((time.perf_counter() - t) / 20)
-    med = {K: float(np.median(v)) for K, v in times.items()}
-    gen, norm, e = setups[1][0], {"mu_e": math.log(5e4), "sd_e": 1.0}, np.full((1, 10000), 5e4)
-    gens = member_generators([0], device)
-    sample(gen, e, norm, gens)
-    sync()
-    t, reps = time.perf_counter(), 0
-    while reps < 3 or time.perf_counter() - t < 1.0:
-        sample(gen, e, norm, gens)
-        reps += 1
-    sync()
+            iteration(gen.layers(), crit.layers(), opts, buf, real[i[:, :nc]], cond[i[:, :nc]],
+                      torch.rand(K, nc, B, 1, device=device), gin[:, :nc * B], gin[:, nc * B:], C, args.gp, args.l1)
+
+    def timed(fn, reps=20):
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / reps
+    for K in nets:
+        run_iteration(K)                                                 # warm-up
+    rounds = [[timed(lambda: run_iteration(K)) for K in nets] for _ in range(8)]
+    med = dict(zip(nets, np.median(rounds, axis=0).tolist()))
+    gens, e = member_generators([0], device), np.full((1, 10000), 5e4)
+    t_gen = timed(lambda: sample(nets[1][0], e, {"mu_e": math.log(5e4), "sd_e": 1.0}, gens), 3)
     out = {"script": SCRIPT, "device": str(device), "dtype": args.dtype if amp else "fp32",
-           "threads": torch.get_num_threads(), "gen_batch": 10000,
-           "gen_showers_per_s": round(reps * 1e4 / (time.perf_counter() - t)), "train_batch": B, "n_critic": nc,
-           "train_iter_ms": round(1e3 * med[1], 3), "train_samples_per_s": round(nc * B / med[1])}
+           "threads": torch.get_num_threads(), "gen_batch": 10000, "gen_showers_per_s": round(1e4 / t_gen),
+           "train_batch": B, "n_critic": nc, "train_iter_ms": round(1e3 * med[1], 3),
+           "train_samples_per_s": round(nc * B / med[1])}
     if args.seeds > 1:
         out.update(seeds=args.seeds, train_iter_ms_seeds=round(1e3 * med[args.seeds], 3),
                    seeds_cost_ratio=round(med[args.seeds] / med[1], 3))
@@ -677,27 +668,28 @@ def benchmark(args, device, amp):
 # ---------------------------------------------------------------- evaluation and plots
 
 
-def evaluate(real, fake, geom, toy):
-    """Metrics of real vs generated cells (MeV) with common.py, binned as evaluate.py bins them:
-    correlation MSE, separation powers."""
+def features(cells, geom):
+    """Klein's physics variates of each shower, from common.py: name -> (N, n_layers) or (N, 1)."""
+    f = {"energy_per_layer": common.energy_per_layer(cells, geom),
+         "fraction_per_layer": common.fraction_per_layer(cells, geom)}
+    f.update({k + "_per_layer": v for k, v in common.centre_width_per_layer(cells, geom).items()})
+    if geom.name.startswith("atlas"):
+        f["middle_core_fraction"] = common.middle_core_fraction(cells, geom)[:, None]
+    return f
+
+
+def evaluate(real, fake, geom, toy, fr, ff):
+    """Correlation MSE and separation powers of real vs generated showers (MeV; features fr, ff),
+    binned as evaluate.py bins them."""
     bins = common.auto_bins(len(real), len(fake))
     sp = lambda a, b: common.separation_power_clipped(a, b, bins)  # noqa: E731
-    names = geom.layer_names
-    fr, ff = common.fraction_per_layer(real, geom), common.fraction_per_layer(fake, geom)
-    er, ef = common.energy_per_layer(real, geom), common.energy_per_layer(fake, geom)
-    cwr, cwf = common.centre_width_per_layer(real, geom), common.centre_width_per_layer(fake, geom)
     m = {"toy": toy, "correlation_mse": common.correlation_mse(real, fake), "bins": bins,
-         "separation_power": {
-             "fraction_per_layer": {n: sp(fr[:, i], ff[:, i]) for i, n in enumerate(names)},
-             "energy_per_layer": {n: sp(er[:, i], ef[:, i]) for i, n in enumerate(names)},
-             "total_energy": sp(real.sum(1), fake.sum(1))}}
-    for k in cwr:
-        m["separation_power"][k] = {n: sp(cwr[k][:, i], cwf[k][:, i]) for i, n in enumerate(names)}
-    if geom.name.startswith("atlas"):
-        m["separation_power"]["middle_core_fraction"] = sp(common.middle_core_fraction(real, geom),
-                                                           common.middle_core_fraction(fake, geom))
-    m["mean_fraction_per_layer"] = {"real": dict(zip(names, fr.mean(0).tolist())),
-                                    "generated": dict(zip(names, ff.mean(0).tolist()))}
+         "separation_power": {"total_energy": sp(real.sum(1), fake.sum(1))}}
+    for k in fr:
+        m["separation_power"][k] = ({n: sp(fr[k][:, i], ff[k][:, i]) for i, n in enumerate(geom.layer_names)}
+                                    if fr[k].shape[1] == geom.n_layers else sp(fr[k], ff[k]))
+    m["mean_fraction_per_layer"] = {w: dict(zip(geom.layer_names, f["fraction_per_layer"].mean(0).tolist()))
+                                    for w, f in (("real", fr), ("generated", ff))}
     return m
 
 
@@ -719,7 +711,7 @@ def layer_image(geom, lay, vec):
     return np.swapaxes(img, -1, -2), "eta cell", "phi cell"
 
 
-def plots(folder, real, fake, geom, toy, metrics, histories):
+def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -742,7 +734,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
         ax.set_title(f"{tag}{geom.name}: {title}", fontsize=10)
         save(ax.figure, name, left=left, bottom=0.15, top=0.88)
 
-    def hists(name, title, a, b, xlabel, logx=False, sps=None):
+    def hists(name, title, a, b, xlabel, logx, sps, cols):
         fig, axs = plt.subplots(1, a.shape[1], figsize=(3.2 * a.shape[1], 3), squeeze=False)
         for i, ax in enumerate(axs[0]):
             both = np.r_[a[:, i], b[:, i]]
@@ -756,34 +748,30 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
             ax.hist(a[:, i], edges, histtype="stepfilled", alpha=0.4, color="grey", label="real", density=True)
             ax.hist(b[:, i], edges, histtype="step", color="C3", lw=1.5, label="generated", density=True)
             ax.set_xscale("log" if logx else "linear")
-            ax.set_title(f"{names[i]}" + (f"  SP {sps[names[i]]:.3f}" if sps else ""), fontsize=9)
+            sp = sps[cols[i]] if isinstance(sps, dict) else sps
+            ax.set_title(f"{cols[i]}  SP {sp:.3f}", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
         axs[0][0].legend(fontsize=7)
         fig.suptitle(f"{tag}{geom.name}: {title}", fontsize=10)
         save(fig, name)
 
-    spd = metrics["separation_power"]
-    for name, title, fn, xlabel, logx in (
-            ("energy_per_layer", "energy per layer", common.energy_per_layer, "MeV", True),
-            ("fraction_per_layer", "fraction of the cluster energy per layer", common.fraction_per_layer,
-             "fraction", False)):
-        hists(name, title, fn(real, geom), fn(fake, geom), xlabel, logx, spd[name])
-    cwr, cwf = common.centre_width_per_layer(real, geom), common.centre_width_per_layer(fake, geom)
     ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
-    for k in cwr:
-        what = ("energy-weighted centre in " if k.startswith("centre") else "width in ") + ax_names[k[-1] == "y"]
-        hists(k + "_per_layer", what + " per layer", cwr[k], cwf[k], ax_names[k[-1] == "y"], False, spd[k])
+    for k in fr:
+        title, xlabel = {"energy_per_layer": ("energy per layer", "MeV"),
+                         "fraction_per_layer": ("fraction of the cluster energy per layer", "fraction"),
+                         "middle_core_fraction": ("Middle energy in the central 3x3 cells / Middle energy",
+                                                  "fraction")}.get(k, (None, ax_names[k.split("_")[1] == "y"]))
+        title = title or ("energy-weighted centre in " if k.startswith("centre") else "width in ") + xlabel + " per layer"
+        hists(k, title, fr[k], ff[k], xlabel, k == "energy_per_layer", metrics["separation_power"][k],
+              names if fr[k].shape[1] == L else ["Middle"])
     if geom.name.startswith("atlas"):
-        hists("middle_core_fraction", "Middle-layer energy in the central 3x3 cells / Middle energy",
-              common.middle_core_fraction(real, geom)[:, None], common.middle_core_fraction(fake, geom)[:, None],
-              "fraction", False, None)
         mid = names.index("Middle")                                     # width in phi of Middle vs energy
         e_r = real.sum(1) / 1000.0
         e_f = np.tile(e_r, len(fake) // len(real))                       # fakes share the real conditions
         edges = np.geomspace(e_r.min(), e_r.max() * 1.0001, 11)
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for e, w, lab, col in ((e_r, cwr["width_y"][:, mid], "real", "grey"),
-                               (e_f, cwf["width_y"][:, mid], "generated", "C3")):
+        for e, w, lab, col in ((e_r, fr["width_y_per_layer"][:, mid], "real", "grey"),
+                               (e_f, ff["width_y_per_layer"][:, mid], "generated", "C3")):
             mean, std, cnt = common.binned_stat(e, w, edges)
             ax.errorbar(np.sqrt(edges[1:] * edges[:-1]), mean, std / np.sqrt(np.maximum(cnt, 1)), fmt="o-",
                         color=col, label=lab, ms=3)
@@ -827,7 +815,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories):
     q = np.argsort(real.sum(1))[np.linspace(0, len(real) - 1, 3).astype(int)]
     k = min(5, len(nf))
     idx, dist = common.nearest_neighbours(nr[q], nf, k=k)
-    lay = int(np.argmax(common.fraction_per_layer(real, geom).mean(0)))
+    lay = int(np.argmax(fr["fraction_per_layer"].mean(0)))
     fig, axs = plt.subplots(len(q), k + 1, figsize=(2.2 * (k + 1), 2.2 * len(q)), squeeze=False)
     for r, qi in enumerate(q):
         for j, ax in enumerate(axs[r]):
@@ -879,7 +867,7 @@ def run(args, device, amp, world, log):
     if rank != 0:
         return 0
     val = data["val"]
-    metrics, fake = validate(gen, data, seeds, device)
+    metrics, fake, feats = validate(gen, data, seeds, device)
     real = data["cells"][val]
     write_h5(os.path.join(args.out, "generated.h5"), d["fmt"], d["geom"], fake, np.tile(d["energy"][val], len(seeds)),
              {"generated": True, "model": "wgan_gp", "toy": data["toy"], "seeds": seeds,
@@ -892,7 +880,7 @@ def run(args, device, amp, world, log):
         f.write(json.dumps(metrics, indent=1))
     os.replace(mpath + ".tmp", mpath)
     if not args.no_plots:
-        plots(os.path.join(args.out, "plots"), real, fake, d["geom"], data["toy"], metrics, histories)
+        plots(os.path.join(args.out, "plots"), real, fake, d["geom"], data["toy"], metrics, histories, *feats)
     log(f"wrote {args.out}/: ckpt.pt, generated.h5, metrics.json" + ("" if args.no_plots else ", plots/"))
     log(f"validation, {len(val)} held-out real vs {len(fake)} generated: " + summary(metrics))
     return 0
