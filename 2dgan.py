@@ -1,44 +1,60 @@
 """2DGAN: conditional GAN of 2D convolutions for the 25x25x25 CLIC/LCD ECAL (Rehm, Vallecorsa et al.,
 vCHEP 2021), in one PyTorch file.
 
-    python 2dgan.py                                    # no --data: toy LCD showers (data/...), labelled TOY
-    python 2dgan.py --data 'EleEscan_*.h5' --epochs 30 # real LCD files (one file or a quoted glob)
+    python 2dgan.py                                    # no --data: the TOY reproduction (reduced, below)
+    python 2dgan.py --data 'EleEscan_*.h5'             # real LCD files, the paper's configuration
     python 2dgan.py --generate 10000 --ckpt runs/2dgan/ckpt.pt --energy 2:500 --out gen.h5
     python 2dgan.py --benchmark [--device cuda --dtype bf16 --compile]
     torchrun --nproc_per_node=4 2dgan.py --data 'EleEscan_*.h5'
     python 2dgan.py --resume                           # continue runs/2dgan/ckpt.pt
 
 Model (reference.md): the generator multiplies a N(0,1)^200 latent by Ep/100, maps it to a 5x5x5 volume and
-runs three branches of 2D convolutions on three permutations of it (each branch sees a different pair of
-axes as the image, the third as channels), 5 -> 15 -> 30 -> 26 -> 25; the branches are permuted back,
-concatenated (75 channels) and merged by a 3x3 convolution into 25x25x25. The discriminator runs the same
-three permuted branches down to 9x9x9 each, then Dense(10) and three heads: real/fake, Ep/100 regression,
-and Ecal = the plain sum of the input image. Losses: BCE with soft labels 0.9/0.1 and 5% flips (weight 6),
-100*MAPE of Ep (0.2) and of Ecal (0.1); per batch one D step on real, one on fake, one G step.
+runs three branches of 2D convolutions on three permutations of it (each sees a different pair of axes as the
+image, the third as channels), 5 -> 15 -> 30 -> 26 -> 25, permuted back, concatenated (75 channels) and merged
+by a 3x3 convolution. The discriminator runs the same branches down to 9x9x9 each, then Dense(10) and three
+heads: real/fake, Ep/100, Ecal = the plain sum of the image. Losses: BCE (weight 6), 100*MAPE of Ep (0.2) and
+of Ecal (0.1; the fakes' target: Ecal/Ep vs Ep fitted on the training set); per batch a D step on real, one
+on fake, one G step. Block = conv -> LeakyReLU(0.3) -> BatchNorm(Keras momentum 0.99, eps 1e-3) -> Dropout(0.2);
+TF "same" padding (even kernels pad one more at the end). Parameters, counted the Keras way: 2,055,324 and
+714,114, as the original.
 
-Choices and deviations (the original Keras code was not available; reference.md gives the layers):
-- Block = conv -> LeakyReLU(0.3) -> BatchNorm(momentum 0.01 = Keras 0.99, eps 1e-3) -> Dropout(0.2); convs
-  feeding a BatchNorm have no bias except the two transposed ones. Counted the Keras way (+ BatchNorm moving
-  mean/variance): 2,055,349 generator parameters (original 2,055,324; +25 = the merge conv's bias), exactly
-  714,114 discriminator.
-  "same" padding of even kernels is TF's (extra row/column at the end); ConvT k5 "same" is padding 1
-  (stride 3), padding 2 + output_padding 1 (stride 2).
-- Images are multiplied by --xscale 50 inside the networks (sum ~ Ep, as in the group's 3DGAN code); files
-  stay in GeV. Generated cells below 1e-6 GeV are set to 0.
-- Not in reference.md: ExponentialLR per epoch (--lr-decay 0.97); Adam with Keras' defaults (eps 1e-7); the
-  generator step targets the soft "real" label 0.9.
-- Fakes get Ep ~ U(100, 400) GeV for the first --early-epochs (3), then the real minibatch's Ep (so a
-  weighted draw, as adagan.py makes, also shapes the fakes' Ep distribution).
-- Validation metric (lower is better, best epoch kept): in +-5 GeV windows around 0, 50, 100, 200, 250, 300,
-  400, 500 GeV of the held-out set, relative error of the first two moments along x, y, z plus relative L1
-  error of the mean profiles, averaged over windows with >= --val-min events (else all in one window).
-- Data on the device when it fits (size vs --max-data-gb, default half the free device memory / available
-  RAM); otherwise the files are streamed one by one each epoch, without their held-out events (weighted
-  draws need the in-memory mode).
+The original's regime (svalleco/3Dgan, branch frehm/Conv2D; M = Conv2D/Models_m4_1_ReLU.py,
+P = PTF_k_v6_1_ReLU.py, F = Conv2D/Functions_v1_5_8.py):
+- Labels real 0.9 / fake 0 (M:292,294); a 5% flip makes a label 1*not(label): real -> 0, fake -> 1, and the
+  generator's 0.9 target is flipped too (M:278-284, 317).
+- Learning rate constant for 4.05 epochs, then x exp(-0.24) = x0.79 per epoch (l_dec, P:196-204, set per file
+  at P:301-302); Adam (Keras eps 1e-7) recreated at every file (P:303-304). The original reads 20 files of 9k
+  training events per epoch: in memory an epoch is cut into round(N_train / --file-events 9000) equal "files"
+  (one in the toy run); streamed, each real file is one.
+- --bn-mode frozen (default): the original calls its models without training=True (P:328-352, M:288,313), so
+  TF2 runs BatchNorm on its never-updated moving statistics (mean 0, variance 1) and no dropout while
+  training. This accident produced the published results, so it is the default; --bn-mode batch trains the
+  textbook way (batch statistics, dropout 0.2).
+- Output linear in epochs 1-2, ReLU from epoch 3 (ReLU_epoch = 3, P:50,262-268, which reloads epoch 2's
+  weights into a ReLU-output copy); fakes' Ep ~ U(100,400) GeV in epochs 1-2, then U(2,500) (M:266-271); the G
+  step draws its own (M:312). Keras initialisers (he_uniform where named, else glorot_uniform; zero biases).
+  Images in GeV (F:45-90 scales only Ep); --xscale multiplies them inside the networks.
+- Best epoch: the original's metric (F:463-541; validate() returns the moment term, F:544-640): relative error
+  of the mean centre and variance along x, y, z, averaged over all held-out events and +-5 GeV windows around
+  50..500 GeV. The original validated on 20k events (~400 per window): --val-max 20000, windows with fewer than
+  --val-min 100 events are left out, and each epoch logs the metric's bootstrap sd (100 resamples).
+Differences: Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit) so that it holds for
+any data; held-out events are a --val-frac split (F:547-556 reads two fixed files, also trained on); the
+validation noise is N(0,1) (F:616: N(0.1,1)); random streams are derived per (seed, rank, epoch), so that
+torchrun ranks and resumed runs draw their own batches; --fake-ep real (fakes at the real batch's Ep) lets
+adagan.py's weighted draws shape the fakes too.
+
+TOY reproduction (no --data; PAPER/TOY below): 4000 toy showers (25% held out), width 0.125 (4/8 channels),
+batch 32, 10 epochs, +-50 GeV metric windows; everything else as above. It writes to metrics.json the generated
+/ real mean sampling fraction per 50 GeV bin of Ep (10-510 GeV, `sf_ratio_per_50gev`) and the mean depth
+profile ratio (`profile_z_ratio`); the claim is within 10% in every bin and 20% in layers 3-20.
+Data on the device when it fits (--max-data-gb, default half the free device memory / available RAM);
+otherwise files are streamed one by one, without their held-out events (weights and split need memory).
 """
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -52,41 +68,52 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 SCRIPT = "2dgan.py"
-THRESHOLD = 1e-6                                   # GeV: cells below are 0 (data and generated)
-VAL_CENTRES = (0, 50, 100, 200, 250, 300, 400, 500)  # GeV, +-5 GeV windows of the validation metric
+THRESHOLD = 1e-6                                  # GeV: cells below are 0 (data and generated)
+VAL_CENTRES = (50, 100, 200, 250, 300, 400, 500)  # GeV: metric windows, besides all events (the original's "0")
+# sized flags left unset: the paper's configuration with --data, the CPU-sized toy reproduction without
+PAPER = dict(toy_n=10000, epochs=30, batch_size=128, width=1.0, val_frac=0.1, val_window=5.0)
+TOY = dict(toy_n=4000, epochs=10, batch_size=32, width=0.125, val_frac=0.25, val_window=50.0)
 
 
 # ---------------------------------------------------------------- flags
 
 
-def get_args(argv=None):
+def get_args(argv=None, toy_config=False):
+    """Parse flags; sized flags not given take PAPER values, or TOY ones if toy_config and no --data."""
     p = argparse.ArgumentParser(prog=SCRIPT, description="2DGAN for the 25x25x25 LCD ECAL (PyTorch).")
     a = p.add_argument
-    a("--data", default=None, help="LCD HDF5 file or quoted glob (ECAL + target, or 51x51x25 ECAL + energy); "
-                                    "none: toy LCD showers made once under ./data/")
-    a("--toy-n", type=int, default=10000, help="number of toy showers when no --data")
-    a("--out", default=None, help="run folder (default runs/2dgan); with --generate: the output .h5 file "
-                                  "(default generated.h5)")
-    a("--epochs", type=int, default=30, help="training epochs")
-    a("--batch-size", type=int, default=128, help="minibatch size (per process under torchrun)")
-    a("--lr-g", type=float, default=5e-4, help="Adam learning rate of the generator")
-    a("--lr-d", type=float, default=1e-4, help="Adam learning rate of the discriminator")
-    a("--lr-decay", type=float, default=0.97, help="exponential learning-rate decay factor per epoch")
+    a("--data", help="LCD HDF5 file or quoted glob (ECAL + target, or 51x51x25 ECAL + energy); none: toy LCD "
+                     "showers made once under ./data/, and the TOY configuration")
+    a("--toy-n", type=int, help="number of toy showers when no --data (default 4000)")
+    a("--out", help="run folder (default runs/2dgan); with --generate: the output .h5 (default generated.h5)")
+    a("--epochs", type=int, help="training epochs (default 30; toy 10)")
+    a("--batch-size", type=int, help="minibatch size per process under torchrun (default 128; toy 32)")
+    a("--width", type=float, help="channel-count multiplier (default 1 = the original's; toy 0.125)")
+    a("--lr-g", type=float, default=5e-4, help="initial Adam learning rate of the generator")
+    a("--lr-d", type=float, default=1e-4, help="initial Adam learning rate of the discriminator")
+    a("--lr-const-epochs", type=float, default=4.0, help="epochs at the initial learning rate")
+    a("--lr-decay", type=float, default=0.24, help="then the learning rate is x exp(-this) per epoch")
+    a("--file-events", type=int, default=9000, help="training events per 'file' (lr update, new Adam)")
     a("--latent", type=int, default=200, help="latent dimension")
-    a("--width", type=float, default=1.0, help="channel-count multiplier (1 = original sizes; small for tests)")
-    a("--xscale", type=float, default=50.0, help="images are multiplied by this inside the networks")
+    a("--xscale", type=float, default=1.0, help="images are multiplied by this inside the networks")
     a("--w-gan", type=float, default=6.0, help="loss weight of real/fake BCE")
     a("--w-ep", type=float, default=0.2, help="loss weight of the Ep regression MAPE")
     a("--w-ecal", type=float, default=0.1, help="loss weight of the Ecal MAPE")
-    a("--label-flip", type=float, default=0.05, help="probability of flipping a discriminator label")
-    a("--early-epochs", type=int, default=3, help="first epochs with fake Ep ~ U(100,400) GeV")
-    a("--relu-epoch", type=int, default=3, help="epoch (0-based) from which the generator output is ReLU "
-                                                 "instead of LeakyReLU")
-    a("--val-frac", type=float, default=0.1, help="held-out fraction (validation metric, generated.h5)")
-    a("--val-max", type=int, default=2000, help="at most this many held-out events in the per-epoch metric")
-    a("--val-min", type=int, default=5, help="fewest events for an Ep window to count in the metric")
-    a("--max-data-gb", type=float, default=None, help="load the data on the device if smaller than this "
-                                                       "(default: half the free device memory / available RAM)")
+    a("--label-real", type=float, default=0.9, help="BCE target of real showers and of the G step")
+    a("--label-fake", type=float, default=0.0, help="BCE target of generated showers")
+    a("--label-flip", type=float, default=0.05, help="probability that a label becomes 1 (if 0) or 0 (else)")
+    a("--bn-mode", default="frozen", choices=["frozen", "batch"], help="frozen: BatchNorm on its initial moving "
+      "statistics and no dropout while training (the original's); batch: batch statistics and dropout")
+    a("--fake-ep", default="uniform", choices=["uniform", "real"],
+      help="fakes' Ep after --early-epochs: U(2,500) GeV, or the real minibatch's")
+    a("--early-epochs", type=int, default=2, help="first epochs with fake Ep ~ U(100,400) GeV")
+    a("--relu-epoch", type=int, default=3, help="epoch (from 1) from which the output is ReLU, not linear")
+    a("--val-frac", type=float, help="held-out fraction (metric, generated.h5; default 0.1; toy 0.25)")
+    a("--val-max", type=int, default=20000, help="at most this many held-out events in the per-epoch metric")
+    a("--val-window", type=float, help="half-width in GeV of the metric's Ep windows (default 5; toy 50)")
+    a("--val-min", type=int, default=100, help="fewest events for an Ep window to count in the metric")
+    a("--max-data-gb", type=float, help="load the data on the device if smaller than this "
+                                        "(default: half the free device memory / available RAM)")
     a("--seed", type=int, default=0, help="random seed (data split, initialisation, batches)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     a("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast on CUDA (ignored on CPU)")
@@ -94,18 +121,19 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     a("--ckpt-every", type=int, default=1, help="save OUT/ckpt.pt every this many epochs (and at the end)")
     a("--log-every", type=int, default=50, help="progress line every this many steps")
-    a("--generate", type=int, default=None, metavar="N", help="sample N showers from --ckpt into --out")
-    a("--ckpt", default=None, help="checkpoint to sample from (with --generate)")
+    a("--generate", type=int, metavar="N", help="sample N showers from --ckpt into --out")
+    a("--ckpt", help="checkpoint to sample from (with --generate)")
     a("--energy", default="2:500", help="LO:HI GeV, Ep range of --generate (uniform)")
-    a("--gen-batch", type=int, default=None, help="generation batch (default 1024; --benchmark: 4096 on CUDA, "
-                                                   "8 on CPU)")
-    a("--bench-batch", type=int, default=None, help="training batch of --benchmark (default --batch-size on "
-                                                     "CUDA, 4 on CPU, where the full-size model is slow)")
+    a("--gen-batch", type=int, help="generation batch (default 1024; --benchmark: 4096 on CUDA, 8 on CPU)")
+    a("--bench-batch", type=int, help="training batch of --benchmark (default --batch-size on CUDA, 4 on CPU)")
     a("--benchmark", action="store_true", help="print one JSON line of generation and training speed, write nothing")
     a("--bench-steps", type=int, default=3, help="timed iterations of --benchmark (after one warm-up)")
     args = p.parse_args(argv)
+    for k, v in (TOY if toy_config and args.data is None else PAPER).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     for name in ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", "val_max", "bench_steps",
-                 "gen_batch", "bench_batch", "generate"):         # the last three may be None (= default)
+                 "file_events", "gen_batch", "bench_batch", "generate"):      # the last three may be None
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.val_frac < 1:
@@ -140,55 +168,47 @@ def lcd_files(pattern):
 
 
 def _lcd_header(path):
-    """(n_events, keys) of one LCD file after checking keys and shapes, reading no cells."""
+    """(n_events, Ep key) of one LCD file after checking keys and shapes, reading no cells."""
     import h5py
     try:
         with h5py.File(path, "r") as f:
-            if "ECAL" not in f:
-                raise DataError(f"{path}: missing key 'ECAL'")
-            shape = f["ECAL"].shape
-            if len(shape) != 4 or shape[1:] not in ((25, 25, 25), (51, 51, 25)):
-                raise DataError(f"{path}: ECAL has shape {shape}, expected (N,25,25,25) or (N,51,51,25)")
-            if "target" in f and len(f["target"].shape) == 2 and f["target"].shape[1] >= 2:
-                ekey = "target"
-            elif "energy" in f:
-                ekey = "energy"
-            else:
-                raise DataError(f"{path}: missing key 'target' (N,>=2) or 'energy' (N,)")
-            n = shape[0]
-            if n == 0:
-                raise DataError(f"{path}: empty file (0 events)")
-            if f[ekey].shape[0] != n:
-                raise DataError(f"{path}: {n} ECAL events but {f[ekey].shape[0]} in '{ekey}'")
-            return n, ekey
+            shape = f["ECAL"].shape if "ECAL" in f else None
+            ekey = "target" if "target" in f and f["target"].ndim == 2 and f["target"].shape[1] >= 2 else \
+                "energy" if "energy" in f else None
+            n_e = f[ekey].shape[0] if ekey else None
     except OSError as e:
         raise DataError(f"{path}: cannot read as HDF5 ({e.__class__.__name__})")
+    if shape is None:
+        raise DataError(f"{path}: missing key 'ECAL'")
+    if len(shape) != 4 or shape[1:] not in ((25, 25, 25), (51, 51, 25)):
+        raise DataError(f"{path}: ECAL has shape {shape}, expected (N,25,25,25) or (N,51,51,25)")
+    if ekey is None:
+        raise DataError(f"{path}: missing key 'target' (N,>=2) or 'energy' (N,)")
+    if shape[0] == 0:
+        raise DataError(f"{path}: empty file (0 events)")
+    if n_e != shape[0]:
+        raise DataError(f"{path}: {shape[0]} ECAL events but {n_e} in '{ekey}'")
+    return shape[0], ekey
 
 
-def _ep_column(e, ekey):
-    """Ep (n,) GeV from the 'target' (n,>=2) or 'energy' (n,...) dataset."""
-    e = np.asarray(e, np.float32)
-    return e[:, 1] if ekey == "target" else e.reshape(len(e), -1)[:, 0]
-
-
-def _read_lcd(path, idx=None):
-    """Read one file (all events or the sorted indices idx): ECAL (n,25,25,25) GeV and Ep (n,) GeV."""
+def _read_lcd(path, idx=None, cells=True):
+    """One file (all events or the sorted indices idx): ECAL (n,25,25,25) GeV (None if not cells), Ep (n,) GeV."""
     import h5py
-    n, ekey = _lcd_header(path)
+    ekey = _lcd_header(path)[1]
     sel = slice(None) if idx is None else np.asarray(idx)
     with h5py.File(path, "r") as f:
-        x = f["ECAL"][sel]
-        e = f[ekey][sel]
-    if x.shape[1] == 51:
-        x = x[:, 13:38, 13:38, :]
-    x, ep = np.ascontiguousarray(x, dtype=np.float32), _ep_column(e, ekey)
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: ECAL has NaN or inf values")
-    if (x < 0).any():
-        raise DataError(f"{path}: ECAL has negative energies")
+        e = np.asarray(f[ekey][sel], np.float32)
+        x = f["ECAL"][sel] if cells else None
+    ep = e[:, 1] if ekey == "target" else e.reshape(len(e), -1)[:, 0]
     if not np.isfinite(ep).all() or (ep <= 0).any():
         raise DataError(f"{path}: primary energy Ep must be finite and > 0")
-    x[x < THRESHOLD] = 0.0
+    if cells:
+        x = np.ascontiguousarray(x[:, 13:38, 13:38, :] if x.shape[1] == 51 else x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(f"{path}: ECAL has NaN or inf values")
+        if (x < 0).any():
+            raise DataError(f"{path}: ECAL has negative energies")
+        x[x < THRESHOLD] = 0.0
     return x, ep
 
 
@@ -209,7 +229,7 @@ def write_lcd(path, ecal, ep):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("ECAL", data=np.asarray(ecal, np.float32), chunks=(min(len(ecal), 256), 25, 25, 25))
             f["target"] = np.c_[np.full(len(ep), 11.0), np.asarray(ep, np.float64)].astype(np.float32)
-            f.attrs["generator"] = "2dgan.py"
+            f.attrs["generator"] = SCRIPT
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -236,32 +256,25 @@ class LCDStream:
         return _read_lcd(self.files[i], self.splits[i][0])
 
     def val_ep(self):
-        import h5py
-        out = []
-        for f, (_, v) in zip(self.files, self.splits):
-            key = _lcd_header(f)[1]
-            with h5py.File(f, "r") as h:
-                out.append(_ep_column(h[key][v], key))
-        return np.concatenate(out)
+        return np.concatenate([_read_lcd(f, v, cells=False)[1] for f, (_, v) in zip(self.files, self.splits)])
 
     def val_events(self, max_events):
         parts, left = [], max_events
         for f, (_, v) in zip(self.files, self.splits):
-            if left <= 0:
-                break
-            parts.append(_read_lcd(f, v[:left]))
-            left -= len(parts[-1][1])
+            if left > 0:
+                parts.append(_read_lcd(f, v[:left]))
+                left -= len(parts[-1][1])
         return tuple(np.concatenate(a) for a in zip(*parts))
 
 
 def is_toy(files):
     """True if any file carries the toy=True attribute of common.write_toy."""
     import h5py
-
-    def toy(f):
+    for f in files:
         with h5py.File(f, "r") as h:
-            return bool(h.attrs.get("toy", False))
-    return any(toy(f) for f in files)
+            if h.attrs.get("toy", False):
+                return True
+    return False
 
 
 def memory_budget(device, max_gb=None):
@@ -271,8 +284,7 @@ def memory_budget(device, max_gb=None):
         return 0.5 * torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return 0.5 * float(info["MemAvailable"].split()[0]) * 1024
+            return 0.5 * float(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -296,9 +308,21 @@ def _block(layers, c_out, dropout=0.2):
                          nn.Dropout(dropout))
 
 
-def _conv(c_in, c_out, k, same=True):
+def _conv(c_in, c_out, k, same=True, he=True):
     conv = nn.Conv2d(c_in, c_out, k, bias=False)
+    conv.he = he                   # Keras kernel_initializer='he_uniform' (else its default glorot_uniform)
     return [_pad_same(k), conv] if same and k > 1 else [conv]
+
+
+def keras_init(net):
+    """Keras' initialisers: he_uniform where the original names it, glorot_uniform elsewhere, zero biases."""
+    for mod in net.modules():
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            init = nn.init.kaiming_uniform_ if getattr(mod, "he", False) else nn.init.xavier_uniform_
+            init(mod.weight, **({"nonlinearity": "relu"} if init is nn.init.kaiming_uniform_ else {}))
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+    return net
 
 
 # the three branches see the volume (N, x, y, z) as (N, C, H, W) with C = z, y, x in turn
@@ -309,7 +333,7 @@ _FROM_BRANCH = ((0, 2, 3, 1), (0, 2, 1, 3), (0, 1, 2, 3))   # inverses of the ab
 class Generator(nn.Module):
     """(Ep/100) * N(0,1)^latent -> Dense(125) -> 5x5x5 -> 3 permuted 2D-conv branches -> (N,25,25,25)."""
 
-    def __init__(self, latent=200, width=1.0, xscale=50.0):
+    def __init__(self, latent=200, width=1.0, xscale=1.0):
         super().__init__()
         c32, c64 = _ch(32, width), _ch(64, width)
         self.latent = latent
@@ -317,7 +341,7 @@ class Generator(nn.Module):
 
         def branch():
             return nn.Sequential(
-                _block(_conv(5, c32, 5), c32),                                         # 5x5
+                _block(_conv(5, c32, 5, he=False), c32),                               # 5x5
                 _block([nn.ConvTranspose2d(c32, c64, 5, stride=3, padding=1)] + _conv(c64, c64, 5), c64),  # 15
                 _block([nn.ConvTranspose2d(c64, c64, 5, stride=2, padding=2, output_padding=1)]
                        + _conv(c64, c64, 8), c64),                                     # 30
@@ -326,16 +350,17 @@ class Generator(nn.Module):
                 _block(_conv(c32, c32, 3), c32),
                 _block(_conv(c32, 25, 2, same=False), 25))                             # 25
         self.branches = nn.ModuleList([branch() for _ in range(3)])
-        self.merge = nn.Sequential(_pad_same(3), nn.Conv2d(75, 25, 3))
-        self.register_buffer("relu_out", torch.tensor(False))     # LeakyReLU -> ReLU output switch
+        self.merge = nn.Sequential(*_conv(75, 25, 3))                 # no bias (M:82)
+        self.register_buffer("relu_out", torch.tensor(False))         # linear -> ReLU output switch
         self.register_buffer("xscale", torch.tensor(float(xscale)))
+        keras_init(self)
 
     def forward(self, z):
         v = self.dense(z).view(-1, 5, 5, 5)
         outs = [br(v.permute(*p)).permute(*q).permute(0, 3, 1, 2)          # each -> (N, z, x, y)
                 for br, p, q in zip(self.branches, _TO_BRANCH, _FROM_BRANCH)]
         x = self.merge(torch.cat(outs, 1)).permute(0, 2, 3, 1)             # (N, x, y, z)
-        return torch.where(self.relu_out, F.relu(x), F.leaky_relu(x, 0.3))
+        return torch.where(self.relu_out, F.relu(x), x)
 
 
 class Discriminator(nn.Module):
@@ -347,7 +372,7 @@ class Discriminator(nn.Module):
 
         def branch():
             return nn.Sequential(
-                _block(_conv(25, c64, 8), c64),                                        # 25
+                _block(_conv(25, c64, 8, he=False), c64),                              # 25
                 _block(_conv(c64, c32, 6, same=False), c32),                           # 20
                 _block(_conv(c32, c32, 5, same=False), c32),                           # 16
                 _block(_conv(c32, c32, 4, same=False), c32),                           # 13
@@ -356,12 +381,11 @@ class Discriminator(nn.Module):
         self.branches = nn.ModuleList([branch() for _ in range(3)])
         self.dense = nn.Sequential(nn.Linear(3 * 729, 10), nn.LeakyReLU(0.3),
                                    nn.BatchNorm1d(10, eps=1e-3, momentum=0.01))
-        self.fake = nn.Linear(10, 1)
-        self.ep = nn.Linear(10, 1)
+        self.fake, self.ep = nn.Linear(10, 1), nn.Linear(10, 1)
+        keras_init(self)
 
     def forward(self, x):
-        h = torch.cat([br(x.permute(*p)).flatten(1) for br, p in zip(self.branches, _TO_BRANCH)], 1)
-        h = self.dense(h)
+        h = self.dense(torch.cat([br(x.permute(*p)).flatten(1) for br, p in zip(self.branches, _TO_BRANCH)], 1))
         return self.fake(h).squeeze(1), self.ep(h).squeeze(1), x.float().sum((1, 2, 3))
 
 
@@ -395,23 +419,38 @@ def mape(target, pred):
     return 100.0 * ((target - pred).abs() / target.abs().clamp_min(1e-6)).mean()
 
 
-def val_windows(ep, min_count):
-    """Indices of held-out events per +-5 GeV window; if none has min_count events, one window of all."""
-    wins = [np.flatnonzero(np.abs(ep - c) <= 5.0) for c in VAL_CENTRES]
-    wins = [w for w in wins if len(w) >= min_count]
-    return wins or [np.arange(len(ep))]
+def lr_factor(t, const_epochs=4.0, decay=0.24):
+    """Learning rate / initial one at (fractional) epoch t; file k of S in epoch e is t = e + k/S. The original
+    (l_dec, P:196-204, per file at P:301-302, 20 files per epoch) keeps it for 81 files (its file counter starts
+    at 0 and l_dec subtracts 1): 4.05 epochs, then x exp(-0.012) per file."""
+    return math.exp(-decay * max(0.0, t - const_epochs - 0.05))
 
 
-def shower_metric(real, fake, ep, min_count=5):
-    """Relative error of the first two moments and of the x/y/z profiles, averaged over Ep windows."""
-    errs = []
-    for w in val_windows(ep, min_count):
-        mr, mf = common.axis_moments(real[w]), common.axis_moments(fake[w])
-        e_mom = np.mean([abs(mf[k].mean() - mr[k].mean()) / max(abs(mr[k].mean()), 1e-12) for k in mr])
-        e_prof = np.mean([np.abs(pf.mean(0) - pr.mean(0)).sum() / max(pr.mean(0).sum(), 1e-12)
-                          for pr, pf in zip(common.axis_profiles(real[w]), common.axis_profiles(fake[w]))])
-        errs.append(e_mom + e_prof)
-    return float(np.mean(errs))
+def flip_labels(value, n, prob, gen, device):
+    """n labels `value`, each flipped with probability prob as bit_flip_tf (M:278-284) does: 0 -> 1, else -> 0."""
+    flip = torch.rand(n, device=device, generator=gen) < prob
+    return torch.where(flip, float(value == 0), float(value)).to(device)
+
+
+def val_windows(ep, half, min_count):
+    """All held-out events, and the +-half GeV windows around VAL_CENTRES with at least min_count events."""
+    wins = [np.flatnonzero(np.abs(ep - c) <= half) for c in VAL_CENTRES]
+    return [np.arange(len(ep))] + [w for w in wins if len(w) >= min_count]
+
+
+def shower_metric(real, fake, ep, half=5.0, min_count=100, n_boot=0, seed=0):
+    """The original's best-epoch metric: relative error of the mean centre and variance along x, y, z (fakes at
+    the real events' Ep), averaged over the 6 and the windows. Returns (metric, sd over n_boot bootstrap
+    resamples of each window's events; 0.0 without)."""
+    mr, mf = (np.stack([m[(a, o)] for o in (1, 2) for a in range(3)], 1)
+              for m in (common.axis_moments(real), common.axis_moments(fake)))
+    rng, errs = np.random.default_rng(seed), []
+    for w in val_windows(np.asarray(ep), half, min_count):
+        draws = [w] + [w[rng.integers(0, len(w), len(w))] for _ in range(n_boot)]
+        r, f = np.stack([mr[d].mean(0) for d in draws]), np.stack([mf[d].mean(0) for d in draws])
+        errs.append((np.abs(f - r) / np.maximum(np.abs(r), 1e-12)).mean(1))
+    v = np.mean(errs, 0)
+    return float(v[0]), float(v[1:].std()) if n_boot else 0.0
 
 
 def epoch_seed(seed, rank, epoch):
@@ -420,76 +459,117 @@ def epoch_seed(seed, rank, epoch):
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
 
 
+def prepare(args, ecal, ep, weights=None, split=None):
+    """Split, held-out showers of the metric, and the fakes' Ecal target: Ecal/Ep vs Ep (4th-order fit on the
+    training events); weights checked and restricted to the training events."""
+    if isinstance(ecal, LCDStream):
+        if weights is not None or split is not None:
+            raise ValueError("weights and split need the data in memory (not streamed)")
+        val_x, val_ep = ecal.val_events(args.val_max)
+        x0, e0 = ecal.train_part(0)                    # the fit uses the first file
+        sf0, train_idx, val_idx = common.sampling_fraction(x0, e0), None, None
+        n_train = sum(len(tr) for tr, _ in ecal.splits)
+    else:
+        n = len(ep)
+        train_idx, val_idx = split_indices(n, args.val_frac, args.seed) if split is None else \
+            (np.asarray(a, np.int64).reshape(-1) for a in split)
+        if not (len(train_idx) and len(val_idx)) or min(train_idx.min(), val_idx.min()) < 0 \
+                or max(train_idx.max(), val_idx.max()) >= n:
+            raise ValueError(f"split must be two non-empty index arrays into the {n} events")
+        n_train = len(train_idx)
+        vsel = np.sort(val_idx[np.random.default_rng(args.seed).permutation(len(val_idx))[:args.val_max]])
+        val_x, val_ep, e0 = ecal[vsel], ep[vsel], ep[train_idx]
+        sf0 = np.concatenate([common.sampling_fraction(ecal[train_idx[s:s + 4096]], e0[s:s + 4096])
+                              for s in range(0, n_train, 4096)])     # in chunks: no copy of the whole set
+        if weights is not None:
+            weights = np.asarray(weights, np.float64)
+            weights = weights[train_idx] if len(weights) == n else weights
+            if len(weights) != n_train or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"weights must be {n_train} (or {n}) finite non-negative numbers, not all 0")
+    return {"train_idx": train_idx, "val_idx": val_idx, "n_train": n_train, "weights": weights,
+            "val_x": val_x, "val_ep": val_ep, "sf_poly": np.polyfit(e0.astype(np.float64), sf0, 4)}
+
+
+class Steps:
+    """The training step of the original: D on real, D on fake, one G step with its own Ep draw (M:312);
+    `gen` drives noise, flips and the fakes' Ep. Also used by --benchmark."""
+
+    def __init__(self, args, G, D, G_run, D_run, sf_poly, device, gen):
+        self.a, self.G, self.G_run, self.D_run, self.dev, self.gen = args, G, G_run, D_run, device, gen
+        self.nets = (("G", G), ("D", D))
+        self.sf = torch.tensor(np.asarray(sf_poly)[::-1].copy(), dtype=torch.float32, device=device)
+        self.amp, self.opt = _autocast(device, args.dtype), {}
+
+    def new_adam(self, t):      # recreated at every file, as the original (P:303-304); eps: Keras' default
+        for name, net in self.nets:
+            lr = (self.a.lr_g if name == "G" else self.a.lr_d) * lr_factor(t, self.a.lr_const_epochs, self.a.lr_decay)
+            self.opt[name] = torch.optim.Adam(net.parameters(), lr=lr, eps=1e-7)
+
+    def fake_ep(self, e_real, epoch):     # M:266-271 (its epoch counts from 1: U(1,4) in epochs 1 and 2)
+        if epoch >= self.a.early_epochs and self.a.fake_ep == "real":
+            return e_real
+        lo, hi = (100.0, 400.0) if epoch < self.a.early_epochs else (2.0, 500.0)
+        return lo + (hi - lo) * torch.rand(e_real.shape, device=self.dev, generator=self.gen)
+
+    def noise(self, e):
+        return torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100.0)
+
+    def loss(self, img, label, e_t, ecal_t=None):     # ecal_t None: the fakes' target from the fit
+        a = self.a
+        logit, ep_p, ecal_p = self.D_run(img)
+        if ecal_t is None:
+            ecal_t = a.xscale * e_t * sum(c * e_t ** i for i, c in enumerate(self.sf))
+        target = flip_labels(label, len(e_t), a.label_flip, self.gen, self.dev)
+        return (a.w_gan * F.binary_cross_entropy_with_logits(logit.float(), target)
+                + a.w_ep * mape(e_t / 100.0, ep_p.float()) + a.w_ecal * mape(ecal_t, ecal_p.float()))
+
+    def __call__(self, real, e_real, epoch):
+        """One step on a real minibatch (images x xscale, Ep GeV) -> (loss_d on fakes, loss_g)."""
+        e_f = self.fake_ep(e_real, epoch)
+        with torch.no_grad(), self.amp:
+            fake = self.G(self.noise(e_f)).float()
+        for img, lab, e_t, ecal_t in ((real, self.a.label_real, e_real, real.sum((1, 2, 3))),
+                                       (fake, self.a.label_fake, e_f, None)):
+            with self.amp:
+                loss_d = self.loss(img, lab, e_t, ecal_t)
+            self._apply("D", loss_d)
+        e_g = self.fake_ep(e_real, epoch)
+        with self.amp:
+            loss_g = self.loss(self.G_run(self.noise(e_g)), self.a.label_real, e_g)
+        self._apply("G", loss_g)
+        return loss_d.item(), loss_g.item()
+
+    def _apply(self, name, loss):
+        self.opt[name].zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt[name].step()
+
+
 def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     """Train a 2DGAN. ecal (N,25,25,25) GeV and ep (N,) GeV numpy arrays (or ecal an LCDStream, ep None).
     split: optional (train_idx, val_idx) index arrays into ecal, used instead of
     split_indices(N, args.val_frac, args.seed). weights: optional sampling probabilities of the training
     events (length len(train_idx), or N) for minibatch draws with replacement.
     Saves out_dir/ckpt.pt (rank 0) if out_dir. Returns dict(generator, discriminator, best_epoch, history,
-    train_idx, val_idx, metric) with the best epoch's modules, unwrapped, in eval mode, on args' device."""
+    train_idx, val_idx, metric, sf_poly) with the best epoch's modules, unwrapped, in eval mode, on args' device."""
     ddp = "RANK" in os.environ and torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     device = resolve_device(args.device)
     if args.dtype == "bf16" and device.type != "cuda" and rank == 0:
         log("--dtype bf16 is ignored on CPU (autocast only on CUDA): training in fp32")
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device)        # batches, noise, flips: reseeded per rank and epoch (epoch_seed)
-
-    stream = isinstance(ecal, LCDStream)
-    if stream:
-        if weights is not None or split is not None:
-            raise ValueError("weights and split need the data in memory (not streamed)")
-        n_train = sum(len(tr) for tr, _ in ecal.splits)
-        val_x, val_ep = ecal.val_events(args.val_max)
-        x0, e0 = ecal.train_part(0)                    # the fit uses the first file
-        sf0 = common.sampling_fraction(x0, e0)
-        del x0
-        train_idx = val_idx = None
-    else:
-        n = len(ep)
-        if split is None:
-            train_idx, val_idx = split_indices(n, args.val_frac, args.seed)
-        else:
-            train_idx, val_idx = (np.asarray(a, np.int64).reshape(-1) for a in split)
-            if not (len(train_idx) and len(val_idx)) or min(train_idx.min(), val_idx.min()) < 0 \
-                    or max(train_idx.max(), val_idx.max()) >= n:
-                raise ValueError(f"split must be two non-empty index arrays into the {n} events")
-        n_train = len(train_idx)
-        vsel = val_idx[np.random.default_rng(args.seed).permutation(len(val_idx))[:args.val_max]]
-        val_x, val_ep = ecal[np.sort(vsel)], ep[np.sort(vsel)]
-        # per-event sampling fraction of the training set, in chunks (no copy of the whole set)
-        e0 = ep[train_idx]
-        sf0 = np.concatenate([common.sampling_fraction(ecal[train_idx[s:s + 4096]], e0[s:s + 4096])
-                              for s in range(0, n_train, 4096)])
-        if weights is not None:
-            weights = np.asarray(weights, np.float64)
-            if len(weights) == n:
-                weights = weights[train_idx]
-            if len(weights) != n_train or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-                raise ValueError(f"weights must be {n_train} (or {n}) finite non-negative numbers, not all 0")
-    # sampling fraction vs Ep (4th-order polynomial) fitted on training data: Ecal target of the fakes
-    sf_poly = np.polyfit(e0.astype(np.float64), sf0, 4)
-    del e0, sf0
-    sf_t = torch.tensor(sf_poly[::-1].copy(), dtype=torch.float32, device=device)
-    win_ev = np.sort(np.concatenate(val_windows(val_ep, args.val_min)))
-    val_x, val_ep = val_x[win_ev], val_ep[win_ev]
-
-    G = Generator(args.latent, args.width, args.xscale).to(device)
-    D = Discriminator(args.width).to(device)
-    nets = (("G", G), ("D", D))
-    opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=lr, eps=1e-7) for net, lr in ((G, args.lr_g), (D, args.lr_d)))
-    sch_g, sch_d = (torch.optim.lr_scheduler.ExponentialLR(opt, args.lr_decay) for opt in (opt_g, opt_d))
-    start_epoch, step, history, best = 0, 0, [], {"epoch": -1, "metric": float("inf"), "G": None, "D": None}
+    d = prepare(args, ecal, ep, weights, split)
+    stream, n_train, bs = d["train_idx"] is None, d["n_train"], args.batch_size
+    G, D = Generator(args.latent, args.width, args.xscale).to(device), Discriminator(args.width).to(device)
+    st = {"epoch": 0, "step": 0, "history": [], "best": {"epoch": -1, "metric": float("inf"), "G": None, "D": None}}
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if out_dir else None
     if args.resume and ckpt_path and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for key, pair in (("model", (G, D)), ("optim", (opt_g, opt_d)), ("sched", (sch_g, sch_d))):
-            for name, obj in zip("GD", pair):
-                obj.load_state_dict(ck[key][name])
-        start_epoch, step, history, best = ck["epoch"], ck["step"], ck["history"], ck["best"]
+        G.load_state_dict(ck["model"]["G"])
+        D.load_state_dict(ck["model"]["D"])
+        st = {k: ck[k] for k in st}
         if rank == 0:
-            log(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
-
+            log(f"resumed from {ckpt_path} at epoch {st['epoch']}, step {st['step']}")
     G_run, D_run = G, D
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -497,130 +577,83 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         G_run, D_run = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
     if args.compile:
         G_run, D_run = torch.compile(G_run), torch.compile(D_run)
-    amp = _autocast(device, args.dtype)
-    xs = args.xscale
-
+    gen = torch.Generator(device)        # batches, noise, flips: reseeded per rank and epoch (epoch_seed)
+    step = Steps(args, G, D, G_run, D_run, d["sf_poly"], device, gen)
     if not stream:
-        x_all = torch.from_numpy(ecal).to(device)          # in memory / on the device, once
-        ep_all = torch.from_numpy(ep).to(device)
-        tr_t = torch.from_numpy(train_idx).to(device)
-        w_t = torch.from_numpy(weights).to(device) if weights is not None else None
-    steps_per_epoch = max(1, n_train // args.batch_size)
-    bs = args.batch_size
+        x_all, ep_all = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
+        tr_t = torch.from_numpy(d["train_idx"]).to(device)
+        w_t = None if d["weights"] is None else torch.from_numpy(d["weights"]).to(device)
+    steps_per_epoch = max(1, n_train // bs)
+    n_files = len(ecal.files) if stream else max(1, round(n_train / args.file_events))
 
-    def chunks(epoch):
-        """(images, Ep, list of index batches) per chunk of the epoch: the whole set, or file by file."""
+    def files(epoch):
+        """(images, Ep, index batches) per 'file' of the epoch: equal parts of the in-memory set, or real files."""
         if not stream:
             if w_t is not None:
                 draw = torch.multinomial(w_t, steps_per_epoch * bs, replacement=True, generator=gen)
             else:
                 draw = torch.randperm(n_train, device=device, generator=gen)
                 draw = draw[:steps_per_epoch * bs] if n_train >= bs else draw.repeat(bs // n_train + 1)[:bs]
-            yield x_all, ep_all, tr_t[draw].view(-1, bs)
+            for part in torch.tensor_split(tr_t[draw].view(-1, bs), n_files):
+                yield x_all, ep_all, part
             return
-        order = torch.randperm(len(ecal.files), generator=torch.Generator().manual_seed(args.seed + epoch))
-        for i in order.tolist():
+        for i in torch.randperm(n_files, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist():
             x, e = ecal.train_part(i)
-            m = len(e) // bs
-            if m == 0:
-                continue
-            perm = torch.randperm(len(e), device=device, generator=gen)[:m * bs].view(m, bs)
+            perm = torch.randperm(len(e), device=device, generator=gen)[:len(e) // bs * bs].view(-1, bs)
             yield torch.from_numpy(x).to(device), torch.from_numpy(e).to(device), perm
 
-    def labels(value):
-        flip = torch.rand(bs, device=device, generator=gen) < args.label_flip
-        return torch.where(flip, torch.full((bs,), 1.0 - value, device=device), torch.full((bs,), value, device=device))
-
-    def noise(e):
-        return torch.randn(len(e), args.latent, device=device, generator=gen) * (e[:, None] / 100.0)
-
-    def gan_loss(d_out, target, e_t, ecal_t):
-        logit, ep_p, ecal_p = d_out
-        return (args.w_gan * F.binary_cross_entropy_with_logits(logit.float(), target)
-                + args.w_ep * mape(e_t / 100.0, ep_p.float()) + args.w_ecal * mape(ecal_t, ecal_p.float()))
-
     def speed():
-        rate = (step - done0) * bs * world / (time.time() - t0)
-        eta = int(max(0, (args.epochs * steps_per_epoch - step) * bs * world / max(rate, 1e-9)))
+        rate = (st["step"] - done0) * bs * world / (time.time() - t0)
+        eta = int(max(0, (args.epochs * steps_per_epoch - st["step"]) * bs * world / max(rate, 1e-9)))
         return f"{rate:.0f} samples/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
 
-    t0, done0 = time.time(), step
-    for epoch in range(start_epoch, args.epochs):
+    t0, done0 = time.time(), st["step"]
+    for epoch in range(st["epoch"], args.epochs):
         gen.manual_seed(epoch_seed(args.seed, rank, epoch))
         torch.manual_seed(epoch_seed(args.seed, rank, epoch) + 1)      # dropout
-        G.relu_out.fill_(epoch >= args.relu_epoch)
-        for net in (G_run, D_run):
-            net.train()
+        G.relu_out.fill_(epoch + 1 >= args.relu_epoch)
+        for net in (G_run, D_run):          # frozen: BatchNorm on its moving statistics, no dropout
+            net.train(args.bn_mode == "batch")
         sums, n_b, first = np.zeros(2), 0, []
-        for xc, ec, batches in chunks(epoch):
+        for k, (xc, ec, batches) in enumerate(files(epoch)):
+            step.new_adam(epoch + k / n_files)
             for bidx in batches:
-                if n_b == 0:
-                    first = bidx[:4].tolist()
-                real = xc[bidx].float() * xs
-                e_real = ec[bidx].float()
-                e_fake = (100.0 + 300.0 * torch.rand(e_real.shape, device=device, generator=gen)
-                          if epoch < args.early_epochs else e_real)
-                ecal_fake = xs * e_fake * sum(c * e_fake ** i for i, c in enumerate(sf_t))
-                with torch.no_grad(), amp:
-                    fake = G(noise(e_fake)).float()
-                # D step on real, D step on fake
-                for img, lab, e_t, ecal_t in ((real, 0.9, e_real, real.sum((1, 2, 3))),
-                                               (fake, 0.1, e_fake, ecal_fake)):
-                    with amp:
-                        loss_d = gan_loss(D_run(img), labels(lab), e_t, ecal_t)
-                    opt_d.zero_grad(set_to_none=True)
-                    loss_d.backward()
-                    opt_d.step()
-                # one G step
-                with amp:
-                    loss_g = gan_loss(D_run(G_run(noise(e_fake))), torch.full((bs,), 0.9, device=device), e_fake,
-                                      ecal_fake)
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
-                step += 1
-                n_b += 1
-                sums += (loss_d.item(), loss_g.item())
-                if rank == 0 and (step % args.log_every == 0):
-                    log(f"epoch {epoch + 1}/{args.epochs} | step {step} | loss_d {loss_d.item():.4g} "
-                        f"loss_g {loss_g.item():.4g} | {speed()}")
-        sch_g.step()
-        sch_d.step()
-        # validation metric on the held-out events of the Ep windows
-        G.eval()
-        metric = shower_metric(val_x, generate(G, val_ep, device=device, seed=args.seed), val_ep, args.val_min)
-        rec = {"epoch": epoch + 1, "step": step, "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
-               "val_metric": metric, "lr_g": opt_g.param_groups[0]["lr"], "lr_d": opt_d.param_groups[0]["lr"]}
+                first = first or bidx[:4].tolist()
+                losses = step(xc[bidx].float() * args.xscale, ec[bidx].float(), epoch)
+                st["step"], n_b, sums = st["step"] + 1, n_b + 1, sums + losses
+                if rank == 0 and st["step"] % args.log_every == 0:
+                    log(f"epoch {epoch + 1}/{args.epochs} | step {st['step']} | loss_d {losses[0]:.4g} "
+                        f"loss_g {losses[1]:.4g} | {speed()}")
+        metric, sd = shower_metric(d["val_x"], generate(G, d["val_ep"], device=device, seed=args.seed), d["val_ep"],
+                                   args.val_window, args.val_min, n_boot=100, seed=args.seed)
+        rec = {"epoch": epoch + 1, "step": st["step"], "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
+               "val_metric": metric, "val_metric_sd": sd, "lr_g": step.opt["G"].param_groups[0]["lr"],
+               "lr_d": step.opt["D"].param_groups[0]["lr"], "first_batch": [first]}
         if ddp:     # the events each rank drew first: ranks must differ (resume test)
-            firsts = [None] * world
-            torch.distributed.all_gather_object(firsts, first)
-            rec["first_batch"] = firsts
-        else:
-            rec["first_batch"] = [first]
-        history.append(rec)
-        if metric < best["metric"]:
-            best = {"epoch": epoch + 1, "metric": metric,
-                    **{name: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} for name, net in nets}}
+            rec["first_batch"] = [None] * world
+            torch.distributed.all_gather_object(rec["first_batch"], first)
+        st["history"].append(rec)
+        st["epoch"] = epoch + 1
+        if metric < st["best"]["metric"]:
+            st["best"] = {"epoch": epoch + 1, "metric": metric, **{name: {k: v.detach().cpu().clone() for k, v in
+                                                                          net.state_dict().items()} for name, net in step.nets}}
         if rank == 0:
-            log(f"epoch {epoch + 1}/{args.epochs} | step {step} | loss_d {rec['loss_d']:.4g} loss_g "
-                f"{rec['loss_g']:.4g} | val_metric {metric:.4f} (best {best['metric']:.4f} @ {best['epoch']}) | "
-                f"{speed()}")
+            log(f"epoch {epoch + 1}/{args.epochs} | step {st['step']} | loss_d {rec['loss_d']:.4g} loss_g "
+                f"{rec['loss_g']:.4g} | val_metric {metric:.4f} +- {sd:.4f} (best {st['best']['metric']:.4f} @ "
+                f"{st['best']['epoch']}) | {speed()}")
         if rank == 0 and ckpt_path and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
-            rng = {"scheme": "per rank and epoch: epoch_seed(seed, rank, epoch)", "seed": args.seed}
-            torch.save({"model": {"G": G.state_dict(), "D": D.state_dict()},
-                        "optim": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                        "sched": {"G": sch_g.state_dict(), "D": sch_d.state_dict()},
-                        "epoch": epoch + 1, "step": step, "history": history, "best": best, "args": dict(vars(args)),
-                        "rng": rng, "sf_poly": sf_poly.tolist(), "geometry": "lcd", "xscale": args.xscale,
-                        "latent": args.latent, "width": args.width,
-                        "val_idx": None if val_idx is None else val_idx.tolist()}, ckpt_path + ".tmp")
+            # no optimiser state: Adam is new at every file, so at every epoch; the RNG state is the epoch
+            torch.save({"model": {"G": G.state_dict(), "D": D.state_dict()}, **st, "args": dict(vars(args)),
+                        "rng": "epoch_seed(seed, rank, epoch)", "sf_poly": d["sf_poly"].tolist(), "geometry": "lcd",
+                        "xscale": args.xscale, "latent": args.latent, "width": args.width,
+                        "val_idx": None if d["val_idx"] is None else d["val_idx"].tolist()}, ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
-    for name, net in nets:
-        if best["G"] is not None:
-            net.load_state_dict(best[name])
+    for name, net in step.nets:
+        if st["best"]["G"] is not None:
+            net.load_state_dict(st["best"][name])
         net.eval()
-    return {"generator": G, "discriminator": D, "best_epoch": best["epoch"], "history": history,
-            "metric": best["metric"], "train_idx": train_idx, "val_idx": val_idx, "sf_poly": sf_poly}
+    return {"generator": G, "discriminator": D, "best_epoch": st["best"]["epoch"], "history": st["history"],
+            "metric": st["best"]["metric"], "train_idx": d["train_idx"], "val_idx": d["val_idx"], "sf_poly": d["sf_poly"]}
 
 
 # ---------------------------------------------------------------- generate
@@ -629,21 +662,17 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
 @torch.no_grad()
 def generate(G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32"):
     """Showers (N,25,25,25) float32 GeV for primary energies ep (N,) GeV; cells < 1e-6 GeV set to 0."""
-    device = torch.device(device)
-    was_training = G.training
+    device, was_training = torch.device(device), G.training
     G.eval()
-    g = torch.Generator(device)
-    g.manual_seed(seed if seed is not None else torch.seed() % 2 ** 62)
+    g = torch.Generator(device).manual_seed(seed if seed is not None else torch.seed() % 2 ** 62)
     ep = np.asarray(ep, np.float32).reshape(-1)
     out = np.empty((len(ep), 25, 25, 25), np.float32)
-    xs = float(G.xscale)
     for s in range(0, len(ep), batch_size):
         e = torch.from_numpy(ep[s:s + batch_size]).to(device)
         z = torch.randn(len(e), G.latent, device=device, generator=g) * (e[:, None] / 100.0)
         with _autocast(device, dtype):
-            x = G(z).float() / xs
-        x = torch.where(x < THRESHOLD, torch.zeros_like(x), x)
-        out[s:s + len(e)] = x.cpu().numpy()
+            x = G(z).float() / float(G.xscale)
+        out[s:s + len(e)] = torch.where(x < THRESHOLD, 0.0, x).cpu().numpy()
     G.train(was_training)
     return out
 
@@ -687,9 +716,12 @@ def make_plots(real, fake, ep, folder, toy):
         means.append(m)
     ax[0].set(ylabel="Ecal / Ep", title=f"{tag}sampling fraction vs Ep")
     ax[0].legend()
-    ax[1].plot(c, means[1] / means[0], "k.")
-    ax[1].axhline(1, color="grey", lw=0.5)
-    ax[1].set(ylabel="gen / real", xlabel="Ep [GeV]")
+    ax[1].plot(c, means[1] / means[0], "k.", ms=3, label="10 GeV bins")
+    r50, e50 = common.sf_ratio_per_bin(fake, ep, real, ep)
+    ax[1].stairs(r50, e50, color="C3", lw=2, label="50 GeV bins")
+    ax[1].axhspan(0.9, 1.1, color="grey", alpha=0.2)
+    ax[1].set(ylabel="gen / real", xlabel="Ep [GeV]", ylim=(0.5, 1.5))
+    ax[1].legend(fontsize=7)
     save(fig, "sampling_fraction.png")
     # profiles along x, y, z
     fig, ax = plt.subplots(2, 3, figsize=(12, 6), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
@@ -699,42 +731,34 @@ def make_plots(real, fake, ep, folder, toy):
             ax[0, k].plot(np.log10(np.maximum(v, 1e-12)), mk + "-", ms=3, label=label)
         ax[0, k].set(title=f"{tag}profile along {'xyz'[k]}", ylabel="log10 mean deposit [GeV]")
         with np.errstate(divide="ignore", invalid="ignore"):
-            ax[1, k].plot(r / f, "k.")
-        ax[1, k].set(ylabel="real / gen", xlabel=f"{'xyz'[k]} cell" + (" (depth)" if k == 2 else ""))
+            ax[1, k].plot(f / r, "k.")
+        ax[1, k].axhspan(0.8, 1.2, color="grey", alpha=0.2)
+        ax[1, k].set(ylabel="gen / real", ylim=(0, 2), xlabel=f"{'xyz'[k]} cell" + (" (depth)" if k == 2 else ""))
     ax[0, 0].legend()
     save(fig, "profiles.png")
-    # first two moments per axis
-    mr, mf = common.axis_moments(real), common.axis_moments(fake)
-    fig, ax = plt.subplots(2, 3, figsize=(12, 6))
-    for (axis, order), v in mr.items():
-        a = ax[order - 1, axis]
-        lo, hi = np.percentile(np.r_[v, mf[(axis, order)]], [0.5, 99.5])
-        for label, vals in (("real", v), ("2DGAN", mf[(axis, order)])):
-            a.hist(vals, np.linspace(lo, hi + 1e-9, 40), histtype="step", density=True, label=label)
-        a.set_title(f"{tag}{'xyz'[axis]} {'centre' if order == 1 else 'variance'} [cells]")
-    ax[0, 0].legend()
-    save(fig, "moments.png")
-    # cell-energy spectrum and hit counts
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    hits = [(x > 0).sum((1, 2, 3)) for _, x, _ in sets]
-    hit_bins = np.linspace(0, max(h.max() for h in hits) + 1, 50)
-    for (label, x, _), h in zip(sets, hits):
-        ax[0].hist(x[x > 0].ravel(), np.logspace(-6, 1, 60), histtype="step", label=label)
-        ax[1].hist(h, hit_bins, histtype="step", label=label)
-    ax[0].set(xscale="log", yscale="log", xlabel="cell energy [GeV]", title=f"{tag}cell-energy spectrum")
-    ax[0].legend()
-    ax[1].set(xlabel="hits (cells > 1e-6 GeV)", title=f"{tag}hit count")
-    save(fig, "hits_spectrum.png")
+
+
+def claim_metrics(real, fake, ep):
+    """The toy reproduction's figures: generated/real mean sampling fraction per 50 GeV bin of Ep (10-500 GeV)
+    and generated/real mean longitudinal profile per layer; the claim: within 10% / 20% (layers 3-20)."""
+    ratio, edges = common.sf_ratio_per_bin(fake, ep, real, ep)
+    prof = common.axis_profiles(fake)[2].mean(0) / np.maximum(common.axis_profiles(real)[2].mean(0), 1e-30)
+    ok = np.isfinite(ratio)                # an empty bin (None in the json) fails the claim
+    sf_dev, z_dev = float(np.max(np.abs(ratio[ok] - 1), initial=0)), float(np.max(np.abs(prof[3:21] - 1)))
+    return {"sf_ratio_per_50gev": {"edges_GeV": edges.tolist(), "ratio": [float(r) if f else None for r, f in
+                                                                            zip(ratio, ok)]},
+            "sf_max_abs_dev": sf_dev, "profile_z_ratio": prof.tolist(), "profile_z_max_abs_dev_layers_3_20": z_dev,
+            "claim_sf_within_10pct": bool(ok.all() and sf_dev <= 0.10), "claim_profile_z_within_20pct": z_dev <= 0.20}
 
 
 def benchmark(args):
+    """One JSON line: generation showers/s and training samples/s (the real training step) on this device."""
     device = resolve_device(args.device)
     if args.dtype == "bf16" and device.type != "cuda":
         print("--dtype bf16 is ignored on CPU: benchmarking fp32", file=sys.stderr)
-    dtype = args.dtype if device.type == "cuda" else "fp32"
+        args.dtype = "fp32"
     torch.manual_seed(args.seed)
-    G = Generator(args.latent, args.width, args.xscale).to(device)
-    D = Discriminator(args.width).to(device)
+    G, D = Generator(args.latent, args.width, args.xscale).to(device), Discriminator(args.width).to(device)
     Gc, Dc = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -749,31 +773,19 @@ def benchmark(args):
         return batch * args.bench_steps / (time.perf_counter() - t)
 
     gb = args.gen_batch or (4096 if device.type == "cuda" else 8)
-    G.eval()
     z = torch.randn(gb, args.latent, device=device)
-    with torch.no_grad(), _autocast(device, dtype):
+    with torch.no_grad(), _autocast(device, args.dtype):
         gen_rate = rate(lambda: Gc(z), gb)
-    G.train()
     bs = args.bench_batch or (args.batch_size if device.type == "cuda" else 4)
-    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
-    real = torch.rand(bs, 25, 25, 25, device=device)
-    e = torch.full((bs,), 1.0, device=device)
-
-    def one_step():     # D on real, D on fake, G: the three passes of a training step
-        fake = Gc(torch.randn(bs, args.latent, device=device)).detach()
-        for opt, img in ((opt_d, lambda: real), (opt_d, lambda: fake),
-                         (opt_g, lambda: Gc(torch.randn(bs, args.latent, device=device)))):
-            with _autocast(device, dtype):
-                logit, ep_p, _ = Dc(img())
-                loss = F.binary_cross_entropy_with_logits(logit.float(), e * 0.9) + ep_p.float().abs().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    train_rate = rate(one_step, bs)
+    step = Steps(args, G, D, Gc, Dc, [0.02], device, torch.Generator(device).manual_seed(0))
+    step.new_adam(0.0)
+    real, e = torch.rand(bs, 25, 25, 25, device=device), torch.full((bs,), 100.0, device=device)
+    train_rate = rate(lambda: step(real, e, args.epochs), bs)
     print(json.dumps({"script": SCRIPT, "device": str(device) if device.type == "cpu" else
-                      torch.cuda.get_device_name(device), "dtype": dtype, "compile": args.compile,
-                      "width": args.width, "gen_batch": gb, "gen_showers_per_s": round(gen_rate, 2),
-                      "train_batch": bs, "train_samples_per_s": round(train_rate, 2)}))
+                      torch.cuda.get_device_name(device), "dtype": args.dtype, "compile": args.compile,
+                      "width": args.width, "bn_mode": args.bn_mode, "gen_batch": gb,
+                      "gen_showers_per_s": round(gen_rate, 2), "train_batch": bs,
+                      "train_samples_per_s": round(train_rate, 2)}))
 
 
 def run_generate(args):
@@ -797,7 +809,7 @@ def run_generate(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args = get_args(argv, toy_config=True)
     try:
         if args.benchmark:
             benchmark(args)
@@ -812,6 +824,7 @@ def main(argv=None):
 
 
 def run_train(args):
+    t_start = time.time()
     ddp = "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))
     out = args.out or os.path.join("runs", "2dgan")
@@ -823,7 +836,7 @@ def run_train(args):
             print(f"no --data: training on TOY lcd showers ({path})", flush=True)
             if not os.path.exists(path):
                 os.makedirs("data", exist_ok=True)
-                common.write_toy("lcd", path, args.toy_n, args.seed)
+                common.write_toy("lcd", path, args.toy_n, args.seed, workers=1)
         if ddp:
             while not os.path.exists(path):
                 time.sleep(0.5)
@@ -870,15 +883,19 @@ def run_train(args):
         fake = generate(G, ep_val, args.gen_batch or 1024, device, seed=args.seed + 1,
                         dtype=args.dtype if device.type == "cuda" else "fp32")
         write_lcd(os.path.join(out, "generated.h5"), fake, ep_val)
-        pairs, ep_plot = (("real", real), ("generated", fake[:len(real)])), ep_val[:len(real)]
-        make_plots(real, pairs[1][1], ep_plot, os.path.join(out, "plots"), toy)
+        fake, ep_plot = fake[:len(real)], ep_val[:len(real)]
+        make_plots(real, fake, ep_plot, os.path.join(out, "plots"), toy)
+        claim = claim_metrics(real, fake, ep_plot)
         metrics = {"script": SCRIPT, "data": args.data, "toy": toy, "best_epoch": res["best_epoch"],
-                   "best_val_metric": res["metric"], "history": res["history"],
-                   "sampling_fraction_mean": {k: float(common.sampling_fraction(x, ep_plot).mean()) for k, x in pairs},
-                   "hits_mean": {k: float((x > 0).sum((1, 2, 3)).mean()) for k, x in pairs},
-                   "n_generated": int(len(ep_val)), "val_indices": val_ids, "args": vars(args)}
+                   "best_val_metric": res["metric"], "history": res["history"], **claim,
+                   "n_generated": int(len(ep_val)), "val_indices": val_ids, "wall_s": round(time.time() - t_start, 1),
+                   "args": vars(args)}
         log(f"best epoch {res['best_epoch']} (val_metric {res['metric']:.4f}); wrote {out}/generated.h5, "
             f"metrics.json, plots/, ckpt.pt")
+        log(f"{'TOY ' if toy else ''}sampling fraction gen/real per 50 GeV bin (10-500 GeV): max |ratio-1| "
+            f"{claim['sf_max_abs_dev']:.3f} (claim <= 0.10: {claim['claim_sf_within_10pct']}); z profile layers 3-20: "
+            f"max |ratio-1| {claim['profile_z_max_abs_dev_layers_3_20']:.3f} (claim <= 0.20: "
+            f"{claim['claim_profile_z_within_20pct']}); {metrics['wall_s']:.0f} s")
         for name, text in (("metrics.json", json.dumps(metrics, indent=1, default=str)),
                            ("log.txt", "\n".join(lines) + "\n")):
             with open(os.path.join(out, name + ".tmp"), "w") as f:

@@ -606,6 +606,18 @@ def binned_stat(x, values, edges):
     return mean, std, count
 
 
+SF_EDGES_50GEV = np.arange(10.0, 511.0, 50.0)   # 10, 60, ..., 510 GeV: ten 50 GeV bins of Ep over 10-500 GeV
+
+
+def sf_ratio_per_bin(gen_cells, gen_ep, real_cells, real_ep, edges=SF_EDGES_50GEV):
+    """Generated / real mean sampling fraction (visible energy / Ep per event, then averaged) in bins of Ep:
+    (ratios (n_bins,), edges). NaN in a bin where either sample has no event."""
+    g = binned_stat(gen_ep, sampling_fraction(gen_cells, gen_ep), edges)[0]
+    r = binned_stat(real_ep, sampling_fraction(real_cells, real_ep), edges)[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return g / r, np.asarray(edges, np.float64)
+
+
 def axis_profiles(images):
     """Energy profile along each image axis: list of (N, dim_k), summed over the other axes
     (for LCD (N,25,25,25): x, y and the longitudinal (depth) profile)."""

@@ -2,6 +2,7 @@
 LCD showers (train, sample, resume, torchrun, streaming), bad input, --benchmark, --help."""
 import importlib
 import json
+import math
 import os
 
 import h5py
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from conftest import run_script, run_torchrun
 
 m = importlib.import_module("2dgan")
@@ -30,7 +32,7 @@ def one_thread():
 def test_parameter_counts_of_default_models():
     # counted as Keras does (trainable + BatchNorm moving statistics); the original's 2,055,324 and 714,114
     G, D = m.Generator(), m.Discriminator()
-    assert abs(m.keras_param_count(G) - 2_055_324) <= 100
+    assert m.keras_param_count(G) == 2_055_324
     assert m.keras_param_count(D) == 714_114
 
 
@@ -39,7 +41,7 @@ def test_shapes_output_switch_and_heads():
     G, D = m.Generator(latent=16, width=0.125).eval(), m.Discriminator(width=0.125).eval()
     x = G(torch.randn(3, 16))
     assert x.shape == (3, 25, 25, 25)
-    assert (x < 0).any()                       # LeakyReLU output at first
+    assert (x < 0).any()                       # linear output at first
     G.relu_out.fill_(True)
     assert (G(torch.randn(3, 16)) >= 0).all()  # ReLU after the switch
     img = torch.rand(3, 25, 25, 25)
@@ -64,14 +66,77 @@ def test_branches_see_three_different_axis_pairs():
     assert sorted(v.permute(*p).shape[1] for p in m._TO_BRANCH) == [2, 3, 4]
 
 
-def test_validation_metric_is_zero_for_identical_and_grows():
+def test_validation_metric_hand_made_and_its_spread():
+    # real: half the energy at depth 10, half at 12 (centre 11, variance 1); fake: 11 and 15 (centre 13,
+    # variance 4); x = y = 5 in both (variance 0). Errors: z centre 2/11, z variance 3, the rest 0.
+    real, fake = np.zeros((2, 6, 25, 25, 25), np.float32)
+    real[:, 5, 5, [10, 12]] = 1.0
+    fake[:, 5, 5, [11, 15]] = 1.0
+    ep = np.full(6, 100.0)
+    metric, sd = m.shower_metric(real, fake, ep, n_boot=20)
+    assert metric == pytest.approx((2 / 11 + 3) / 6) and sd == pytest.approx(0.0, abs=1e-12)
     rng = np.random.default_rng(0)
-    real = rng.random((20, 25, 25, 25)).astype(np.float32)
-    ep = np.full(20, 100.0)
-    assert m.shower_metric(real, real, ep) == pytest.approx(0.0)
-    shifted = np.roll(real, 3, axis=3)
-    shifted[..., :3] = 0
-    assert m.shower_metric(real, shifted, ep) > 0.05
+    noisy = rng.random((40, 25, 25, 25)).astype(np.float32) ** 8
+    assert m.shower_metric(noisy, noisy, np.full(40, 100.0), n_boot=20) == (0.0, 0.0)
+    metric, sd = m.shower_metric(noisy[:20], noisy[20:], np.full(20, 100.0), n_boot=50)
+    assert metric > 0 and 0 < sd < metric
+    # windows: all events, plus +-half GeV windows with at least min_count events
+    w = m.val_windows(np.array([48.0, 52, 60, 99, 101, 300]), 5.0, 2)
+    assert [list(x) for x in w] == [[0, 1, 2, 3, 4, 5], [0, 1], [3, 4]]
+
+
+def test_labels_and_flips_the_original_way():
+    g = torch.Generator().manual_seed(0)
+    assert (m.flip_labels(0.9, 50, 0.0, g, "cpu") == 0.9).all()
+    assert (m.flip_labels(0.9, 50, 1.0, g, "cpu") == 0.0).all()      # real 0.9 -> 0
+    assert (m.flip_labels(0.0, 50, 1.0, g, "cpu") == 1.0).all()      # fake 0 -> 1
+    lab = m.flip_labels(0.9, 20000, 0.05, g, "cpu")
+    assert len(lab.unique()) == 2 and ((lab == 0) | (lab == lab.max())).all() and lab.max() == pytest.approx(0.9)
+    assert abs((lab == 0).float().mean() - 0.05) < 0.01
+    args = m.get_args([])
+    assert (args.label_real, args.label_fake, args.label_flip) == (0.9, 0.0, 0.05)
+
+
+def test_lr_schedule_constant_4_epochs_then_x079():
+    assert m.lr_factor(0) == 1.0 and m.lr_factor(4) == 1.0
+    assert m.lr_factor(10) == pytest.approx(math.exp(-0.012 * (200 - 81)))    # the original's file 200
+    assert m.lr_factor(11) / m.lr_factor(10) == pytest.approx(0.787, abs=1e-3)
+    assert m.lr_factor(30) / m.lr_factor(0) == pytest.approx(0.002, abs=3e-4)
+
+
+def test_toy_and_paper_configurations():
+    toy, paper = m.get_args([], toy_config=True), m.get_args(["--data", "x.h5"], toy_config=True)
+    for k, v in m.TOY.items():
+        assert getattr(toy, k) == v
+    for k, v in m.PAPER.items():
+        assert getattr(paper, k) == v and getattr(m.get_args([]), k) == v     # importers get the paper's
+    assert m.get_args(["--width", "0.5"], toy_config=True).width == 0.5
+
+
+def test_common_sf_ratio_per_50gev_hand_made():
+    real, fake = np.zeros((2, 3, 2, 2), np.float32)
+    ep = np.array([20.0, 100.0, 500.0])
+    real[:, 0, 0] = [0.4, 2.0, 10.0]           # SF 0.02 everywhere
+    fake[:, 0, 0] = [0.44, 1.8, 10.0]          # 0.022, 0.018, 0.02
+    ratio, edges = common.sf_ratio_per_bin(fake, ep, real, ep)
+    assert list(edges) == [10, 60, 110, 160, 210, 260, 310, 360, 410, 460, 510]
+    assert ratio[0] == pytest.approx(1.1) and ratio[1] == pytest.approx(0.9) and ratio[-1] == pytest.approx(1.0)
+    assert np.isnan(ratio[2:-1]).all()
+
+
+def test_claim_metrics_hand_made():
+    ep = np.arange(35.0, 510.0, 50.0)                        # one event per 50 GeV bin
+    real = np.zeros((10, 25, 25, 25), np.float32)
+    real[:, 12, 12, :] = (0.02 * ep / 25)[:, None]           # SF 0.02, flat depth profile
+    c = m.claim_metrics(real, real * 1.05, ep)
+    assert c["sf_ratio_per_50gev"]["ratio"] == pytest.approx([1.05] * 10) and c["sf_max_abs_dev"] == pytest.approx(0.05)
+    assert c["profile_z_ratio"] == pytest.approx([1.05] * 25) and c["claim_sf_within_10pct"]
+    fake = real.copy()
+    fake[:, :, :, 4] *= 1.3                                  # layer 4 off by 30%
+    c = m.claim_metrics(real, fake, ep)
+    assert c["profile_z_max_abs_dev_layers_3_20"] == pytest.approx(0.3) and not c["claim_profile_z_within_20pct"]
+    c = m.claim_metrics(real[:3], real[:3], ep[:3])          # empty bins: no claim, no NaN written
+    assert c["sf_ratio_per_50gev"]["ratio"][3] is None and not c["claim_sf_within_10pct"]
 
 
 # ---------------------------------------------------------------- API used by adagan.py
@@ -139,7 +204,7 @@ def test_train_outputs(run2):
     base, full = run2
     out = base / "full"
     for name in ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "plots/sampling_fraction.png",
-                 "plots/profiles.png", "plots/moments.png", "plots/hits_spectrum.png"):
+                 "plots/profiles.png"):
         assert (out / name).is_file(), name
     assert "epoch 2/2 | step" in full.stdout and "samples/s | ETA" in full.stdout
     with h5py.File(out / "generated.h5") as f:
@@ -148,6 +213,8 @@ def test_train_outputs(run2):
     assert np.isfinite(x).all() and (x >= 0).all() and (t[:, 1] > 0).all()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["toy"] is True and len(metrics["history"]) == 2 and len(metrics["val_indices"]) == 8
+    assert len(metrics["sf_ratio_per_50gev"]["edges_GeV"]) == 11 and len(metrics["profile_z_ratio"]) == 25
+    assert "sampling fraction gen/real per 50 GeV bin" in full.stdout.strip().splitlines()[-1]
     with h5py.File(base / metrics["data"] if not os.path.isabs(metrics["data"]) else metrics["data"]) as f:
         np.testing.assert_allclose(t[:, 1], f["target"][:, 1][metrics["val_indices"]])   # held-out Ep
     assert "epoch 2/2" in (out / "log.txt").read_text()
@@ -280,3 +347,40 @@ def test_benchmark_json_and_bf16_ignored_on_cpu(tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []
     args = m.get_args(["--compile", "--dtype", "bf16"])
     assert args.compile and args.dtype == "bf16"
+
+
+@pytest.mark.parametrize("bn_mode", ["frozen", "batch"])
+def test_regime_during_training(toy, bn_mode):
+    """frozen (default): BatchNorm on its initial moving statistics and dropout off while training; batch:
+    textbook. Output linear in epochs 1-2, ReLU from 3; the lr is set per 'file' from lr_factor."""
+    ecal, ep = m.load_lcd(toy("lcd", 32, 1))
+    epochs = 3 if bn_mode == "frozen" else 1
+    args = m.get_args(["--width", "0.125", "--batch-size", "8", "--epochs", str(epochs), "--device", "cpu",
+                       "--val-frac", "0.25", "--file-events", "8", "--lr-const-epochs", "0", "--bn-mode", bn_mode])
+    seen = []
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Dropout):
+            seen.append(("dropout", mod.training))
+        elif isinstance(mod, m.Generator) and torch.is_grad_enabled():       # training G steps only
+            seen.append(("relu", bool(mod.relu_out)))
+    h = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        res = m.train(args, ecal, ep, log=lambda s: None)
+    finally:
+        h.remove()
+    bns = [mod for net in (res["generator"], res["discriminator"]) for mod in net.modules()
+           if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    tracked = sum(int(b.num_batches_tracked) for b in bns)
+    drop = {t for k, t in seen if k == "dropout"}
+    if bn_mode == "frozen":
+        assert tracked == 0 and all((b.running_mean == 0).all() and (b.running_var == 1).all() for b in bns)
+        assert drop == {False}
+        relu = [t for k, t in seen if k == "relu"]
+        assert len(relu) == 9 and relu == [False] * 6 + [True] * 3      # 3 steps per epoch
+    else:
+        assert tracked > 0 and True in drop
+    # 24 training events, --file-events 8: 3 files per epoch, the last at t = epoch + 2/3
+    for rec in res["history"]:
+        t = rec["epoch"] - 1 + 2 / 3
+        assert rec["lr_g"] == pytest.approx(5e-4 * math.exp(-0.24 * max(0, t - 0.05)))
