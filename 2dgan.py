@@ -718,7 +718,7 @@ def make_plots(real, fake, ep, folder, toy):
     ax[0].legend()
     ax[1].plot(c, means[1] / means[0], "k.", ms=3, label="10 GeV bins")
     r50, e50 = common.sf_ratio_per_bin(fake, ep, real, ep)
-    ax[1].stairs(r50, e50, color="C3", lw=2, label="50 GeV bins")
+    ax[1].stairs(r50, e50, baseline=None, color="C3", lw=2, label="50 GeV bins")
     ax[1].axhspan(0.9, 1.1, color="grey", alpha=0.2)
     ax[1].set(ylabel="gen / real", xlabel="Ep [GeV]", ylim=(0.5, 1.5))
     ax[1].legend(fontsize=7)
