@@ -33,12 +33,13 @@ P = PTF_k_v6_1_ReLU.py, F = Conv2D/Functions_v1_5_8.py):
 - Output linear in epochs 1-2, ReLU from epoch 3 (ReLU_epoch = 3, P:50,262-268, which reloads epoch 2's
   weights into a ReLU-output copy); fakes' Ep ~ U(100,400) GeV in epochs 1-2, then U(2,500) (M:266-271); the G
   step draws its own (M:312). Keras initialisers (he_uniform where named, else glorot_uniform; zero biases).
-  Images in GeV (F:45-90 scales only Ep); --xscale multiplies them inside the networks.
 - Best epoch: the original's metric (F:463-541; validate() returns the moment term, F:544-640): relative error
   of the mean centre and variance along x, y, z, averaged over all held-out events and +-5 GeV windows around
   50..500 GeV. The original validated on 20k events (~400 per window): --val-max 20000, windows with fewer than
   --val-min 100 events are left out, and each epoch logs the metric's bootstrap sd (100 resamples).
-Differences: Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit) so that it holds for
+Differences: images x --xscale 50 inside the networks (sum ~ Ep; the original feeds GeV, F:45-90): with
+--xscale 1 the toy run's textbook mode collapses (BatchNorm's eps 1e-3 swamps GeV-sized activations), and
+adagan.py's MIXDISC relies on it; Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit) so that it holds for
 any data; held-out events are a --val-frac split (F:547-556 reads two fixed files, also trained on); the
 validation noise is N(0,1) (F:616: N(0.1,1)); random streams are derived per (seed, rank, epoch), so that
 torchrun ranks and resumed runs draw their own batches; --fake-ep real (fakes at the real batch's Ep) lets
@@ -95,7 +96,7 @@ def get_args(argv=None, toy_config=False):
     a("--lr-decay", type=float, default=0.24, help="then the learning rate is x exp(-this) per epoch")
     a("--file-events", type=int, default=9000, help="training events per 'file' (lr update, new Adam)")
     a("--latent", type=int, default=200, help="latent dimension")
-    a("--xscale", type=float, default=1.0, help="images are multiplied by this inside the networks")
+    a("--xscale", type=float, default=50.0, help="images are multiplied by this inside the networks (sum ~ Ep)")
     a("--w-gan", type=float, default=6.0, help="loss weight of real/fake BCE")
     a("--w-ep", type=float, default=0.2, help="loss weight of the Ep regression MAPE")
     a("--w-ecal", type=float, default=0.1, help="loss weight of the Ecal MAPE")
@@ -333,7 +334,7 @@ _FROM_BRANCH = ((0, 2, 3, 1), (0, 2, 1, 3), (0, 1, 2, 3))   # inverses of the ab
 class Generator(nn.Module):
     """(Ep/100) * N(0,1)^latent -> Dense(125) -> 5x5x5 -> 3 permuted 2D-conv branches -> (N,25,25,25)."""
 
-    def __init__(self, latent=200, width=1.0, xscale=1.0):
+    def __init__(self, latent=200, width=1.0, xscale=50.0):
         super().__init__()
         c32, c64 = _ch(32, width), _ch(64, width)
         self.latent = latent
