@@ -47,8 +47,8 @@ Deviations from the original and why:
 - Negative cells of ATLAS files are accepted (signed noise) and removed by the noise cut; negative
   CaloChallenge voxels and non-positive energies are bad input.
 - --seeds K (Klein trained 5 seeds per setting and pooled their samples): one batched network, each
-  member with its own random stream, so member k equals a single run with --seed seed+k (same split);
-  one ckpt.pt; generated.h5 pools K showers per held-out event. --resume continues bit for bit on one
+  member with its own random stream: member k trains as a single-seed run of seed seed+k would on
+  the same split (made with --seed); one ckpt.pt; generated.h5 pools K showers per held-out event. --resume continues bit for bit on one
   process; under torchrun, ranks > 0 are reseeded on resume.
 - Figures printed and written to metrics.json compare generated showers with the held-out real ones,
   binned as evaluate.py bins them (common.auto_bins / separation_power_clipped).
