@@ -490,7 +490,7 @@ def finish(args, members, scale, showers, energy, toy, train_idx, held_idx, hist
     with open(path + ".tmp", "w") as fh:
         json.dump(metrics, fh, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     os.replace(path + ".tmp", path)
-    log(f"wrote {out}/generated.h5 ({n_gen} showers, reduced 10x10), truth.h5, metrics.json, plots/\n{last}", out)
+    log(f"wrote {out}/: generated.h5 ({n_gen} showers), truth.h5, metrics.json{', plots/' if amp else ''}\n{last}", out)
     return 0
 
 
