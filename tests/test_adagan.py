@@ -168,12 +168,6 @@ def test_mixdisc_loss_labels_and_flips():
     assert off - ga.w_gan * bce(0.9) == pytest.approx(ga.w_ep * 50 + ga.w_ecal * 50, rel=1e-4)
 
 
-def test_mixdisc_lr_schedule():
-    assert [ada.mixdisc_lr(1e-4, e) for e in (0, 3, 4)] == [1e-4] * 3          # constant for 4 epochs
-    assert ada.mixdisc_lr(1e-4, 5) == pytest.approx(1e-4 * np.exp(-0.24))       # x0.787 per epoch after
-    assert ada.mixdisc_lr(1e-4, 14) == pytest.approx(1e-4 * np.exp(-2.4))
-
-
 @pytest.fixture(scope="module")
 def toy64():
     import common
@@ -203,11 +197,12 @@ class FakeBase:
     def __init__(self, ecal, ep, stop_at=None):
         self.ecal, self.ep, self.stop_at, self.calls = ecal, ep, stop_at, []
         self.shape = ecal / ecal.sum((1, 2, 3), keepdims=True)
-        real = importlib.import_module("2dgan")
-        self.Discriminator, self.mape, self._autocast, self.real = real.Discriminator, real.mape, real._autocast, real
+        self.real = real = importlib.import_module("2dgan")
+        for name in ("Discriminator", "mape", "_autocast", "flip_labels", "lr_factor"):
+            setattr(self, name, getattr(real, name))
 
-    def get_args(self, argv):
-        return self.real.get_args(argv)
+    def get_args(self, argv, toy_config=False):
+        return self.real.get_args(argv, toy_config)
 
     def resolve_device(self, name):
         return torch.device("cpu")
@@ -245,10 +240,12 @@ def _fake_run(tmp, toy64, monkeypatch, argv, stop_at=None):
     monkeypatch.setattr(ada, "base", lambda: fake)
     monkeypatch.setattr(ada, "write_plots", lambda st, out: None)     # plots: tested end to end below
     args = ada.get_args(["--data", "toy64.h5", "--out", str(tmp), "--val-frac", "0.2", "--gan-val-frac", "0.15",
-                         "--n-eval", "16", "--device", "cpu"] + MIXDISC_TINY + argv)
-    lines = []
+                         "--device", "cpu"] + MIXDISC_TINY + argv)
+    def log(msg):                                       # train() sets log.path (its log.txt); we keep lines
+        lines.append(msg)
+    lines, log.path = [], None
     try:
-        st = ada.train(args, lines.append)
+        st = ada.train(args, log)
     except KeyboardInterrupt:
         st = None
     return fake, st, lines
@@ -343,6 +340,9 @@ def test_mixdisc_learns_a_missed_mode_and_weights_go_there(toy64, monkeypatch):
     sf = float(np.median(ecal.sum((1, 2, 3)) / ep))
     d, info = ada.mixdisc_outputs([sf], [1.0], real, ep, np.arange(len(ep)), args, ga, "cpu", 0, lambda s: None)
     assert len(info) == 2 and all(1 <= i["best_epoch"] <= 6 for i in info)
+    lr = [h["lr"] for h in info[0]["history"]]          # 2dgan.py's schedule: 4.05 epochs at the start value,
+    np.testing.assert_allclose(lr, 3e-3 * np.exp(-0.24 * np.maximum(0, np.arange(6) - 4.05)))   # then x0.79
+    assert lr[:4] == [3e-3] * 4 and lr[5] < lr[4] < 3e-3
     assert d[missed].mean() > d[~missed].mean() + 0.08
     w, lam, _ = ada.adagan_weights(d, 0.5)
     assert w[missed].sum() > 0.55
@@ -350,7 +350,8 @@ def test_mixdisc_learns_a_missed_mode_and_weights_go_there(toy64, monkeypatch):
 
 # ---------------------------------------------------------------- end to end with the real 2dgan.py (T = 3)
 
-TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--mixdisc-epochs", "1", "--mixdisc-batch", "16", "--n-eval", "8", "--log-every", "1000", "--device", "cpu"]
+TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--mixdisc-epochs", "1", "--mixdisc-batch", "16",
+        "--gan-args=--log-every 1000 --val-min 1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +402,8 @@ def test_e2e_ensemble_files_and_state(ens):
     assert m["components"] == 3 and m["toy"] is False and m["ess_frac"][0] == pytest.approx(1.0)
     for k in ("sf_max_dev", "edge_ratio", "ess_frac", "sf_ratio_per_50gev"):
         assert len(m[k]) == 3, k
-    assert all(0 < v <= 1 + 1e-12 for v in m["ess_frac"]) and len(m["sf_ratio_per_50gev"][0]) == len(m["sf_bin_edges_gev"]) - 1
+    assert all(0 < v <= 1 + 1e-12 for v in m["ess_frac"])
+    assert len(m["sf_ratio_per_50gev"][0]) == len(m["sf_bin_edges_gev"]) - 1 == 10
     held = set(st3["val_idx"].tolist())                  # the real 2dgan.py validated on the shared split only
     for t in range(3):
         ck = torch.load(out / f"component_{t}" / "ckpt.pt", weights_only=False)
@@ -435,7 +437,8 @@ def test_torchrun_resume_of_an_interrupted_component(ens):
     assert [h["first_batch"] for h in cut["history"]] == [h["first_batch"] for h in full["history"]]
     for k, v in full["model"]["G"].items():
         torch.testing.assert_close(cut["model"]["G"][k], v, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ada.load_state(str(out / "ensemble.pt"))["data_weights"][1], ens["st2"]["data_weights"][1])
+    w_cut = ada.load_state(str(out / "ensemble.pt"))["data_weights"][1]
+    np.testing.assert_allclose(w_cut, ens["st2"]["data_weights"][1])
 
 
 def test_e2e_generate_from_the_ensemble(ens):
