@@ -157,14 +157,10 @@ def adagan_weights(d, beta, log=None):
     lam, _ = lambda_star(r, beta)
     w = None if lam is None else np.maximum(lam - (1 - beta) * r, 0.0) / (n * beta)
     if w is None or not np.all(np.isfinite(w)) or w.sum() <= 0:
-        warn("AdaGAN weights: no valid lambda* (degenerate MIXDISC output); using uniform data weights", log)
+        warnings.warn(msg := "AdaGAN weights: no valid lambda* (degenerate MIXDISC output); using uniform weights")
+        log and log("warning: " + msg)
         return np.full(n, 1.0 / n), lam, True
     return w / w.sum(), lam, False
-
-
-def warn(msg, log=None):
-    warnings.warn(msg)
-    return log and log("warning: " + msg)
 
 
 def ess(w):
@@ -173,12 +169,18 @@ def ess(w):
     return float(1.0 / np.sum(w * w))
 
 
-def saturation(d, threshold, log=None):
-    """Share of real events with MIXDISC output D > 0.99; warns above `threshold` (weights then near uniform)."""
-    s = float(np.mean(np.asarray(d) > D_SATURATED))
+def saturation(d, threshold, log=None, ga=None):
+    """Share of real events whose MIXDISC output D is 99% of the way from the fake to the real target: D > 0.99 for
+    hard labels; with 2dgan.py's (ga: 0.9 / 0, 5% flipped, the original's) the mean targets are 0.855 and 0.05.
+    Above `threshold` a warning: D is flat there, so is r = (1-D)/D, and the weights are near uniform."""
+    t_r, t_f = (1.0, 0.0) if ga is None else ((1 - ga.label_flip) * v + ga.label_flip * (v == 0)
+                                              for v in (ga.label_real, ga.label_fake))
+    lvl = t_f + D_SATURATED * (t_r - t_f)
+    s = float(np.mean(np.asarray(d) > lvl))
     if s > threshold:
-        warn(f"MIXDISC saturates: {s:.1%} of real training events have D > {D_SATURATED} (r ~ 0), so the AdaGAN "
-             "weights are close to uniform and the next component repeats plain training", log)
+        warnings.warn(msg := f"MIXDISC saturates: {s:.1%} of real training events have D > {lvl:.4g} (99% of the "
+                      "way to the real target): weights close to uniform, the next component repeats plain training")
+        log and log("warning: " + msg)
     return s
 
 
@@ -234,24 +236,16 @@ def features(ecal, ep):
 
 
 def mixdisc_loss(D, x, e, ecal_t, real, ga, flip_g=None):
-    """G:124-148 on images x (x xscale), Ep e GeV, Ecal target ecal_t: w_gan BCE (labels 0.9 / 0; flipped as G:51-57
-    with flip_g) + w_ep MAPE(Ep/100) + w_ecal MAPE(Ecal)."""
+    """G:124-148 on images x (x xscale), Ep e GeV, Ecal target ecal_t: w_gan BCE (labels 0.9 / 0 = 2dgan.py's
+    --label-real/-fake, flipped as G:51-57 with flip_g) + w_ep MAPE(Ep/100) + w_ecal MAPE(Ecal)."""
     m = base()
     with m._autocast(x.device, ga.dtype):
         logit, ep_p, ecal_p = D(x)
-    lab = 0.9 if real else 0.0
+    lab = ga.label_real if real else ga.label_fake
     lab = (m.flip_labels(lab, len(x), ga.label_flip, flip_g, x.device) if flip_g is not None
            else torch.full((len(x),), lab, device=x.device))
     return (ga.w_gan * F.binary_cross_entropy_with_logits(logit.float(), lab)
             + ga.w_ep * m.mape(e / 100.0, ep_p.float()) + ga.w_ecal * m.mape(ecal_t, ecal_p.float()))
-
-
-def step(opt, loss):
-    """One optimiser step on loss; returns its value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.item()
 
 
 def train_mixdisc(gens, mix_w, ecal, ep, fit, args, ga, device, seed, log):
@@ -282,7 +276,10 @@ def train_mixdisc(gens, mix_w, ecal, ep, fit, args, ga, device, seed, log):
                 opt = torch.optim.Adam(D.parameters(), lr=lr, eps=1e-7)
             for fake in (False, True):                      # G:84-109: a real step, then a mixture step
                 loss = mixdisc_loss(D, *batch(np.sort(order[s:s + B]), fake), not fake, ga, g)
-                tot, nb = tot + step(opt, loss), nb + 1
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot, nb = tot + loss.item(), nb + 1
         D.eval()
         r_te = np.random.default_rng(seed + 1)             # the same test mixture samples every epoch
         with torch.no_grad():
@@ -340,9 +337,9 @@ def train(args, log):
     gas = [gan_args(args, t) for t in range(args.components)]   # bad --gan-args fail here, before any output
     ecal, ep, source, toy = load_data(args, gas[0], log, rank)   # validated before anything is written
     old = load_state(state_path) if args.resume else None
-    if old is not None and (old["n_events"] != len(ep) or old["source"] != source):
-        raise DataError(f"{state_path}: was trained on {old['source']} ({old['n_events']} events), "
-                        f"not {source} ({len(ep)} events)")
+    if old is not None and (old.get("version") != 2 or old["n_events"] != len(ep) or old["source"] != source):
+        raise DataError(f"{state_path}: was trained on {old['source']} ({old['n_events']} events, state version "
+                        f"{old.get('version')}), not {source} ({len(ep)} events, version 2)")
     n, perm = len(ep), np.random.default_rng(args.seed).permutation(len(ep))     # one split for the ensemble:
     n_va, n_gv = max(1, round(args.val_frac * n)), max(1, round((args.gan_val_frac or gas[0].val_frac) * n))
     if n - n_va - n_gv < 8:
@@ -381,7 +378,7 @@ def train(args, log):
                 beta = beta_for(t, args.beta, args.beta_const)
                 d, info = mixdisc_outputs(gens, st["mix_weights"][-1], ecal, ep, tr, args, gas[t], device,
                                           args.seed * 1000 + t, log)
-                sat = saturation(d, args.saturation_warn, log)
+                sat = saturation(d, args.saturation_warn, log, gas[t])
                 w, lam, fallback = adagan_weights(d, beta, log)
                 if ddp:                                     # every rank uses rank 0's weights
                     wt = torch.from_numpy(w).to(device)
@@ -474,8 +471,8 @@ def write_plots(st, out):
     ax = figs["sampling_fraction"][1]
     for t, s in enumerate(sums):
         ax[0].plot(cen, np.array(s["sf_ratio_per_50gev"], float), "o-", ms=3, color=col[t], label=f"T={t + 1}")
-    ax[1].plot(Ts, [s["sf_max_dev"] for s in sums], "o-", label="SF: max |gen/real - 1|")
-    ax[1].plot(Ts, [abs(s["edge_ratio"] - 1) for s in sums], "s-", label="outer ring: |gen/real - 1|")
+    ax[1].plot(Ts, np.array([s["sf_max_dev"] for s in sums], float), "o-", label="SF: max |gen/real - 1|")
+    ax[1].plot(Ts, abs(np.array([s["edge_ratio"] for s in sums], float) - 1), "s-", label="outer ring: |gen/real - 1|")
     ax[0].set(xlabel="Ep [GeV]", ylabel="sampling fraction gen / real", title="per 50 GeV bin" + tag)
     ax[1].set(xlabel="components T", ylabel="deviation", title="mixture of the first T" + tag)
     ax = figs["shower_shapes"][1]
@@ -536,7 +533,9 @@ def benchmark(args):
         e = torch.full((b,), 250.0, device=device)
         x = torch.from_numpy(ensemble_sample(gens, [0.5, 0.5], e.cpu(), device, rng, dtype)[0]).to(device) * ga.xscale
         for real in (True, False):
-            step(opt, mixdisc_loss(D, x, e, x.sum((1, 2, 3)) + 1, real, ga))
+            opt.zero_grad()
+            mixdisc_loss(D, x, e, x.sum((1, 2, 3)) + 1, real, ga).backward()
+            opt.step()
     for n, fn in ((B, lambda: ensemble_sample(gens, [0.5, 0.5], rng.uniform(2, 500, B), device, rng, dtype)),
                   (2 * b, mixdisc_batch)):
         fn()                                              # warm-up, then 3 timed calls

@@ -139,8 +139,15 @@ def test_saturation_warning_on_a_mixdisc_that_outputs_1():
     w, lam, _ = ada.adagan_weights(d, 0.5)                    # what saturation does to AdaGAN: uniform weights
     np.testing.assert_allclose(w, 1 / 30)
     assert ada.ess(w) == pytest.approx(30)
+    # the original's labels (real 0.9, fake 0, 5% flipped): targets 0.855 and 0.05, so a MIXDISC that separates
+    # perfectly gives D ~ 0.855 and never D > 0.99; saturation is D > 0.05 + 0.99 (0.855 - 0.05) = 0.84695
+    ga = ada.base().get_args(["--device", "cpu"])
+    d_soft = np.full(30, 0.85)
+    with pytest.warns(UserWarning, match="D > 0.847"):
+        assert ada.saturation(d_soft, 0.5, ga=ga) == 1.0
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                        # below the threshold: no warning
+        warnings.simplefilter("error")                        # hard labels, or below the threshold: no warning
+        assert ada.saturation(d_soft, 0.5) == 0.0 and ada.saturation(np.full(30, 0.84), 0.5, ga=ga) == 0.0
         d_half = ada.mixdisc_predict(ConstMixdisc(0.0), ecal, np.arange(30), "cpu", 50.0)
         assert ada.saturation(d_half, 0.5) == 0.0
 
