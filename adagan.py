@@ -53,7 +53,7 @@ sys.path.insert(0, HERE)                     # 2dgan.py (the base learner) and c
 import common  # noqa: E402
 
 PROG = "adagan.py"
-SF_EDGES = np.arange(10.0, 511.0, 50.0)      # GeV: the ten 50 GeV bins of Ep of the sampling-fraction claim
+SF_EDGES = common.SF_EDGES_50GEV             # GeV: 10, 60, ..., 510, the bins of the sampling-fraction claim
 EDGE_RING = 10                               # cells with Chebyshev distance >= 10 from the centre: outer ring
 D_CLIP, D_SATURATED = 1e-6, 0.99
 N_EVAL = 5000                                # held-out events (at most) in the plots and metrics
@@ -384,7 +384,7 @@ def train(args, log):
                     wt = torch.from_numpy(w).to(device)
                     torch.distributed.broadcast(wt, 0)
                     w = wt.cpu().numpy()
-                log(f"component {t}: beta {beta:.4f} lambda* {lam} | D mean {d.mean():.3f}, {sat:.1%} > {D_SATURATED} "
+                log(f"component {t}: beta {beta:.4f} lambda* {lam!s:.6} | D mean {d.mean():.3f}, {sat:.1%} saturated "
                     f"| N x weight {w.min() * len(w):.3g}..{w.max() * len(w):.3g} | ESS/N {ess(w) / len(w):.3f}")
             for k, v in (("ess", ess(w)), ("saturation", sat), ("lambdas", lam), ("mixdisc", info)):
                 st[k].append(v)
@@ -494,7 +494,7 @@ def write_plots(st, out):
     ax[0].set(xlabel="log10 (N x data weight); 0 = uniform", ylabel="training showers", title="data weights" + tag)
     ax[1].set(xlabel="Ep [GeV]", ylabel="mean N x weight", title="where the weight goes" + tag)
     for name, (fig, axes) in figs.items():
-        axes[0].legend(fontsize=7)
+        [a.legend(fontsize=7) for a in axes if a.get_legend_handles_labels()[0]]
         fig.tight_layout()
         fig.savefig(os.path.join(out, "plots", name + ".tmp.png"), dpi=90)
         plt.close(fig)
