@@ -72,6 +72,7 @@ import common  # noqa: E402
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Physics validation of generated vs real calorimeter showers.")
+    p.error = lambda msg: p.exit(2, f"evaluate.py: error: {msg}\n")   # one line, not argparse's usage block
     p.add_argument("files", nargs="+", help="real.h5 first, then one or more generated files (same detector)")
     p.add_argument("--out", default="report", help="output folder: metrics.json, report.md, plots/")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per generated file")
@@ -185,7 +186,9 @@ def _detect(path, keys):
 def _need(path, keys, key, tail=None, n=None):
     if key not in keys:
         raise DataError(f"{path}: missing key '{key}'")
-    shape = tuple(keys[key].shape)
+    shape, dt = tuple(keys[key].shape), keys[key].dtype
+    if dt.kind not in "biuf":   # strings parse as numbers and complex loses its imaginary part on the cast
+        raise DataError(f"{path}: '{key}' has dtype {dt}, expected real numbers")
     if len(shape) == 0 or shape[0] == 0:
         raise DataError(f"{path}: '{key}' is empty")
     if tail is not None and shape[1:] not in tail:
@@ -193,6 +196,12 @@ def _need(path, keys, key, tail=None, n=None):
     if n is not None and shape[0] != n:
         raise DataError(f"{path}: '{key}' has {shape[0]} events but the showers have {n}")
     return keys[key]
+
+
+def _f32(a):
+    """a as float32, the dtype values are used in: 1e39 passes a float64 check and is inf here."""
+    with np.errstate(over="ignore", under="ignore"):
+        return np.asarray(a, np.float32)
 
 
 def load(path, max_events=None, protocol="auto"):
@@ -240,8 +249,8 @@ def load(path, max_events=None, protocol="auto"):
             extra["momentum"], p = np.asarray(mom[:n], np.float64), np.asarray(pt[:n], np.float64)
             extra["point"] = np.c_[p, np.zeros(n)] if p.shape[1] == 2 else p
             for k, key in (("momentum", "ParticleMomentum"), ("point", "ParticlePoint")):
-                if not np.isfinite(extra[k]).all():
-                    raise DataError(f"{path}: '{key}' has NaN or inf values")
+                if not np.isfinite(_f32(extra[k])).all():
+                    raise DataError(f"{path}: '{key}' has NaN or inf values in float32")
             if (extra["momentum"][:, 2] <= 0).any():
                 raise DataError(f"{path}: 'ParticleMomentum' has p_z <= 0")
             e_inc = np.linalg.norm(extra["momentum"], axis=1)
@@ -249,8 +258,8 @@ def load(path, max_events=None, protocol="auto"):
             e_inc = np.full(n, 50.0) if e is None else np.asarray(e[:n], np.float64)
             e_inc = e_inc[:, 1] if ekey == "target" else e_inc.reshape(n, -1)[:, 0] * (1000.0 if det == "ild" else 1.0)
             extra["e_file"] = None if e is None else np.asarray(e[:n]).reshape(n, -1)[:, -1]  # in the file's dtype
-        if not np.isfinite(e_inc).all() or (e_inc <= 0).any():
-            raise DataError(f"{path}: the incident energy has NaN, inf or non-positive values")
+        if not (np.isfinite(e32 := _f32(e_inc)) & (e32 > 0)).all():
+            raise DataError(f"{path}: the incident energy has NaN, inf or non-positive values in float32")
     finally:
         close()
     d = {"path": path, "detector": det, "protocol": proto, "geom": common.geometry("ild10" if det == "ild" else det),
@@ -278,9 +287,11 @@ def blocks(d, rows=None):
             e = min(d["n"], s + BLOCK)
             lo, hi = (s, e) if rows is None else np.searchsorted(rows, [s, e])
             if hi > lo:
-                a = np.asarray(ds[s:e], d["dtype"])
+                with np.errstate(over="ignore"):
+                    a = np.asarray(ds[s:e], d["dtype"])
                 if not np.isfinite(a).all() or (a < 0).any():
-                    raise DataError(f"{path}: '{key}' has {'NaN or inf' if (a < 0).sum() == 0 else 'negative'} values")
+                    raise DataError(f"{path}: '{key}' has " + (f"NaN or inf values in {a.dtype}" if (a < 0).sum() == 0
+                                                              else "negative values"))
                 a = (d["transform"](a) if d["transform"] else a).reshape(len(a), -1)
                 a[a < d["cut"]] = 0.0
                 yield slice(lo, hi), a if rows is None else a[rows[lo:hi] - s]
@@ -303,11 +314,15 @@ LABEL = {"e_vis": "visible energy E_vis", "e_ratio": "E_vis / E_inc (sampling fr
 def features(d):
     """High-level observables of one sample, block by block: dict name -> (N,), and plot groups.
     Sets d["n_empty"] (showers with nothing left after the cut) and d["max_cell"]."""
-    parts = [block_features(d, cells, sl) for sl, cells in blocks(d)]
+    with np.errstate(over="ignore", invalid="ignore"):   # an overflow is refused below, in one line
+        parts = [block_features(d, cells, sl) for sl, cells in blocks(d)]
     f = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
     d["n_empty"], d["max_cell"] = int(f.pop("_empty").sum()), f.pop("_max").max()
     if "_spcurve" in f:
         d["sparsity_curve"] = f.pop("_spcurve").mean(0)
+    bad = [k for k, v in f.items() if np.isinf(v).any()]   # NaN = undefined (empty shower); inf = overflow
+    if bad:
+        raise DataError(f"{d['path']}: observable {bad[0]} overflows {d['dtype'].__name__} (values too large)")
     return f, parts[0][1]
 
 
@@ -419,9 +434,13 @@ def classifier_inputs(d, idx, out):
     low-level input, voxels / E_inc (cut applied) and log10(E_inc / MeV)."""
     if not isinstance(d, dict):
         out[:] = d[idx]
-    for sl, cells in blocks(d, idx) if isinstance(d, dict) else ():
-        e = d["e_inc"][idx[sl]]
-        out[sl, :-1], out[sl, -1] = cells / e[:, None], np.log10(e * (1000.0 if d["geom"].unit == "GeV" else 1.0))
+        return
+    with np.errstate(over="ignore"):
+        for sl, cells in blocks(d, idx):
+            e = d["e_inc"][idx[sl]]
+            out[sl, :-1], out[sl, -1] = cells / e[:, None], np.log10(e * (1000.0 if d["geom"].unit == "GeV" else 1.0))
+    if not np.isfinite(out).all():
+        raise DataError(f"{d['path']}: voxels / incident energy overflow float32 (incident energies too small)")
 
 
 def two_sample_test(real, gen, args, device, log, tag):
@@ -471,6 +490,8 @@ def two_sample_test(real, gen, args, device, log, tag):
             loss.backward()
             opt.step()
         z, y = logits("val")
+        if not torch.isfinite(z).all():   # raw inputs near the float32 limit overflow the network
+            raise DataError(f"{tag}: the classifier's outputs are not finite (input values too large for float32)")
         val, acc = float(bce(z, y)), float(((z > 0).float() == y).float().mean())
         if (-acc if raw else val) < best - (0.0 if raw else 1e-4):  # the challenge keeps the best accuracy
             best, best_epoch = -acc if raw else val, epoch
@@ -627,9 +648,8 @@ class Plotter:
     def _finish(self, fig, name, subtitle):
         fig.suptitle(f"{self.title}: {subtitle}")
         for ext in ("png", "pdf"):
-            tmp = os.path.join(self.folder, f"{name}.tmp{os.getpid()}.{ext}")
-            fig.savefig(tmp, format=ext, dpi=110 if ext == "png" else None)
-            os.replace(tmp, os.path.join(self.folder, f"{name}.{ext}"))
+            write_atomic(os.path.join(self.folder, f"{name}.{ext}"),
+                         lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110 if ext == "png" else None))
         self.plt.close(fig)
         self.written.append(name)
 
@@ -684,15 +704,48 @@ def verdict(row, n_feat):
     return v + ("; WARNING: memorisation suspected" if row.get("memorisation") else "")
 
 
+def write_atomic(path, write):
+    """write(tmp) to a temporary name unique per process and call (common.tmp_name), then rename to path;
+    the temporary never stays behind; a folder in the way or an OS error is one line (DataError)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a file")
+    tmp = common.tmp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e.strerror or e})")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_text(path, text):
-    with open(f"{path}.tmp{os.getpid()}", "w") as fh:
-        fh.write(text)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    write_atomic(path, write)
+
+
+def check_out(out, plots):
+    """Refuse an --out that cannot hold the report before anything is read or written."""
+    if any(len(os.fsencode(c)) > 255 for c in out.split(os.sep)):
+        raise DataError(f"--out {out}: a path component is longer than 255 bytes")
+    top = os.path.normpath(out)
+    while top and not os.path.exists(top):
+        top = os.path.dirname(top)
+    if top and not os.path.isdir(top):
+        raise DataError(f"--out {out}: {top} is a file, not a folder")
+    for name, folder in [("metrics.json", False), ("report.md", False)] + [("plots", True)] * plots:
+        p = os.path.join(out, name)
+        if os.path.exists(p) and os.path.isdir(p) != folder:
+            raise DataError(f"{p}: is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
 
 # ---------------------------------------------------------------- main
 
 
 def run(args, log=print):
+    check_out(args.out, not args.no_plots)
     data = [load(p, args.max_events, args.protocol) for p in args.files]
     other = next((d for d in data if d["detector"] != data[0]["detector"]), None)
     if other:
@@ -715,7 +768,6 @@ def run(args, log=print):
     for f, k in ((f, k) for f in [fr] + fgs for k in dead):
         f.pop(k)
     groups = [(t, [k for k in ks if k in fr]) for t, ks in groups if set(ks) - set(dead)]
-    os.makedirs(args.out if args.no_plots else os.path.join(args.out, "plots"), exist_ok=True)
     log(f"{title}: real {real['n']} showers ({real['path']}), generated "
         + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, gens)) + f"; protocol {real['protocol']}"
         + (f", voxels < {real['cut']:.4g} MeV set to 0" if cc else "") + f"; {len(dead)} constant observables dropped")
@@ -733,7 +785,8 @@ def run(args, log=print):
         row = {"label": lab, "path": g["path"], "n_events": g["n"], "toy": g["toy"], "n_empty": g["n_empty"],
                "separation_power": sp, "separation_power_noise": {k: v[1] for k, v in st.items()},
                "flagged": flagged, "separation_power_mean": float(np.nanmean(list(sp.values()))),
-               "frechet_distance": max(0.0, common.frechet_distance(standardised(fr, fr), standardised(fr, fg)))}
+               "frechet_distance": float(np.maximum(0.0, common.frechet_distance(standardised(fr, fr),
+                                                                                   standardised(fr, fg))))}
         if cc:  # mean separation power per feature group and of all voxels, as the challenge's results show them
             row["calochallenge"] = {"voxels": common.calochallenge_separation(vox[0], vc, vox_edges)[0],
                                     **{CC_PREFIX[t]: float(np.nanmean([sp[k] for k in ks])) for t, ks in groups}}
@@ -756,6 +809,14 @@ def run(args, log=print):
         log(f"{lab}: AUC {_fmt(row.get('auc'))} | Frechet {row['frechet_distance']:.4g} | mean separation "
             f"{row['separation_power_mean']:.4f} | flagged {len(flagged)}: {', '.join(flagged[:5]) or 'none'}"
             f"{', ...' if len(flagged) > 5 else ''} | empty showers {g['n_empty']} | {row['verdict']}")
+    bad = [f"{r['label']} {k}" for r in rows for k, v in (("Frechet distance", r["frechet_distance"]), ("AUC", r.get(
+        "auc")), ("JSD", r.get("classifier", {}).get("jsd"))) if v is not None and not math.isfinite(v)]
+    if bad:   # nothing non-finite is written
+        raise DataError(f"non-finite {', '.join(bad)} (input values too large for float32?); nothing written")
+    try:
+        os.makedirs(args.out if args.no_plots else os.path.join(args.out, "plots"), exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {args.out}: cannot create the folder ({e.strerror})")
     plots = [] if args.no_plots else make_plots(args, title, real, gens, fr, groups, fgs, plot_extra, edges)
     metrics = {"script": "evaluate.py", "detector": det, "protocol": real["protocol"], "voxel_cut": real["cut"],
                "geometry": real["geom"].name, "toy": toy, "features": list(fr), "dropped_features": dead,

@@ -1,13 +1,18 @@
 """Hostile input (issue 16), root cause by root cause: one line on stderr naming the flag or file, exit
-status 2, nothing left behind. This file covers `common.py toy`; the model scripts' cases join it as
-their fixes land."""
+status 2, nothing left behind. This file covers `common.py toy` and evaluate.py; the model scripts' cases
+join it as their fixes land."""
+import json
 import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 
 def _one_line_exit_2(r, *words):
@@ -55,3 +60,135 @@ def test_tmp_name_short_and_unique(tmp_path):
     assert len(names) == 50
     assert all(len(os.path.basename(t)) <= 255 and os.path.dirname(t) == str(tmp_path) for t in names)
     assert common.tmp_name(str(tmp_path / "b.npz"), ".npz").endswith(".npz")
+
+
+# ------------------------------------------------------------------ evaluate.py
+
+def _evaluate(capsys, *argv):
+    """evaluate.main in-process (spares a subprocess's torch import), answered like run_script."""
+    import evaluate
+    try:
+        rc = evaluate.main([*map(str, argv)])
+    except SystemExit as e:
+        rc = e.code
+    return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+
+
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs)
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("flags, word", [
+    (["--bogus"], "--bogus"),                       # argparse's whole usage block before the message
+    (["--bins", "x"], "--bins"),
+    (["--max-events", "0"], "--max-events"),
+])
+def test_evaluate_bad_flags_one_line(toy, tmp_path, capsys, flags, word):
+    real = toy("atlas89", 20)
+    _one_line_exit_2(_evaluate(capsys, real, real, "--out", tmp_path / "rep", *flags), "evaluate.py: error:", word)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("out, make, words", [
+    ("plain", None, ["plain is a file, not a folder"]),                    # A: traceback from os.makedirs
+    ("plain/sub", None, ["plain is a file, not a folder"]),
+    ("x" * 256, None, ["x" * 256, "longer than 255"]),
+    ("a/" + "x" * 300, None, ["longer than 255"]),                          # nothing made on the way ("a")
+    ("rep", "rep/metrics.json/", ["rep/metrics.json: is a folder"]),        # B: IsADirectoryError at os.replace
+    ("rep", "rep/report.md/", ["rep/report.md: is a folder"]),
+    ("rep", "rep/plots", ["rep/plots: is a file"]),
+    ("rep", "rep/plots/hist_energy_and_hits.png/", ["hist_energy_and_hits.png: is a folder"]),  # found at plot time
+])
+def test_evaluate_out_unusable(toy, tmp_path, capsys, monkeypatch, out, make, words):
+    real = toy("atlas89", 20)
+    (tmp_path / "plain").write_text("x")
+    if make:
+        os.makedirs(tmp_path / os.path.dirname(make.rstrip("/")), exist_ok=True)
+        os.makedirs(tmp_path / make) if make.endswith("/") else (tmp_path / make).write_text("x")
+    before = _tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit_2(_evaluate(capsys, real, real, "--out", out, "--no-classifier"), *words)
+    assert _tree(tmp_path) == before             # nothing written, no temporary left
+
+
+def test_evaluate_long_out_and_bracket_path_work(toy, tmp_path, capsys):
+    """C: a valid 250-character folder name (temporaries stay short); K: an existing path with '[' is a file,
+    not a glob (the glob 'real[1].h5' would match only 'real1.h5', which does not exist)."""
+    real = shutil.copy(toy("atlas89", 20), tmp_path / "real[1].h5")
+    out = tmp_path / ("d" * 250)
+    r = _evaluate(capsys, real, real, "--out", out, "--no-classifier", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["metrics.json", "report.md"]
+    assert json.loads((out / "metrics.json").read_text())["real"]["path"].endswith("real[1].h5")
+
+
+def _retyped(src, dst, key, fn):
+    shutil.copy(src, dst)
+    with h5py.File(dst, "a") as f:
+        a = f[key][...]
+        del f[key]
+        f[key] = fn(a)
+    return dst
+
+
+@pytest.mark.parametrize("kind, key, fn, words", [
+    ("atlas89", "cells", lambda a: a.astype("S12"), ["'cells' has dtype |S12"]),          # G: TypeError traceback
+    ("atlas89", "energy", lambda a: np.array([str(v) for v in a], dtype=h5py.string_dtype()),
+     ["'energy' has dtype object"]),
+    ("atlas89", "cells", lambda a: a.astype(np.complex64), ["complex64"]),                # H: ComplexWarning, accepted
+    ("atlas89", "cells", lambda a: np.where(np.arange(89) == 3, 1e39, a.astype(np.float64)),
+     ["'cells' has NaN or inf values in float32"]),                                       # I: 1e39 passed float64
+    ("atlas89", "energy", lambda a: a.astype(np.float64) * 0 + 1e39, ["incident energy", "float32"]),
+    ("atlas89", "energy", lambda a: a.astype(np.float64) * 0 + 1e-40, ["voxels / incident energy overflow float32"]),
+    ("calochallenge1", "showers", lambda a: np.where(np.arange(368) < 2, 3e38, a).astype(np.float32),
+     ["observable Etot_Einc overflows float32"]),                                         # I: finite, sums overflow
+])
+def test_evaluate_bad_dtypes_and_overflow(toy, tmp_path, kind, key, fn, words):
+    real = toy(kind, 20)
+    bad = _retyped(real, tmp_path / "bad.h5", key, fn)
+    r = run_script("evaluate.py", real, bad, "--out", "rep", "--no-plots", "--cls-epochs", "1", "--cls-hidden", "8",
+                   cwd=tmp_path)
+    _one_line_exit_2(r, "bad.h5", *words)
+    assert os.listdir(tmp_path) == ["bad.h5"]
+
+
+@pytest.mark.filterwarnings("error")
+def test_evaluate_non_finite_metric_refused(toy, tmp_path, capsys, monkeypatch):
+    """I: a non-finite yardstick is refused before anything is written (max(0, NaN) hid a NaN Frechet distance)."""
+    import evaluate
+    monkeypatch.setattr(evaluate.common, "frechet_distance", lambda a, b: float("nan"))
+    real = toy("atlas89", 20)
+    _one_line_exit_2(_evaluate(capsys, real, real, "--out", tmp_path / "rep", "--no-classifier"),
+                     "non-finite", "Frechet distance", "nothing written")
+    assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_write_atomic_leaves_nothing(tmp_path):
+    """B/C: a write that fails half-way leaves neither the file nor its temporary; the error is one line."""
+    import evaluate
+
+    def half(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(evaluate.DataError, match="m.json: cannot write .No space left on device"):
+        evaluate.write_atomic(str(tmp_path / "m.json"), half)
+    assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_two_runs_one_out(toy, tmp_path):
+    """M: two evaluations into one --out at once; each writes its plots and metrics under unique temporaries."""
+    real = toy("ild", 20)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    cmd = [sys.executable, str(REPO / "evaluate.py"), real, real, "--out", "rep", "--no-classifier"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+        p.stderr.close()
+    files = _tree(tmp_path / "rep")
+    assert "metrics.json" in files and len([f for f in files if f.endswith(".png")]) >= 3
+    assert not [f for f in files if "tmp" in f], files
+    assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["detector"] == "ild"
