@@ -48,8 +48,8 @@ Deviations from the original and why:
   CaloChallenge voxels and non-positive energies are bad input.
 - --seeds K (Klein trained 5 seeds per setting and pooled their samples): one batched network, each
   member with its own random stream: member k trains as a single-seed run of seed seed+k would on
-  the same split (made with --seed); one ckpt.pt; generated.h5 pools K showers per held-out event. --resume continues bit for bit on one
-  process; under torchrun, ranks > 0 are reseeded on resume.
+  the same split (made with --seed); one ckpt.pt; generated.h5 pools K showers per held-out event.
+  --resume continues bit for bit on one process; under torchrun, ranks > 0 are reseeded on resume.
 - Figures printed and written to metrics.json compare generated showers with the held-out real ones,
   binned as evaluate.py bins them (common.auto_bins / separation_power_clipped).
 - generated.h5 of an ATLAS model: `energy` is the true energy of the held-out event whose cluster
@@ -61,7 +61,6 @@ import datetime
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -91,7 +90,8 @@ def get_args(argv=None):
     a("--epochs", type=int, default=None, help="training epochs (passes of the critic over the training set); "
       f"default 1000 with --data (the original), {TOY_EPOCHS} on toy data")
     a("--batch-size", type=int, default=64, help="minibatch size per process")
-    a("--lr", type=float, default=5e-5, help="Adam learning rate of generator and critic (Keras 2 update, epsilon 1e-7)")
+    a("--lr", type=float, default=5e-5, help="Adam learning rate of generator and critic (Keras 2 update, "
+      "epsilon 1e-7)")
     a("--betas", default="0.5,0.5", help="Adam betas b1,b2")
     a("--layers", type=int, default=3, help="dense hidden layers in generator and critic")
     a("--width", type=int, default=128, help="units per hidden layer")
@@ -759,9 +759,9 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     for k in fr:
         title, xlabel = {"energy_per_layer": ("energy per layer", "MeV"),
                          "fraction_per_layer": ("fraction of the cluster energy per layer", "fraction"),
-                         "middle_core_fraction": ("Middle energy in the central 3x3 cells / Middle energy",
-                                                  "fraction")}.get(k, (None, ax_names[k.split("_")[1] == "y"]))
-        title = title or ("energy-weighted centre in " if k.startswith("centre") else "width in ") + xlabel + " per layer"
+                         "middle_core_fraction": ("Middle 3x3 core / Middle", "fraction")}.get(k, (None, ax_names[k.split("_")[1] == "y"]))
+        if title is None:
+            title = ("energy-weighted centre in " if k.startswith("centre") else "width in ") + xlabel + " per layer"
         hists(k, title, fr[k], ff[k], xlabel, k == "energy_per_layer", metrics["separation_power"][k],
               names if fr[k].shape[1] == L else ["Middle"])
     if geom.name.startswith("atlas"):

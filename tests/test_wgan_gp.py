@@ -129,7 +129,8 @@ def test_calochallenge1(toy, tmp_path):
     assert showers.shape == (n_val, 368) and inc.shape == (n_val, 1)
     assert np.all(np.isfinite(showers)) and np.all(showers >= 0) and np.all(showers.sum(1) > 0)
     ck = torch.load(tmp_path / "cc" / "ckpt.pt", weights_only=False)
-    assert "mu_r" in ck["norm"] and ck["model"]["generator"]["flat"].shape[1] == 9 * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 369 + 369
+    assert "mu_r" in ck["norm"]                                        # 368 cells + the ratio head:
+    assert ck["model"]["generator"]["flat"].shape[1] == 9 * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 369 + 369
 
 
 def test_atlas247_two_seeds(toy, tmp_path):
