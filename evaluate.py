@@ -14,11 +14,13 @@ row). Formats, recognised from keys and shapes: LCD (`ECAL` 25x25x25 or 51x51x25
 `showers` of 368/6480/40500 voxels = dataset 1 photons/2/3, MeV), LHCb (`EnergyDeposit` 30x30 +
 `ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers` MeV reduced by
 common.reduce_ild, or reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Outputs in --out:
-metrics.json, report.md, plots/*.png and *.pdf. Datasets 2 and 3 (up to 100k x 40500 float32, 16 GB a file)
-are never held in memory: features are computed block by block from the file, the classifier reads only its
-subsample (at most 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events). Two hand-made
-20000-shower ds3 files (6.5 GB): peak RSS 2.4 GB (1.6 GB of it the classifier's subsample), 97 s on one CPU
-thread with --cls-epochs 1.
+metrics.json, report.md, plots/*.png and *.pdf, each written under a unique temporary name and renamed. Bad input
+(a file, a flag, an unusable --out; strings, complex numbers, values beyond float32, an overflow in the features or
+the classifier) is one line on stderr and exit status 2, nothing half-written. Datasets 2 and 3 (up to 100k x 40500
+float32, 16 GB a file) are never held in memory: features are computed block by block from the file, the
+classifier reads only its subsample (at most 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events).
+Two hand-made 20000-shower ds3 files (6.5 GB): peak RSS 2.4 GB (1.6 GB of it the classifier's subsample), 97 s on
+one CPU thread with --cls-epochs 1.
 
 --protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py:
 voxels below its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
@@ -705,26 +707,23 @@ def verdict(row, n_feat):
 
 
 def write_atomic(path, write):
-    """write(tmp) to a temporary name unique per process and call (common.tmp_name), then rename to path;
-    the temporary never stays behind; a folder in the way or an OS error is one line (DataError)."""
+    """write(tmp), or the text `write`, to a temporary name unique per process and call (common.tmp_name), then
+    rename it to path; the temporary never stays behind; a folder in the way or an OS error is a DataError."""
     if os.path.isdir(path):
         raise DataError(f"{path}: is a folder, not a file")
     tmp = common.tmp_name(path)
     try:
-        write(tmp)
+        if callable(write):
+            write(tmp)
+        else:
+            with open(tmp, "w") as fh:
+                fh.write(write)
         os.replace(tmp, path)
     except OSError as e:
         raise DataError(f"{path}: cannot write ({e.strerror or e})")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(text)
-    write_atomic(path, write)
 
 
 def check_out(out, plots):
@@ -822,8 +821,8 @@ def run(args, log=print):
                "geometry": real["geom"].name, "toy": toy, "features": list(fr), "dropped_features": dead,
                "real": {"path": real["path"], "n_events": real["n"], "toy": real["toy"], "n_empty": real["n_empty"]},
                "bins": None if cc else bins, "generated": rows, "plots": plots, "settings": vars(args)}
-    write_text(os.path.join(args.out, "metrics.json"), json.dumps(_clean(metrics), indent=1) + "\n")
-    write_text(os.path.join(args.out, "report.md"), report_md(metrics, title, groups))
+    write_atomic(os.path.join(args.out, "metrics.json"), json.dumps(_clean(metrics), indent=1) + "\n")
+    write_atomic(os.path.join(args.out, "report.md"), report_md(metrics, title, groups))
     log(f"wrote {os.path.join(args.out, 'metrics.json')}, report.md and {len(plots)} plots in {args.out}/plots")
     return metrics
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_script
+from test_evaluate import distort
 
 
 def _one_line_exit_2(r, *words):
@@ -124,15 +125,6 @@ def test_evaluate_long_out_and_bracket_path_work(toy, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["real"]["path"].endswith("real[1].h5")
 
 
-def _retyped(src, dst, key, fn):
-    shutil.copy(src, dst)
-    with h5py.File(dst, "a") as f:
-        a = f[key][...]
-        del f[key]
-        f[key] = fn(a)
-    return dst
-
-
 @pytest.mark.parametrize("kind, key, fn, words", [
     ("atlas89", "cells", lambda a: a.astype("S12"), ["'cells' has dtype |S12"]),          # G: TypeError traceback
     ("atlas89", "energy", lambda a: np.array([str(v) for v in a], dtype=h5py.string_dtype()),
@@ -147,9 +139,9 @@ def _retyped(src, dst, key, fn):
 ])
 def test_evaluate_bad_dtypes_and_overflow(toy, tmp_path, kind, key, fn, words):
     real = toy(kind, 20)
-    bad = _retyped(real, tmp_path / "bad.h5", key, fn)
-    r = run_script("evaluate.py", real, bad, "--out", "rep", "--no-plots", "--cls-epochs", "1", "--cls-hidden", "8",
-                   cwd=tmp_path)
+    distort(real, tmp_path / "bad.h5", key, fn)
+    r = run_script("evaluate.py", real, "bad.h5", "--out", "rep", "--no-plots", "--cls-epochs", "1",
+                   "--cls-hidden", "8", cwd=tmp_path)
     _one_line_exit_2(r, "bad.h5", *words)
     assert os.listdir(tmp_path) == ["bad.h5"]
 
