@@ -707,12 +707,13 @@ def verdict(row, n_feat):
 
 
 def write_atomic(path, write):
-    """write(tmp), or the text `write`, to a temporary name unique per process and call (common.tmp_name), then
-    rename it to path; the temporary never stays behind; a folder in the way or an OS error is a DataError."""
+    """write(tmp), or the text `write`, to a temporary name unique per process and call (common.tmp_name) in path's
+    folder (made if missing), then rename; nothing stays behind; a folder in the way or an OS error: DataError."""
     if os.path.isdir(path):
         raise DataError(f"{path}: is a folder, not a file")
     tmp = common.tmp_name(path)
     try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         if callable(write):
             write(tmp)
         else:
@@ -812,10 +813,6 @@ def run(args, log=print):
         "auc")), ("JSD", r.get("classifier", {}).get("jsd"))) if v is not None and not math.isfinite(v)]
     if bad:   # nothing non-finite is written
         raise DataError(f"non-finite {', '.join(bad)} (input values too large for float32?); nothing written")
-    try:
-        os.makedirs(args.out if args.no_plots else os.path.join(args.out, "plots"), exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {args.out}: cannot create the folder ({e.strerror})")
     plots = [] if args.no_plots else make_plots(args, title, real, gens, fr, groups, fgs, plot_extra, edges)
     metrics = {"script": "evaluate.py", "detector": det, "protocol": real["protocol"], "voxel_cut": real["cut"],
                "geometry": real["geom"].name, "toy": toy, "features": list(fr), "dropped_features": dead,
