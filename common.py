@@ -483,6 +483,8 @@ def write_toy(kind, path, n, seed=0, energy=None, workers=None, progress=False):
         raise ValueError(f"{path}: cannot write there (folder missing or not writable)")
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a folder, not a file name")
+    if len(os.fsencode(os.path.basename(path))) > 255:
+        raise ValueError(f"{path[:60]}...: file name longer than 255 bytes")
     step = 2000
     blocks = [(kind, min(step, n - s), seed * 1_000_003 + s, energy) for s in range(0, n, step)]
     workers = min(workers or os.cpu_count() or 1, len(blocks))

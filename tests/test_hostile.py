@@ -45,6 +45,12 @@ def test_toy_out_is_a_folder(tmp_path):                # B: IsADirectoryError at
     assert os.listdir(tmp_path) == ["x.h5"] and os.listdir(tmp_path / "x.h5") == []
 
 
+def test_toy_name_too_long(tmp_path):                  # A: refused before any shower is made
+    r = run_script("common.py", "toy", "atlas89", "-n", "4", "-o", "n" * 256 + ".h5", cwd=tmp_path)
+    _one_line_exit_2(r, "255")
+    assert os.listdir(tmp_path) == []
+
+
 def test_toy_long_valid_name_works(tmp_path):          # C: path + ".tmp<pid>" passed 255 characters
     name = "s" * 247 + ".h5"                            # 250 characters: a valid file name
     r = run_script("common.py", "toy", "atlas89", "-n", "4", "-o", name, cwd=tmp_path)
