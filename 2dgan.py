@@ -52,7 +52,8 @@ batch 32, 10 epochs, +-50 GeV metric windows; everything else as above. It write
 / real mean sampling fraction per 50 GeV bin of Ep (10-510 GeV, `sf_ratio_per_50gev`) and the mean depth
 profile ratio (`profile_z_ratio`); the claim is within 10% in every bin and 20% in layers 3-20. Not reached
 (2-core CPU, 1 thread, ~15 min each): default SF 0.73-1.01, depth profile off up to x4; --xscale 1 gives SF
-within 7% but layers the ReLU switch killed; --bn-mode batch --xscale 1 collapses (README: the table of runs).
+within 7% but layers the ReLU switch killed; --bn-mode batch (textbook) collapses to 0-15% of the real
+energy at x50 and x1 (README: the table of runs).
 Data on the device when it fits (--max-data-gb, default half the free device memory / available RAM);
 otherwise files are streamed one by one, without their held-out events (weights and split need memory).
 """
