@@ -40,8 +40,8 @@ P = PTF_k_v6_1_ReLU.py, F = Conv2D/Functions_v1_5_8.py):
   TOY run (1000 held-out events, windows of ~200) the sd is 0.3-1% of the metric, while it changes by 10-100%
   between epochs: the best epoch is not picked on noise. It ignores the energy scale, though.
 Differences: images x --xscale 50 inside the networks (sum ~ Ep; the original feeds GeV, F:45-90): with
---xscale 1 the toy run's textbook mode collapses (BatchNorm's eps 1e-3 swamps GeV-sized activations), and
-adagan.py's MIXDISC relies on it; Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit) so that it holds for
+--xscale 1 adagan.py's MIXDISC (batch statistics) fails, BatchNorm's eps 1e-3 swamping GeV-sized
+activations; Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit) so that it holds for
 any data; held-out events are a --val-frac split (F:547-556 reads two fixed files, also trained on); the
 validation noise is N(0,1) (F:616: N(0.1,1)); random streams are derived per (seed, rank, epoch), so that
 torchrun ranks and resumed runs draw their own batches; --fake-ep real (fakes at the real batch's Ep) lets
