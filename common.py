@@ -1279,24 +1279,30 @@ def isotonic_fit(x, y, y_min=1e-6, y_max=1 - 1e-6):
 # ---------------------------------------------------------------- separation power binned as evaluate.py does
 
 
-def auto_bins(n_a, n_b):
-    """evaluate.py's default number of histogram bins: sqrt of the smaller sample, within 10..50."""
-    return int(np.clip(round(math.sqrt(min(n_a, n_b))), 10, 50))
+def auto_bins(*sizes):
+    """evaluate.py's default number of histogram bins: sqrt of the smallest sample, within 10..50."""
+    return int(np.clip(round(math.sqrt(min(sizes))), 10, 50))
+
+
+def native_edges(real, gens, n_bins):
+    """evaluate.py's native bin edges: the real range widened to each generated sample's 0.5-99.5%
+    quantiles, log-spaced when positive and spanning > 100x; returns (edges, log-spaced)."""
+    lo, hi = float(np.min(real)), float(np.max(real))
+    for g in (g for g in gens if len(g)):
+        q = np.quantile(g, [0.005, 0.995])
+        lo, hi = min(lo, q[0]), max(hi, q[1])
+    lo, hi = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
+    log = lo > 0 and hi / lo > 100
+    return (np.geomspace(lo, hi, n_bins + 1) if log else np.linspace(lo, hi, n_bins + 1)), log
 
 
 def separation_power_clipped(real, gen, n_bins):
-    """separation_power over n_bins spanning the real range widened to the generated 0.5-99.5%
-    quantiles (log-spaced when positive and spanning > 100x), values outside clipped into the end
-    bins so that tails count (evaluate.py's binning)."""
+    """separation_power over native_edges, values outside clipped into the end bins so that tails
+    count (evaluate.py's native binning)."""
     real, gen = np.asarray(real, np.float64).ravel(), np.asarray(gen, np.float64).ravel()
-    lo, hi = float(real.min()), float(real.max())
-    if len(gen):
-        q = np.quantile(gen, [0.005, 0.995])
-        lo, hi = min(lo, q[0]), max(hi, q[1])
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.geomspace(lo, hi, n_bins + 1) if lo > 0 and hi / lo > 100 else np.linspace(lo, hi, n_bins + 1)
-    return calochallenge_separation(*(np.histogram(np.clip(v, lo, hi), edges)[0] for v in (real, gen)), edges)[0]
+    edges = native_edges(real, [gen], n_bins)[0]
+    return calochallenge_separation(*(np.histogram(np.clip(v, edges[0], edges[-1]), edges)[0]
+                                      for v in (real, gen)), edges)[0]
 
 
 # ---------------------------------------------------------------- command line

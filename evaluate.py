@@ -383,17 +383,6 @@ def _fin(v):
     return v[np.isfinite(v)]
 
 
-def edges_for(real, gens, n_bins):
-    """Native bin edges: the real range widened to the generated 0.5-99.5% quantiles; (edges, log-spaced)."""
-    lo, hi = float(real.min()), float(real.max())
-    for g in (g for g in gens if len(g)):
-        q = np.quantile(g, [0.005, 0.995])
-        lo, hi = min(lo, q[0]), max(hi, q[1])
-    lo, hi = (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
-    log = lo > 0 and hi / lo > 100
-    return (np.geomspace(lo, hi, n_bins + 1) if log else np.linspace(lo, hi, n_bins + 1)), log
-
-
 def sep_stats(real, gen, edges, clip=True):
     """Separation power and statistical floor of two samples (finite values only); clip=True (native) counts
     entries outside the edges in the end bins, clip=False (the challenge) drops them."""
@@ -771,8 +760,8 @@ def run(args, log=print):
     log(f"{title}: real {real['n']} showers ({real['path']}), generated "
         + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, gens)) + f"; protocol {real['protocol']}"
         + (f", voxels < {real['cut']:.4g} MeV set to 0" if cc else "") + f"; {len(dead)} constant observables dropped")
-    bins = args.bins or int(np.clip(round(math.sqrt(min(d["n"] for d in data))), 10, 50))
-    native_edges = lambda k, gs: edges_for(_fin(fr[k]), [_fin(g[k]) for g in gs], bins)[0]  # noqa: E731
+    bins = args.bins or common.auto_bins(*(d["n"] for d in data))
+    native_edges = lambda k, gs: common.native_edges(_fin(fr[k]), [_fin(g[k]) for g in gs], bins)[0]  # noqa: E731
     edges = {k: common.calochallenge_edges(k, _fin(fr[k]).max(), det) if cc else native_edges(k, fgs) for k in fr}
     vox_edges = common.calochallenge_edges("voxels", real["max_cell"], det) if cc else None
     # plot_cell_dist: every voxel; zeros lie below the first edge (the cut), so only the others are binned
@@ -891,7 +880,7 @@ def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
             P.hists(f"hist_{slug}", sub, keys, fr, fgs, edges,
                     {**LABEL, "e_vis": f"visible energy [{real['geom'].unit}]"}, clip=not cc)
     spectrum = lambda name, key, vals, xlabel: P.hists(  # noqa: E731
-        name, xlabel, [key], {key: vals[0]}, [{key: v} for v in vals[1:]], {key: edges_for(vals[0], vals[1:], 50)[0]},
+        name, xlabel, [key], {key: vals[0]}, [{key: v} for v in vals[1:]], {key: common.native_edges(vals[0], vals[1:], 50)[0]},
         {key: xlabel})
     if det == "lcd":
         e, sf = pe[0]["sf_bins"]

@@ -247,10 +247,10 @@ def test_classifier_separates_shifted_gaussians():
 
 def test_separation_power_clipping_counts_tails():
     real = np.linspace(0, 1, 1000)
-    edges, log = ev.edges_for(real, [real], 10)
+    edges, log = ev.common.native_edges(real, [real], 10)
     assert not log and ev.sep_power(real, real, edges) == 0.0
     # a generated sample far outside the real range is not dropped: it lands in the end bin
-    assert ev.sep_power(real, real + 100, ev.edges_for(real, [], 10)[0]) > 0.8
+    assert ev.sep_power(real, real + 100, ev.common.native_edges(real, [], 10)[0]) > 0.8
 
 
 # ------------------------------------------------------------------ CaloChallenge protocol, ds2/ds3, dead and empty
