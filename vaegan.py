@@ -314,7 +314,7 @@ class Member:
 
 def train_step(mb, x, args):
     """One VAE/GAN step (Larsen et al.): D on real vs reconstructed + prior samples; encoder on KL +
-    reconstruction; decoder on reconstruction + adversarial. Returns (loss_d, loss_g, kl)."""
+    reconstruction; decoder on reconstruction + adversarial. Returns (loss_d, loss_g, kl) on the device."""
     f, m, g, autocast = mb.fns, mb.model, mb.gen, mb.autocast
     bce = F.binary_cross_entropy_with_logits
     with autocast():
@@ -340,7 +340,7 @@ def train_step(mb, x, args):
     for p_, g_ in zip(pe + pd, grads):
         p_.grad = g_
     mb.opt["enc"].step(), mb.opt["dec"].step()
-    return loss_d.item(), loss_g.item(), kl.item()
+    return torch.stack([loss_d.detach().float(), loss_g.detach().float(), kl.detach().float()])
 
 
 @torch.no_grad()
@@ -425,6 +425,7 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
             history.append({"member": mb.k, "epoch": epoch, "score": score, **per})
             if score < mb.best["score"]:
                 mb.best = {"epoch": epoch, "score": score, "dec": copy.deepcopy(mb.model.dec.state_dict())}
+        losses = torch.stack(losses).tolist() if losses else []       # one host sync per epoch, not per step
         step += n // bs
         if world > 1:   # every rank gets every member's state, so that any rank could save
             got = [None] * world
