@@ -315,8 +315,7 @@ class Member:
 def train_step(mb, x, args):
     """One VAE/GAN step (Larsen et al.): D on real vs reconstructed + prior samples; encoder on KL +
     reconstruction; decoder on reconstruction + adversarial. Returns (loss_d, loss_g, kl) on the device."""
-    f, m, g, autocast = mb.fns, mb.model, mb.gen, mb.autocast
-    bce = F.binary_cross_entropy_with_logits
+    f, m, g, autocast, bce = mb.fns, mb.model, mb.gen, mb.autocast, F.binary_cross_entropy_with_logits
     with autocast():
         mu, logvar = f["enc"](x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g, device=x.device)
