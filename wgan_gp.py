@@ -1,9 +1,5 @@
 """WGAN-GP for the ATLAS calorimeter cluster (P. Klein's ATLAS fast-simulation study) in PyTorch.
 
-A conditional Wasserstein GAN with gradient penalty: a dense generator turns noise and the
-standardised log energy into the fraction of the cluster energy in each cell (softmax, so the
-energy is conserved by construction), and a dense critic scores (cells, energy).
-
     python wgan_gp.py                                  # no --data: 40k TOY atlas89 showers, CPU, < 5 minutes
     python wgan_gp.py --data atlas.h5 --out runs/atlas # real 89/247-cell clusters, 1000 epochs (the original's)
     python wgan_gp.py --data dataset_1_photons_1.hdf5  # CaloChallenge dataset 1 photons (368 voxels)
@@ -15,46 +11,25 @@ energy is conserved by construction), and a dense critic scores (cells, energy).
     python wgan_gp.py --benchmark --seeds 5            # JSON: showers/s, ms per training iteration, 5 vs 1 seed
     torchrun --nproc_per_node=4 wgan_gp.py --data atlas.h5
 
-Formats (detected from the keys and the number of cells): ATLAS clusters `cells` (N,89|247) MeV,
-`energy` (N,) MeV true photon energy, `cell_layer`/`cell_eta`/`cell_phi`; CaloChallenge ds1
-photons `incident_energies` (N,1) MeV, `showers` (N,368) MeV. Noise cuts (common.geometry(...).
-noise_cut) are applied to the training data and to the generated showers alike.
+Dense generator: (noise, standardised log E) -> softmax cell fractions (energy conserved); dense critic scores
+(cells, E). Formats: ATLAS `cells` (N,89|247) MeV, `energy` (N,), `cell_layer/eta/phi`; CaloChallenge ds1
+`showers` (N,368), `incident_energies` (N,1). Noise cuts (common.geometry(...).noise_cut) on training and
+generated showers. Faithful to github polklin/CERN_project: Keras Dense init, LeakyReLU 0.3, Adam(5e-5, 0.5, 0.5)
+as Keras 2, batch 64, 5 critic steps over consecutive minibatches (training.py 245-265), GP weight 10, 300 GeV cut
+(PreProcessing.py 18-24). Critic loss and exact gradient by hand (critic_grads, no double backward).
 
-Faithful to the original code (github polklin/CERN_project): Keras Dense defaults (glorot-uniform
-kernels, zero biases), LeakyReLU slope 0.3 (keras LeakyReLU() default, training.py lines 126-148),
-softmax output, Adam(5e-5, 0.5, 0.5) as Keras 2 computes it, batch 64, 5 critic steps per generator
-step over consecutive minibatches of a shuffled epoch (training.py lines 245-265), generator-step
-conditions drawn from the training events, gradient-penalty weight 10, clusters above 300 GeV
-(before the noise cuts) removed (PreProcessing.py lines 18-24; ATLAS files and toy data), noise cuts
-on training and generated showers. Speed: the critic's loss and its exact gradient are computed by
-hand (critic_grads: no double backward), the K seeds of --seeds K are one batched network.
-
-Deviations from the original and why:
-- Gradient penalty per sample, mean_i (|grad_x D(x_i)|_2 - 1)^2: training.py lines 112-116 take one
-  norm over the whole batch's gradient, a bug that makes the batch, not each sample, 1-Lipschitz.
-- Train/validation split: seeded random, --val-frac 0.125 (training.py lines 168-175: the first 35000
-  events train, the rest test); log(E) is standardised on the training events (PreProcessing.py
-  lines 58-60: on all events). Validation at the end (and with --eval-every), not every 250 epochs.
-- The critic scores real showers high (training.py: low, labels +1 real / -1 fake); a mirror image.
-- L1 penalty (--l1, off by default): training.py line 131 puts l1(1e-5) on the softmax output, where
-  it is a constant (the fractions sum to 1) with zero gradient; here it acts on the logits.
-- Default epochs: 1000 with --data (config.py line 16: 1001); TOY_EPOCHS on the 40k TOY showers made
-  without --data, so that the README's `python wgan_gp.py` ends in minutes on one CPU core.
-- CaloChallenge ds1 (not in the original): the condition is the incident energy and the visible total
-  is unknown, so the generator has a second head for the standardised log(total / incident energy),
-  which the critic sees beside the fractions; no 300 GeV cut (ds1 spans 1 GeV-4 TeV). For ATLAS the
-  condition is the cluster total (as in the original); generated cells sum to it before noise cuts.
-- Negative cells of ATLAS files are accepted (signed noise) and removed by the noise cut; negative
-  CaloChallenge voxels and non-positive energies are bad input.
-- --seeds K (Klein trained 5 seeds per setting and pooled their samples): one batched network, each
-  member with its own random stream: member k trains as a single-seed run of seed seed+k would on
-  the same split (made with --seed); one ckpt.pt; generated.h5 pools K showers per held-out event.
-  --resume continues bit for bit on one process; under torchrun, ranks > 0 are reseeded on resume.
-- Figures printed and written to metrics.json compare generated showers with the held-out real ones,
-  binned as evaluate.py bins them (common.auto_bins / separation_power_clipped).
-- generated.h5 of an ATLAS model: `energy` is the true energy of the held-out event whose cluster
-  total conditioned it; with --generate --energy, the conditioning cluster total (the model does not
-  know the true energy; file attribute energy_is says which).
+Deviations from the original:
+- per-sample gradient penalty (training.py:112-116 takes one norm over the whole batch).
+- seeded random split --val-frac (training.py:168-175: first 35000); log E standardised on the training
+  events (PreProcessing.py:58-60: all).
+- critic scores real high (training.py: +1 real / -1 fake labels): a mirror image.
+- --l1 acts on the logits (training.py:131 put it on the softmax output, a constant).
+- default epochs 1000 with --data (config.py:16 1001), TOY_EPOCHS on TOY data.
+- CaloChallenge ds1 (not in the original): condition = incident energy, second head log(total/E_inc), no 300 GeV cut.
+- negative ATLAS cells accepted (signed noise, removed by the noise cut).
+- --seeds K: one batched network, member k = single-seed run of seed+k; generated.h5 pools K per held-out event.
+- validation figures binned as evaluate.py (common.auto_bins / separation_power_clipped), not every 250 epochs.
+- generated.h5 `energy`: held-out event's true energy (ATLAS); with --generate --energy the cluster total (energy_is).
 """
 import argparse
 import datetime
@@ -75,7 +50,6 @@ import common
 SCRIPT = "wgan_gp.py"
 TOY_EPOCHS = 175        # default epochs without --data (README main job: < 5 min on one core)
 
-
 # ---------------------------------------------------------------- flags
 
 
@@ -90,8 +64,7 @@ def get_args(argv=None):
     a("--epochs", type=int, default=None, help="training epochs (passes of the critic over the training set); "
       f"default 1000 with --data (the original), {TOY_EPOCHS} on toy data")
     a("--batch-size", type=int, default=64, help="minibatch size per process")
-    a("--lr", type=float, default=5e-5, help="Adam learning rate of generator and critic (Keras 2 update, "
-      "epsilon 1e-7)")
+    a("--lr", type=float, default=5e-5, help="Adam learning rate of G and critic (Keras 2 update, epsilon 1e-7)")
     a("--betas", default="0.5,0.5", help="Adam betas b1,b2")
     a("--layers", type=int, default=3, help="dense hidden layers in generator and critic")
     a("--width", type=int, default=128, help="units per hidden layer")
@@ -143,18 +116,11 @@ def get_args(argv=None):
             args.energy = (lo, hi)
     return args
 
-
 # ---------------------------------------------------------------- data
 
 
 class DataError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
-
-
-def _array(f, path, key):
-    if key not in f or not isinstance(f[key], h5py.Dataset):
-        raise DataError(f"{path}: missing key '{key}'")
-    return f[key][()]
 
 
 def read_showers(path):
@@ -172,7 +138,10 @@ def read_showers(path):
             fmt, ck, ek = "calochallenge", "showers", "incident_energies"
         else:
             raise DataError(f"{path}: missing key 'cells' (ATLAS) or 'showers' (CaloChallenge)")
-        cells, energy = _array(f, path, ck), _array(f, path, ek)
+        for key in (ck, ek):
+            if key not in f or not isinstance(f[key], h5py.Dataset):
+                raise DataError(f"{path}: missing key '{key}'")
+        cells, energy = f[ck][()], f[ek][()]
         per_cell = {k: f[k][()] for k in ("cell_layer", "cell_eta", "cell_phi") if k in f}
         toy = bool(f.attrs.get("toy", False))
     if cells.ndim != 2 or cells.shape[0] == 0:
@@ -210,7 +179,8 @@ E_MAX_MEV = 300_000.0    # PreProcessing.py lines 18-24: clusters above 300 GeV 
 
 def prepare(d, seed, val_frac):
     """300 GeV cut (ATLAS), noise cuts, fractions of the cluster total, conditions, seeded split."""
-    over = (d["cells"].sum(1, dtype=np.float64) > E_MAX_MEV) if d["fmt"] == "atlas" else np.zeros(len(d["cells"]), bool)
+    atlas = d["fmt"] == "atlas"
+    over = (d["cells"].sum(1, dtype=np.float64) > E_MAX_MEV) if atlas else np.zeros(len(d["cells"]), bool)
     cells = noise_cut(d["cells"], d["geom"])
     total = cells.sum(1, dtype=np.float64)
     keep = np.flatnonzero((total > 0) & ~over)
@@ -221,19 +191,16 @@ def prepare(d, seed, val_frac):
     val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     if len(train) == 0:
         raise DataError(f"{d['path']}: no training events left after the validation split")
-    atlas = d["fmt"] == "atlas"
     cond_e = total if atlas else d["energy"]            # ATLAS: cluster total; ds1: incident energy
-    log_e = np.log(cond_e)
+    log_e, safe = np.log(cond_e), np.where(total > 0, total, 1.0)
     norm = {"mu_e": float(log_e[train].mean()), "sd_e": float(log_e[train].std() + 1e-6)}
-    frac = cells / np.where(total > 0, total, 1.0)[:, None].astype(np.float32)
-    x = [frac]
+    x = [cells / safe[:, None].astype(np.float32)]
     if not atlas:                                       # second head: log(total / incident)
-        log_r = np.log(np.where(total > 0, total, 1.0) / d["energy"])
+        log_r = np.log(safe / d["energy"])
         norm.update(mu_r=float(log_r[train].mean()), sd_r=float(log_r[train].std() + 1e-6))
         x.append(((log_r - norm["mu_r"]) / norm["sd_r"])[:, None].astype(np.float32))
-    x = np.concatenate(x, 1)
     c = ((log_e - norm["mu_e"]) / norm["sd_e"])[:, None].astype(np.float32)
-    return dict(x=x, c=c, cells=cells, total=total, cond_e=cond_e, train=train, val=val, norm=norm,
+    return dict(x=np.concatenate(x, 1), c=c, cells=cells, total=total, cond_e=cond_e, train=train, val=val, norm=norm,
                 n_over=int(over.sum()), n_dropped=int(((total <= 0) & ~over).sum()))
 
 
@@ -248,25 +215,21 @@ def write_h5(path, fmt, geom, cells, energy, attrs):
                                                                  geom.x.astype(np.float32), geom.y.astype(np.float32))
             else:
                 f["showers"], f["incident_energies"] = cells.astype(np.float32), energy.astype(np.float32)[:, None]
-            for k, v in attrs.items():
-                f.attrs[k] = v
+            f.attrs.update(attrs)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 # ---------------------------------------------------------------- model
-
 
 SLOPE = 0.3     # keras.layers.LeakyReLU() default alpha, as training.py uses it (lines 126-148)
 lrelu_bwd = torch.ops.aten.leaky_relu_backward
 
 
 class Dense(nn.Module):
-    """K independent dense networks (one per seed) with stacked weights: layer l of member k maps
-    h[k] (B, n_l) -> h[k] @ W_l[k] + b_l[k], LeakyReLU between layers. All weights live in ONE flat
-    parameter (K, P), so the optimiser and a DDP all-reduce see one tensor per network."""
+    """K independent dense networks (one per seed), layer l of member k: h[k] @ W_l[k] + b_l[k], LeakyReLU
+    between; all weights in ONE flat parameter (K, P): one tensor per network for the optimiser and DDP."""
 
     def __init__(self, sizes, k=1, slope=SLOPE):
         super().__init__()
@@ -313,8 +276,7 @@ def deltas(layers, pre, dy, slope):
 
 
 def flat_grad(lefts, ds, n_bias_rows):
-    """Weight gradients left_l^T @ d_l and bias gradients (sum over the first n_bias_rows rows of d_l),
-    packed like Dense.flat."""
+    """Weight gradients left^T @ d, bias gradients d[:, :n_bias_rows].sum, packed like Dense.flat."""
     out = []
     for left, d in zip(lefts, ds):
         out += [torch.bmm(left.transpose(1, 2), d).flatten(1), d[:, :n_bias_rows].sum(1)]
@@ -331,12 +293,11 @@ def generator_out(gl, gin, n_cells, keep=False):
 
 
 def critic_grads(cl, h, B, nx, gp_weight):
-    """Critic loss -W + gp_weight * mean_i (|grad_x D(x_i)|_2 - 1)^2 and its exact parameter gradient,
-    without a double backward. h (K, 3B, n_in): real, fake and interpolate rows (with the condition
-    column), overwritten. One forward, one backward that also gives the interpolates' input gradient
-    g; the penalty's gradient through g is (LeakyReLU'' = 0) a forward pass of dGP/dg through the
-    network linearised at the interpolates; both share one weight-gradient matmul per layer.
-    -> (flat gradient (K,P), loss (K,), Wasserstein estimate (K,))."""
+    """Critic loss -W + gp_weight * mean_i (|grad_x D(x_i)|_2 - 1)^2 and its exact gradient, no double backward.
+    h (K, 3B, n_in): real, fake, interpolate rows (+ condition column), overwritten. One forward and one backward
+    (also giving the interpolates' input gradient g); the penalty's gradient through g is (LeakyReLU'' = 0) a
+    forward pass of dGP/dg through the network linearised at the interpolates; one weight-gradient matmul per
+    layer serves both. -> (flat gradient (K,P), loss (K,), Wasserstein estimate (K,))."""
     K = h.shape[0]
     y, hs, pre = forward(cl, h, SLOPE, keep=True)
     dy = torch.full((1, 3 * B, 1), 1.0 / B, dtype=y.dtype, device=y.device)
@@ -383,14 +344,12 @@ def build(hp, n_x, ratio_head, k=1):
     w, L = hp["width"], hp["layers"]
     return Dense([hp["latent"] + 1] + [w] * L + [n_x], k), Dense([n_x + 1] + [w] * L + [1], k)
 
-
 # ---------------------------------------------------------------- train
 
 
 class Adam:
-    """Adam as Keras 2 computes it (training.py lines 191, 222: Adam(5e-5, beta_1=0.5, beta_2=0.5),
-    epsilon K.epsilon() = 1e-7): lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), p -= lr_t m / (sqrt(v) + eps).
-    Elementwise, so K stacked members update exactly as K separate ones."""
+    """Adam as Keras 2 computes it (training.py lines 191, 222: Adam(5e-5, 0.5, 0.5), epsilon 1e-7):
+    lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), p -= lr_t m / (sqrt(v) + eps). Elementwise: K members as K runs."""
 
     def __init__(self, p, lr, betas, eps=1e-7):
         self.p, self.lr, (self.b1, self.b2), self.eps, self.t = p, lr, betas, eps, 0
@@ -417,31 +376,23 @@ def member_generators(seeds, device, offset=0):
     return [torch.Generator(device).manual_seed(s + offset) for s in seeds]
 
 
-def perms(n, need, g, device):
-    """`need` indices from back-to-back random permutations of range(n) (one when n >= need)."""
-    return torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-need // n))])[:need]
-
-
 def epoch_draws(gens, n, n_iter, n_critic, bs, latent, device):
-    """All of one epoch's randomness, member by member from its own generator (so K batched seeds
-    draw exactly what K single-seed runs draw): critic minibatches (consecutive slices of a
-    permutation, as training.py lines 251-257), generator-step conditions (distinct training events,
-    line 262), interpolation weights, noise -> tensors (K, n_iter, ...)."""
-    out = []
-    for g in gens:
-        out.append((perms(n, n_iter * n_critic * bs, g, device).view(n_iter, n_critic, bs),
-                    perms(n, n_iter * bs, g, device).view(n_iter, bs),
-                    torch.rand(n_iter, n_critic, bs, 1, generator=g, device=device),
-                    torch.randn(n_iter, n_critic * bs, latent, generator=g, device=device),
-                    torch.randn(n_iter, bs, latent, generator=g, device=device)))
+    """One epoch's randomness, member by member from its own generator (K batched seeds draw what K single-seed
+    runs draw): critic minibatches (consecutive slices of a permutation, training.py lines 251-257), generator-step
+    conditions (line 262), interpolation weights, noise -> tensors (K, n_iter, ...)."""
+    def perms(need, g):         # `need` indices from back-to-back random permutations of range(n)
+        return torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-need // n))])[:need]
+    out = [(perms(n_iter * n_critic * bs, g).view(n_iter, n_critic, bs), perms(n_iter * bs, g).view(n_iter, bs),
+            torch.rand(n_iter, n_critic, bs, 1, generator=g, device=device),
+            torch.randn(n_iter, n_critic * bs, latent, generator=g, device=device),
+            torch.randn(n_iter, bs, latent, generator=g, device=device)) for g in gens]
     return [torch.stack(t) for t in zip(*out)]
 
 
 def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1, reduce=None):
     """n_critic critic steps then one generator step; -> (3, K) sums of critic loss, W, generator loss.
-    real (K, n_critic, B, n_x), cond (K, n_critic, B, 1), eps like cond, gin_c (K, n_critic*B, latent+1)
-    and gin_g (K, B, latent+1) noise | condition. buf (K, n_critic, 3B, n_x+1) is scratch space.
-    The generator is fixed during the critic steps: their fakes come from one forward pass."""
+    real (K, n_critic, B, n_x), cond and eps (K, n_critic, B, 1), gin_c (K, n_critic*B, latent+1), gin_g (K, B,
+    latent+1); buf (K, n_critic, 3B, n_x+1) scratch. The critic steps' fakes come from one generator pass."""
     K, nc, B, nx = real.shape
     fake = generator_out(gl, gin_c, n_cells)[0].view(K, nc, B, nx)
     buf[:, :, :B, :nx] = real
@@ -458,7 +409,6 @@ def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1,
     opts[0].step(reduce(grad) if reduce else grad.float())
     sums[2] += loss
     return sums
-
 
 def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
     """Train the seeds as ONE batched model; returns (generator, {seed: history})."""
@@ -541,7 +491,6 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
             os.replace(ckpt_path + ".tmp", ckpt_path)
     return gen, history
 
-
 # ---------------------------------------------------------------- generate
 
 
@@ -573,21 +522,17 @@ def validate(gen, data, seeds, device):
     return evaluate(real, fake, data["geom"], data["toy"], fr, ff), fake, (fr, ff)
 
 
-def load_generator(path, device):
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such checkpoint")
+def generate_main(args, device):
+    if not os.path.isfile(args.ckpt):
+        raise DataError(f"{args.ckpt}: no such checkpoint")
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
+        ck = torch.load(args.ckpt, map_location=device, weights_only=False)
         fmt, geom = ck["format"], common.geometry(ck["geometry"])
         gen, _ = build(ck["hp"], geom.n_cells + int(fmt != "atlas"), fmt != "atlas", len(ck["seeds"]))
         gen.load_state_dict(ck["model"]["generator"])
     except (KeyError, RuntimeError, TypeError, EOFError, ValueError) as e:
-        raise DataError(f"{path}: not a wgan_gp.py checkpoint ({type(e).__name__})")
-    return gen.to(device), ck, fmt, geom
-
-
-def generate_main(args, device):
-    gen, ck, fmt, geom = load_generator(args.ckpt, device)
+        raise DataError(f"{args.ckpt}: not a wgan_gp.py checkpoint ({type(e).__name__})")
+    gen = gen.to(device)
     if args.energy_file:
         d = read_showers(args.energy_file)
         if d["fmt"] != fmt or d["geom"].name != geom.name:
@@ -597,16 +542,13 @@ def generate_main(args, device):
         if len(ok) == 0:
             raise DataError(f"{args.energy_file}: no shower with energy after the noise cuts")
         pick = np.resize(ok, args.generate)                          # in order, cycled if N > events
-        cond_e = total[pick] if fmt == "atlas" else d["energy"][pick]
-        true_e = d["energy"][pick]
+        cond_e, true_e = (total[pick] if fmt == "atlas" else d["energy"][pick]), d["energy"][pick]
         energy_is = "true energy (from --energy-file)" if fmt == "atlas" else "incident energy"
     else:
         lo, hi = args.energy
         cond_e = 1000.0 * np.exp(np.random.default_rng(args.seed).uniform(np.log(lo), np.log(hi), args.generate))
-        true_e = cond_e
-        energy_is = "conditioning cluster total" if fmt == "atlas" else "incident energy"
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
+        true_e, energy_is = cond_e, "conditioning cluster total" if fmt == "atlas" else "incident energy"
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise DataError(f"{args.out}: folder does not exist")
     K = gen.k                                                        # event i from seed member i % K
     cond = np.resize(cond_e, -(-args.generate // K) * K).reshape(-1, K).T
@@ -619,8 +561,8 @@ def generate_main(args, device):
 
 
 def benchmark(args, device, amp):
-    """Generation showers/s, and the time of one training iteration (n_critic critic steps + one
-    generator step) for 1 and for --seeds K batched members, alternated, medians."""
+    """Generation showers/s and the time of one training iteration (n_critic critic + one generator step)
+    for 1 and --seeds K batched members, alternated, medians."""
     C, B, nc, n = 89, args.batch_size, args.n_critic, 4096
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     real, cond = torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device)
@@ -664,7 +606,6 @@ def benchmark(args, device, amp):
     print(json.dumps(out))
     return 0
 
-
 # ---------------------------------------------------------------- evaluation and plots
 
 
@@ -679,8 +620,7 @@ def features(cells, geom):
 
 
 def evaluate(real, fake, geom, toy, fr, ff):
-    """Correlation MSE and separation powers of real vs generated showers (MeV; features fr, ff),
-    binned as evaluate.py bins them."""
+    """Correlation MSE and separation powers of real vs generated (features fr, ff), binned as evaluate.py."""
     bins = common.auto_bins(len(real), len(fake))
     sp = lambda a, b: common.separation_power_clipped(a, b, bins)  # noqa: E731
     m = {"toy": toy, "correlation_mse": common.correlation_mse(real, fake), "bins": bins,
@@ -716,25 +656,43 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    tag = "TOY " if toy else ""
-    names, L = geom.layer_names, geom.n_layers
+    tag, names, L = "TOY " if toy else "", geom.layer_names, geom.n_layers
     os.makedirs(folder, exist_ok=True)
 
-    def save(fig, name, adjust=True, **kw):
+    def save(fig, name, title, adjust=True, **kw):
+        if title:
+            fig.suptitle(f"{tag}{geom.name}: {title}", fontsize=10)
         if adjust:                      # fixed margins: layout engines cost seconds per figure on a CPU
             fig.subplots_adjust(**{"left": 0.07, "right": 0.97, "bottom": 0.16, "top": 0.82, "wspace": 0.3,
                                    "hspace": 0.45, **kw})
-        fig.savefig(os.path.join(folder, name + ".tmp.png"), dpi=90)
+        tmp = os.path.join(folder, name + ".tmp.png")
+        fig.savefig(tmp, dpi=90)
         plt.close(fig)
-        os.replace(os.path.join(folder, name + ".tmp.png"), os.path.join(folder, name + ".png"))
+        os.replace(tmp, os.path.join(folder, name + ".png"))
 
-    def finish(ax, name, title, xlabel, ylabel, legend_size, left=0.16):     # the one-axes figures
+    def one_axes(name, title, xlabel, ylabel, curves, size=(6, 3.5), legend_size=8, left=0.16, log=None, vlines=()):
+        fig, ax = plt.subplots(figsize=size)
+        for fn, *a, kw in curves:
+            getattr(ax, fn)(*a, **kw)
+        for b in vlines:
+            ax.axvline(b, color="k", lw=0.5)
+        if log:
+            ax.set_xscale("log")
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.legend(fontsize=legend_size)
         ax.set_title(f"{tag}{geom.name}: {title}", fontsize=10)
-        save(ax.figure, name, left=left, bottom=0.15, top=0.88)
+        save(fig, name, None, left=left, bottom=0.15, top=0.88)
 
-    def hists(name, title, a, b, xlabel, logx, sps, cols):
+    ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
+    for k in fr:                        # one histogram per layer (or Middle) and variate
+        title, xlabel = {"energy_per_layer": ("energy per layer", "MeV"),
+                         "fraction_per_layer": ("fraction of the cluster energy per layer", "fraction"),
+                         "middle_core_fraction": ("Middle 3x3 core / Middle", "fraction")}.get(
+                             k, (None, ax_names[k.split("_")[1] == "y"]))
+        if title is None:
+            title = ("energy-weighted centre in " if k.startswith("centre") else "width in ") + xlabel + " per layer"
+        a, b, logx, sps = fr[k], ff[k], k == "energy_per_layer", metrics["separation_power"][k]
+        cols = names if a.shape[1] == L else ["Middle"]
         fig, axs = plt.subplots(1, a.shape[1], figsize=(3.2 * a.shape[1], 3), squeeze=False)
         for i, ax in enumerate(axs[0]):
             both = np.r_[a[:, i], b[:, i]]
@@ -748,38 +706,22 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
             ax.hist(a[:, i], edges, histtype="stepfilled", alpha=0.4, color="grey", label="real", density=True)
             ax.hist(b[:, i], edges, histtype="step", color="C3", lw=1.5, label="generated", density=True)
             ax.set_xscale("log" if logx else "linear")
-            sp = sps[cols[i]] if isinstance(sps, dict) else sps
-            ax.set_title(f"{cols[i]}  SP {sp:.3f}", fontsize=9)
+            ax.set_title(f"{cols[i]}  SP {sps[cols[i]] if isinstance(sps, dict) else sps:.3f}", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
         axs[0][0].legend(fontsize=7)
-        fig.suptitle(f"{tag}{geom.name}: {title}", fontsize=10)
-        save(fig, name)
-
-    ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
-    for k in fr:
-        title, xlabel = {"energy_per_layer": ("energy per layer", "MeV"),
-                         "fraction_per_layer": ("fraction of the cluster energy per layer", "fraction"),
-                         "middle_core_fraction": ("Middle 3x3 core / Middle", "fraction")}.get(k, (None, ax_names[k.split("_")[1] == "y"]))
-        if title is None:
-            title = ("energy-weighted centre in " if k.startswith("centre") else "width in ") + xlabel + " per layer"
-        hists(k, title, fr[k], ff[k], xlabel, k == "energy_per_layer", metrics["separation_power"][k],
-              names if fr[k].shape[1] == L else ["Middle"])
-    if geom.name.startswith("atlas"):
-        mid = names.index("Middle")                                     # width in phi of Middle vs energy
-        e_r = real.sum(1) / 1000.0
-        e_f = np.tile(e_r, len(fake) // len(real))                       # fakes share the real conditions
-        edges = np.geomspace(e_r.min(), e_r.max() * 1.0001, 11)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        save(fig, k, title)
+    if geom.name.startswith("atlas"):   # width in phi of Middle vs energy; fakes share the real conditions
+        mid, e_r = names.index("Middle"), real.sum(1) / 1000.0
+        e_f = np.tile(e_r, len(fake) // len(real))
+        edges, curves = np.geomspace(e_r.min(), e_r.max() * 1.0001, 11), []
         for e, w, lab, col in ((e_r, fr["width_y_per_layer"][:, mid], "real", "grey"),
                                (e_f, ff["width_y_per_layer"][:, mid], "generated", "C3")):
             mean, std, cnt = common.binned_stat(e, w, edges)
-            ax.errorbar(np.sqrt(edges[1:] * edges[:-1]), mean, std / np.sqrt(np.maximum(cnt, 1)), fmt="o-",
-                        color=col, label=lab, ms=3)
-        ax.set_xscale("log")
-        finish(ax, "middle_width_vs_energy", "Middle-layer width in phi vs energy", "cluster energy [GeV]",
-               "Middle width in phi", 8)
-    # mean shower per layer
-    fig, axs = plt.subplots(2, L, figsize=(3.4 * L, 5.5), squeeze=False)
+            curves.append(("errorbar", np.sqrt(edges[1:] * edges[:-1]), mean, std / np.sqrt(np.maximum(cnt, 1)),
+                           dict(fmt="o-", color=col, label=lab, ms=3)))
+        one_axes("middle_width_vs_energy", "Middle-layer width in phi vs energy", "cluster energy [GeV]",
+                 "Middle width in phi", curves, size=(5, 3.5), log=True)
+    fig, axs = plt.subplots(2, L, figsize=(3.4 * L, 5.5), squeeze=False)            # mean shower per layer
     fig.subplots_adjust(left=0.05, right=0.97, bottom=0.1, top=0.88, wspace=0.45, hspace=0.45)
     for lay in range(L):
         ims = [layer_image(geom, lay, v.mean(0))[0] for v in (real, fake)]
@@ -793,23 +735,18 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
             ax.set_xlabel(xl, fontsize=8)
             ax.set_ylabel(yl, fontsize=8)
         fig.colorbar(h, ax=axs[:, lay].tolist(), label="mean MeV")
-    fig.suptitle(f"{tag}{geom.name}: mean shower per layer", fontsize=10)
-    save(fig, "mean_shower", adjust=False)
-    # correlation matrices
+    save(fig, "mean_shower", "mean shower per layer", adjust=False)
     cr, cf = common.correlation_matrix(real), common.correlation_matrix(fake)
     fig, axs = plt.subplots(1, 3, figsize=(14, 4.3))
     for ax, m, t in zip(axs, (cr, cf, cf - cr), ("real", "generated", "generated - real")):
         fig.colorbar(ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r"), ax=ax)
         ax.set_title(t, fontsize=9)
-    fig.suptitle(f"{tag}{geom.name}: Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}", fontsize=10)
-    save(fig, "correlation", left=0.03, bottom=0.06, top=0.85, wspace=0.15)
-    # variance per cell
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    ax.semilogy(common.cell_variance(real), ".", color="grey", label="real")
-    ax.semilogy(common.cell_variance(fake), ".", color="C3", ms=3, label="generated")
-    for b in np.flatnonzero(np.diff(geom.layer)) + 0.5:
-        ax.axvline(b, color="k", lw=0.5)
-    finish(ax, "cell_variance", "variance per cell", "cell index (file order)", "variance [MeV^2]", 8, left=0.08)
+    save(fig, "correlation", f"Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}", left=0.03,
+         bottom=0.06, top=0.85, wspace=0.15)
+    one_axes("cell_variance", "variance per cell", "cell index (file order)", "variance [MeV^2]",
+             [("semilogy", common.cell_variance(real), ".", dict(color="grey", label="real")),
+              ("semilogy", common.cell_variance(fake), ".", dict(color="C3", ms=3, label="generated"))],
+             size=(10, 3.5), left=0.08, vlines=np.flatnonzero(np.diff(geom.layer)) + 0.5)
     # nearest neighbours (memorisation check) in the space of fractions of the cluster total
     nr, nf = (v / np.maximum(v.sum(1, keepdims=True), 1e-12) for v in (real, fake))
     q = np.argsort(real.sum(1))[np.linspace(0, len(real) - 1, 3).astype(int)]
@@ -822,17 +759,14 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
             ax.imshow(layer_image(geom, lay, nr[qi] if j == 0 else nf[idx[r, j - 1]])[0], aspect="auto", origin="lower")
             ax.set(xticks=[], yticks=[])
             ax.set_title("real" if j == 0 else f"NN{j} d={dist[r, j - 1]:.3f}", fontsize=8)
-    fig.suptitle(f"{tag}{geom.name}: 5 nearest generated showers (layer {names[lay]}, fractions)", fontsize=10)
-    save(fig, "nearest_neighbours", left=0.02, right=0.98, bottom=0.03, top=0.85)
-    # training curves
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for s, h in histories.items():
-        ax.plot([e["epoch"] for e in h], [e["wdist"] for e in h], label=f"seed {s}")
-    finish(ax, "training", "training", "epoch", "critic's Wasserstein estimate", 7)
+    save(fig, "nearest_neighbours", f"5 nearest generated showers (layer {names[lay]}, fractions)", left=0.02,
+         right=0.98, bottom=0.03, top=0.85)
+    one_axes("training", "training", "epoch", "critic's Wasserstein estimate", legend_size=7,
+             curves=[("plot", [e["epoch"] for e in h], [e["wdist"] for e in h], dict(label=f"seed {s}"))
+                     for s, h in histories.items()])
 
 
 # ---------------------------------------------------------------- main
-
 
 def run(args, device, amp, world, log):
     rank, size = world
@@ -885,7 +819,6 @@ def run(args, device, amp, world, log):
     log(f"validation, {len(val)} held-out real vs {len(fake)} generated: " + summary(metrics))
     return 0
 
-
 def main(argv=None):
     args = get_args(argv)
     if args.generate is None and args.out is None:
@@ -929,7 +862,6 @@ def main(argv=None):
     finally:
         if ddp:
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())
