@@ -1,5 +1,4 @@
-"""2DGAN: conditional GAN of 2D convolutions for the 25x25x25 CLIC/LCD ECAL (Rehm, Vallecorsa et al.,
-vCHEP 2021), in one PyTorch file.
+"""2DGAN: conditional GAN of 2D convolutions for the 25x25x25 CLIC/LCD ECAL (Rehm, Vallecorsa et al., vCHEP 2021).
 
     python 2dgan.py                                    # no --data: the TOY reproduction (reduced, below)
     python 2dgan.py --data 'EleEscan_*.h5'             # real LCD files, the paper's configuration
@@ -8,54 +7,20 @@ vCHEP 2021), in one PyTorch file.
     torchrun --nproc_per_node=4 2dgan.py --data 'EleEscan_*.h5'
     python 2dgan.py --resume                           # continue runs/2dgan/ckpt.pt
 
-Model (reference.md): the generator multiplies a N(0,1)^200 latent by Ep/100, maps it to a 5x5x5 volume and
-runs three branches of 2D convolutions on three permutations of it (each sees a different pair of axes as the
-image, the third as channels), 5 -> 15 -> 30 -> 26 -> 25, permuted back, concatenated (75 channels) and merged
-by a 3x3 convolution. The discriminator runs the same branches down to 9x9x9 each, then Dense(10) and three
-heads: real/fake, Ep/100, Ecal = the plain sum of the image. Losses: BCE (weight 6), 100*MAPE of Ep (0.2) and
-of Ecal (0.1; the fakes' target: Ecal/Ep vs Ep fitted on the training set); per batch a D step on real, one
-on fake, one G step. Block = conv -> LeakyReLU(0.3) -> BatchNorm(Keras momentum 0.99, eps 1e-3) -> Dropout(0.2);
-TF "same" padding (even kernels pad one more at the end). Parameters, counted the Keras way: 2,055,324 and
-714,114, as the original.
-
-The original's regime (svalleco/3Dgan, branch frehm/Conv2D; M = Conv2D/Models_m4_1_ReLU.py,
-P = PTF_k_v6_1_ReLU.py, F = Conv2D/Functions_v1_5_8.py):
-- Labels real 0.9 / fake 0 (M:292,294); a 5% flip makes a label 1*not(label): real -> 0, fake -> 1, and the
-  generator's 0.9 target is flipped too (M:278-284, 317).
-- Learning rate constant for 4.05 epochs, then x exp(-0.24) = x0.79 per epoch (l_dec, P:196-204, set per file
-  at P:301-302); Adam (Keras eps 1e-7) recreated at every file (P:303-304). The original reads 20 files of 9k
-  training events per epoch: in memory an epoch is cut into round(N_train / --file-events 9000) equal "files"
-  (one in the toy run); streamed, each real file is one.
-- --bn-mode frozen (default): the original calls its models without training=True (P:328-352, M:288,313), so
-  TF2 runs BatchNorm on its never-updated moving statistics (mean 0, variance 1) and no dropout while
-  training. This accident produced the published results, so it is the default; --bn-mode batch trains the
-  textbook way (batch statistics, dropout 0.2).
-- Output linear in epochs 1-2, ReLU from epoch 3 (ReLU_epoch = 3, P:50,262-268, which reloads epoch 2's
-  weights into a ReLU-output copy); fakes' Ep ~ U(100,400) GeV in epochs 1-2, then U(2,500) (M:266-271); the G
-  step draws its own (M:312). Keras initialisers (he_uniform where named, else glorot_uniform; zero biases).
-- Best epoch: the original's metric (F:463-541; validate() returns the moment term, F:544-640): relative error
-  of the mean centre and variance along x, y, z, averaged over all held-out events and +-5 GeV windows around
-  50..500 GeV. The original validated on 20k events (~400 per window): --val-max 20000, windows with fewer than
-  --val-min 100 events are left out, and each epoch logs the metric's bootstrap sd (100 resamples). In the
-  TOY run (1000 held-out events, windows of ~200) the sd is 0.3-1% of the metric, while it changes by 10-100%
-  between epochs: the best epoch is not picked on noise. It ignores the energy scale, though.
-Differences: images x --xscale 50 inside the networks (sum ~ Ep; the original feeds GeV, F:45-90): with
---xscale 1 adagan.py's MIXDISC (batch statistics) fails, BatchNorm's eps 1e-3 swamping GeV-sized
-activations; Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit) so that it holds for
-any data; held-out events are a --val-frac split (F:547-556 reads two fixed files, also trained on); the
-validation noise is N(0,1) (F:616: N(0.1,1)); random streams are derived per (seed, rank, epoch), so that
-torchrun ranks and resumed runs draw their own batches; --fake-ep real (fakes at the real batch's Ep) lets
-adagan.py's weighted draws shape the fakes too.
-
-TOY reproduction (no --data; PAPER/TOY below): 4000 toy showers (25% held out), width 0.125 (4/8 channels),
-batch 32, 10 epochs, +-50 GeV metric windows; everything else as above. It writes to metrics.json the generated
-/ real mean sampling fraction per 50 GeV bin of Ep (10-510 GeV, `sf_ratio_per_50gev`) and the mean depth
-profile ratio (`profile_z_ratio`); the claim is within 10% in every bin and 20% in layers 3-20. Not reached
-(2-core CPU, 1 thread, ~15 min each): default SF 0.73-1.01, depth profile off up to x4; --xscale 1 gives SF
-within 7% but layers the ReLU switch killed; --bn-mode batch (textbook) collapses to 0-15% of the real
-energy at x50 and x1 (README: the table of runs).
-Data on the device when it fits (--max-data-gb, default half the free device memory / available RAM);
-otherwise files are streamed one by one, without their held-out events (weights and split need memory).
+Model: reference.md; Keras parameter counts 2,055,324 (G) and 714,114 (D), as the original. The original's
+regime (svalleco/3Dgan, branch frehm/Conv2D; M = Conv2D/Models_m4_1_ReLU.py, P = PTF_k_v6_1_ReLU.py,
+F = Conv2D/Functions_v1_5_8.py): labels 0.9/0, 5% flips (M:278-294, 317); lr constant 4.05 epochs then x0.79
+per epoch, new Adam per file (P:196-204, 301-304); BatchNorm frozen on its initial statistics (P:328-352,
+M:288,313); ReLU output from epoch 3 (P:50,262-268); fake Ep U(100,400) then U(2,500) (M:266-271, 312);
+best-epoch metric of F:463-640. TOY run (no --data): 4000 showers, 10 epochs; claim (SF within 10%, depth
+profile within 20%) not reached: SF 0.73-1.01, profile off up to x4 (README: the table of runs).
+Deviations from the original:
+- images x --xscale 50 inside the networks (F:45-90 feeds GeV): at x1 adagan.py's MIXDISC fails
+- Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit)
+- held-out events: a --val-frac split (F:547-556 reads two fixed files, also trained on)
+- validation noise N(0,1) (F:616: N(0.1,1))
+- random streams per (seed, rank, epoch) (no original counterpart: torchrun ranks and resumes)
+- --fake-ep real: fakes at the real batch's Ep (M:266-271 draws uniform)
 """
 import argparse
 import glob
@@ -80,10 +45,7 @@ VAL_CENTRES = (50, 100, 200, 250, 300, 400, 500)  # GeV: metric windows, besides
 PAPER = dict(toy_n=10000, epochs=30, batch_size=128, width=1.0, val_frac=0.1, val_window=5.0)
 TOY = dict(toy_n=4000, epochs=10, batch_size=32, width=0.125, val_frac=0.25, val_window=50.0)
 
-
 # ---------------------------------------------------------------- flags
-
-
 def get_args(argv=None, toy_config=False):
     """Parse flags; sized flags not given take PAPER values, or TOY ones if toy_config and no --data."""
     p = argparse.ArgumentParser(prog=SCRIPT, description="2DGAN for the 25x25x25 LCD ECAL (PyTorch).")
@@ -136,8 +98,7 @@ def get_args(argv=None, toy_config=False):
     a("--bench-steps", type=int, default=3, help="timed iterations of --benchmark (after one warm-up)")
     args = p.parse_args(argv)
     for k, v in (TOY if toy_config and args.data is None else PAPER).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     for name in ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", "val_max", "bench_steps",
                  "file_events", "gen_batch", "bench_batch", "generate"):      # the last three may be None
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -155,23 +116,17 @@ def get_args(argv=None, toy_config=False):
     args.energy_range = (lo, hi)
     return args
 
-
 # ---------------------------------------------------------------- data
-
-
 class DataError(Exception):
     """Bad input file: the message is '<file>: <problem>'."""
-
 
 def lcd_files(pattern):
     files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
     if not files:
         raise DataError(f"{pattern}: no file matches")
-    for f in files:
-        if not os.path.isfile(f):
-            raise DataError(f"{f}: no such file")
+    for f in (f for f in files if not os.path.isfile(f)):
+        raise DataError(f"{f}: no such file")
     return files
-
 
 def _lcd_header(path):
     """(n_events, Ep key) of one LCD file after checking keys and shapes, reading no cells."""
@@ -184,18 +139,15 @@ def _lcd_header(path):
             n_e = f[ekey].shape[0] if ekey else None
     except OSError as e:
         raise DataError(f"{path}: cannot read as HDF5 ({e.__class__.__name__})")
-    if shape is None:
-        raise DataError(f"{path}: missing key 'ECAL'")
-    if len(shape) != 4 or shape[1:] not in ((25, 25, 25), (51, 51, 25)):
-        raise DataError(f"{path}: ECAL has shape {shape}, expected (N,25,25,25) or (N,51,51,25)")
-    if ekey is None:
-        raise DataError(f"{path}: missing key 'target' (N,>=2) or 'energy' (N,)")
-    if shape[0] == 0:
-        raise DataError(f"{path}: empty file (0 events)")
-    if n_e != shape[0]:
-        raise DataError(f"{path}: {shape[0]} ECAL events but {n_e} in '{ekey}'")
+    for bad, msg in ((shape is None, "missing key 'ECAL'"),
+                     (shape is not None and (len(shape) != 4 or shape[1:] not in ((25, 25, 25), (51, 51, 25))),
+                      f"ECAL has shape {shape}, expected (N,25,25,25) or (N,51,51,25)"),
+                     (ekey is None, "missing key 'target' (N,>=2) or 'energy' (N,)"),
+                     (shape[0] == 0 if shape else False, "empty file (0 events)"),
+                     (n_e != (shape or [None])[0], f"{shape and shape[0]} ECAL events but {n_e} in '{ekey}'")):
+        if bad:
+            raise DataError(f"{path}: {msg}")
     return shape[0], ekey
-
 
 def _read_lcd(path, idx=None, cells=True):
     """One file (all events or the sorted indices idx): ECAL (n,25,25,25) GeV (None if not cells), Ep (n,) GeV."""
@@ -210,13 +162,10 @@ def _read_lcd(path, idx=None, cells=True):
         raise DataError(f"{path}: primary energy Ep must be finite and > 0")
     if cells:
         x = np.ascontiguousarray(x[:, 13:38, 13:38, :] if x.shape[1] == 51 else x, dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise DataError(f"{path}: ECAL has NaN or inf values")
-        if (x < 0).any():
-            raise DataError(f"{path}: ECAL has negative energies")
+        if not np.isfinite(x).all() or (x < 0).any():
+            raise DataError(f"{path}: ECAL has " + ("negative energies" if np.isfinite(x).all() else "NaN or inf values"))
         x[x < THRESHOLD] = 0.0
     return x, ep
-
 
 def load_lcd(pattern):
     """One LCD file or a glob of them -> (ECAL (N,25,25,25) float32 GeV, Ep (N,) float32 GeV)."""
@@ -225,7 +174,6 @@ def load_lcd(pattern):
         _lcd_header(f)
     xs, eps = zip(*[_read_lcd(f) for f in files])
     return np.concatenate(xs), np.concatenate(eps)
-
 
 def write_lcd(path, ecal, ep):
     """LCD format (ECAL (N,25,25,25) GeV, target (N,2) = [pdg 11, Ep]), written atomically."""
@@ -241,7 +189,6 @@ def write_lcd(path, ecal, ep):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def split_indices(n, val_frac, seed):
     """Seeded held-out split: (train_idx, val_idx), both sorted."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -250,20 +197,15 @@ def split_indices(n, val_frac, seed):
         raise DataError(f"{n} events are too few to hold out a validation set")
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
-
 class LCDStream:
     """Files too large for the device: read one file at a time; per-file seeded split."""
-
     def __init__(self, files, val_frac, seed):
         self.files = files
         self.splits = [split_indices(_lcd_header(f)[0], val_frac, seed + 7919 * i) for i, f in enumerate(files)]
-
     def train_part(self, i):
         return _read_lcd(self.files[i], self.splits[i][0])
-
     def val_ep(self):
         return np.concatenate([_read_lcd(f, v, cells=False)[1] for f, (_, v) in zip(self.files, self.splits)])
-
     def val_events(self, max_events):
         parts, left = [], max_events
         for f, (_, v) in zip(self.files, self.splits):
@@ -272,16 +214,10 @@ class LCDStream:
                 left -= len(parts[-1][1])
         return tuple(np.concatenate(a) for a in zip(*parts))
 
-
 def is_toy(files):
     """True if any file carries the toy=True attribute of common.write_toy."""
     import h5py
-    for f in files:
-        with h5py.File(f, "r") as h:
-            if h.attrs.get("toy", False):
-                return True
-    return False
-
+    return any(h5py.File(f, "r").attrs.get("toy", False) for f in files)
 
 def memory_budget(device, max_gb=None):
     if max_gb is not None:
@@ -294,31 +230,24 @@ def memory_budget(device, max_gb=None):
     except (OSError, KeyError, ValueError):
         return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
-
 # ---------------------------------------------------------------- model
-
-
 def _ch(c, width):
     return max(1, int(round(c * width)))
-
 
 def _pad_same(k):
     """TF 'same' padding for stride 1: (k-1)//2 before, the rest after (asymmetric for even k)."""
     lo = (k - 1) // 2
     return nn.ZeroPad2d((lo, k - 1 - lo, lo, k - 1 - lo))
 
-
 def _block(layers, c_out, dropout=0.2):
     """layers -> LeakyReLU(0.3) -> BatchNorm (Keras momentum 0.99, eps 1e-3) -> Dropout."""
     return nn.Sequential(*layers, nn.LeakyReLU(0.3), nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01),
                          nn.Dropout(dropout))
 
-
 def _conv(c_in, c_out, k, same=True, he=True):
     conv = nn.Conv2d(c_in, c_out, k, bias=False)
     conv.he = he                   # Keras kernel_initializer='he_uniform' (else its default glorot_uniform)
     return [_pad_same(k), conv] if same and k > 1 else [conv]
-
 
 def keras_init(net):
     """Keras' initialisers: he_uniform where the original names it, glorot_uniform elsewhere, zero biases."""
@@ -330,21 +259,17 @@ def keras_init(net):
                 nn.init.zeros_(mod.bias)
     return net
 
-
 # the three branches see the volume (N, x, y, z) as (N, C, H, W) with C = z, y, x in turn
 _TO_BRANCH = ((0, 3, 1, 2), (0, 2, 1, 3), (0, 1, 2, 3))
 _FROM_BRANCH = ((0, 2, 3, 1), (0, 2, 1, 3), (0, 1, 2, 3))   # inverses of the above
 
-
 class Generator(nn.Module):
     """(Ep/100) * N(0,1)^latent -> Dense(125) -> 5x5x5 -> 3 permuted 2D-conv branches -> (N,25,25,25)."""
-
     def __init__(self, latent=200, width=1.0, xscale=50.0):
         super().__init__()
         c32, c64 = _ch(32, width), _ch(64, width)
         self.latent = latent
         self.dense = nn.Linear(latent, 125)
-
         def branch():
             return nn.Sequential(
                 _block(_conv(5, c32, 5, he=False), c32),                               # 5x5
@@ -360,7 +285,6 @@ class Generator(nn.Module):
         self.register_buffer("relu_out", torch.tensor(False))         # linear -> ReLU output switch
         self.register_buffer("xscale", torch.tensor(float(xscale)))
         keras_init(self)
-
     def forward(self, z):
         v = self.dense(z).view(-1, 5, 5, 5)
         outs = [br(v.permute(*p)).permute(*q).permute(0, 3, 1, 2)          # each -> (N, z, x, y)
@@ -368,14 +292,11 @@ class Generator(nn.Module):
         x = self.merge(torch.cat(outs, 1)).permute(0, 2, 3, 1)             # (N, x, y, z)
         return torch.where(self.relu_out, F.relu(x), x)
 
-
 class Discriminator(nn.Module):
     """3 permuted 2D-conv branches -> 9x9x9 each -> Dense(10) -> (real/fake logit, Ep/100, Ecal = sum)."""
-
     def __init__(self, width=1.0):
         super().__init__()
         c32, c64 = _ch(32, width), _ch(64, width)
-
         def branch():
             return nn.Sequential(
                 _block(_conv(25, c64, 8, he=False), c64),                              # 25
@@ -389,11 +310,9 @@ class Discriminator(nn.Module):
                                    nn.BatchNorm1d(10, eps=1e-3, momentum=0.01))
         self.fake, self.ep = nn.Linear(10, 1), nn.Linear(10, 1)
         keras_init(self)
-
     def forward(self, x):
         h = self.dense(torch.cat([br(x.permute(*p)).flatten(1) for br, p in zip(self.branches, _TO_BRANCH)], 1))
         return self.fake(h).squeeze(1), self.ep(h).squeeze(1), x.float().sum((1, 2, 3))
-
 
 def keras_param_count(module):
     """Parameters counted as Keras does: trainable ones plus BatchNorm moving mean and variance."""
@@ -401,10 +320,7 @@ def keras_param_count(module):
         m.running_mean.numel() + m.running_var.numel() for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
-
 # ---------------------------------------------------------------- train
-
-
 def resolve_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -414,40 +330,30 @@ def resolve_device(name):
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
 
-
 def _autocast(device, dtype):
     if dtype == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
-
 def mape(target, pred):
     return 100.0 * ((target - pred).abs() / target.abs().clamp_min(1e-6)).mean()
 
-
 def lr_factor(t, const_epochs=4.0, decay=0.24):
-    """Learning rate / initial one at (fractional) epoch t; file k of S in epoch e is t = e + k/S. The original
-    (l_dec, P:196-204, per file at P:301-302, 20 files per epoch) keeps it for 81 files (its file counter starts
-    at 0 and l_dec subtracts 1): 4.05 epochs, then x exp(-0.012) per file."""
+    """lr / initial at epoch t = e + k/S (file k of S); constant 81 files of 20 = 4.05 epochs (P:196-204)."""
     return math.exp(-decay * max(0.0, t - const_epochs - 0.05))
-
 
 def flip_labels(value, n, prob, gen, device):
     """n labels `value`, each flipped with probability prob as bit_flip_tf (M:278-284) does: 0 -> 1, else -> 0."""
     flip = torch.rand(n, device=device, generator=gen) < prob
     return torch.where(flip, float(value == 0), float(value)).to(device)
 
-
 def val_windows(ep, half, min_count):
     """All held-out events, and the +-half GeV windows around VAL_CENTRES with at least min_count events."""
     wins = [np.flatnonzero(np.abs(ep - c) <= half) for c in VAL_CENTRES]
     return [np.arange(len(ep))] + [w for w in wins if len(w) >= min_count]
 
-
 def shower_metric(real, fake, ep, half=5.0, min_count=100, n_boot=0, seed=0):
-    """The original's best-epoch metric: relative error of the mean centre and variance along x, y, z (fakes at
-    the real events' Ep), averaged over the 6 and the windows. Returns (metric, sd over n_boot bootstrap
-    resamples of each window's events; 0.0 without)."""
+    """(Relative error of mean x/y/z centre and variance over all events and Ep windows, bootstrap sd or 0.0)."""
     mr, mf = (np.stack([m[(a, o)] for o in (1, 2) for a in range(3)], 1)
               for m in (common.axis_moments(real), common.axis_moments(fake)))
     rng, errs = np.random.default_rng(seed), []
@@ -458,16 +364,12 @@ def shower_metric(real, fake, ep, half=5.0, min_count=100, n_boot=0, seed=0):
     v = np.mean(errs, 0)
     return float(v[0]), float(v[1:].std()) if n_boot else 0.0
 
-
 def epoch_seed(seed, rank, epoch):
-    """Seed of one rank's random stream (batches, noise, flips, dropout) in one epoch: a function of
-    (seed, rank, epoch) only, so a resumed rank continues with its own stream, not rank 0's."""
+    """Seed of one rank's random stream in one epoch: resumed ranks continue with their own streams."""
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
 
-
 def prepare(args, ecal, ep, weights=None, split=None):
-    """Split, held-out showers of the metric, and the fakes' Ecal target: Ecal/Ep vs Ep (4th-order fit on the
-    training events); weights checked and restricted to the training events."""
+    """Split, held-out showers, fakes' Ecal/Ep fit (4th order, training events), weights of training events."""
     if isinstance(ecal, LCDStream):
         if weights is not None or split is not None:
             raise ValueError("weights and split need the data in memory (not streamed)")
@@ -495,31 +397,24 @@ def prepare(args, ecal, ep, weights=None, split=None):
     return {"train_idx": train_idx, "val_idx": val_idx, "n_train": n_train, "weights": weights,
             "val_x": val_x, "val_ep": val_ep, "sf_poly": np.polyfit(e0.astype(np.float64), sf0, 4)}
 
-
 class Steps:
-    """The training step of the original: D on real, D on fake, one G step with its own Ep draw (M:312);
-    `gen` drives noise, flips and the fakes' Ep. Also used by --benchmark."""
-
+    """D on real, D on fake, one G step with its own Ep draw (M:312); `gen`: noise, flips, fakes' Ep."""
     def __init__(self, args, G, D, G_run, D_run, sf_poly, device, gen):
         self.a, self.G, self.G_run, self.D_run, self.dev, self.gen = args, G, G_run, D_run, device, gen
         self.nets = (("G", G), ("D", D))
         self.sf = torch.tensor(np.asarray(sf_poly)[::-1].copy(), dtype=torch.float32, device=device)
         self.amp, self.opt = _autocast(device, args.dtype), {}
-
     def new_adam(self, t):      # recreated at every file, as the original (P:303-304); eps: Keras' default
         for name, net in self.nets:
             lr = (self.a.lr_g if name == "G" else self.a.lr_d) * lr_factor(t, self.a.lr_const_epochs, self.a.lr_decay)
             self.opt[name] = torch.optim.Adam(net.parameters(), lr=lr, eps=1e-7)
-
     def fake_ep(self, e_real, epoch):     # M:266-271 (its epoch counts from 1: U(1,4) in epochs 1 and 2)
         if epoch >= self.a.early_epochs and self.a.fake_ep == "real":
             return e_real
         lo, hi = (100.0, 400.0) if epoch < self.a.early_epochs else (2.0, 500.0)
         return lo + (hi - lo) * torch.rand(e_real.shape, device=self.dev, generator=self.gen)
-
     def noise(self, e):
         return torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100.0)
-
     def loss(self, img, label, e_t, ecal_t=None):     # ecal_t None: the fakes' target from the fit
         a = self.a
         logit, ep_p, ecal_p = self.D_run(img)
@@ -528,7 +423,6 @@ class Steps:
         target = flip_labels(label, len(e_t), a.label_flip, self.gen, self.dev)
         return (a.w_gan * F.binary_cross_entropy_with_logits(logit.float(), target)
                 + a.w_ep * mape(e_t / 100.0, ep_p.float()) + a.w_ecal * mape(ecal_t, ecal_p.float()))
-
     def __call__(self, real, e_real, epoch):
         """One step on a real minibatch (images x xscale, Ep GeV) -> (loss_d on fakes, loss_g)."""
         e_f = self.fake_ep(e_real, epoch)
@@ -536,28 +430,21 @@ class Steps:
             fake = self.G(self.noise(e_f)).float()
         for img, lab, e_t, ecal_t in ((real, self.a.label_real, e_real, real.sum((1, 2, 3))),
                                        (fake, self.a.label_fake, e_f, None)):
-            with self.amp:
-                loss_d = self.loss(img, lab, e_t, ecal_t)
-            self._apply("D", loss_d)
+            loss_d = self._apply("D", lambda: self.loss(img, lab, e_t, ecal_t))
         e_g = self.fake_ep(e_real, epoch)
-        with self.amp:
-            loss_g = self.loss(self.G_run(self.noise(e_g)), self.a.label_real, e_g)
-        self._apply("G", loss_g)
+        loss_g = self._apply("G", lambda: self.loss(self.G_run(self.noise(e_g)), self.a.label_real, e_g))
         return loss_d.item(), loss_g.item()
-
-    def _apply(self, name, loss):
+    def _apply(self, name, fn):
+        with self.amp:
+            loss = fn()
         self.opt[name].zero_grad(set_to_none=True)
         loss.backward()
         self.opt[name].step()
-
+        return loss
 
 def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
-    """Train a 2DGAN. ecal (N,25,25,25) GeV and ep (N,) GeV numpy arrays (or ecal an LCDStream, ep None).
-    split: optional (train_idx, val_idx) index arrays into ecal, used instead of
-    split_indices(N, args.val_frac, args.seed). weights: optional sampling probabilities of the training
-    events (length len(train_idx), or N) for minibatch draws with replacement.
-    Saves out_dir/ckpt.pt (rank 0) if out_dir. Returns dict(generator, discriminator, best_epoch, history,
-    train_idx, val_idx, metric, sf_poly) with the best epoch's modules, unwrapped, in eval mode, on args' device."""
+    """ecal (N,25,25,25), ep (N,) GeV (or an LCDStream, None); split: (train_idx, val_idx); weights: draw
+    probabilities (len(train_idx) or N). Returns the best epoch's modules (eval mode) and run info."""
     ddp = "RANK" in os.environ and torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     device = resolve_device(args.device)
@@ -591,7 +478,6 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         w_t = None if d["weights"] is None else torch.from_numpy(d["weights"]).to(device)
     steps_per_epoch = max(1, n_train // bs)
     n_files = len(ecal.files) if stream else max(1, round(n_train / args.file_events))
-
     def files(epoch):
         """(images, Ep, index batches) per 'file' of the epoch: equal parts of the in-memory set, or real files."""
         if not stream:
@@ -607,12 +493,10 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
             x, e = ecal.train_part(i)
             perm = torch.randperm(len(e), device=device, generator=gen)[:len(e) // bs * bs].view(-1, bs)
             yield torch.from_numpy(x).to(device), torch.from_numpy(e).to(device), perm
-
     def speed():
         rate = (st["step"] - done0) * bs * world / (time.time() - t0)
         eta = int(max(0, (args.epochs * steps_per_epoch - st["step"]) * bs * world / max(rate, 1e-9)))
         return f"{rate:.0f} samples/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
-
     t0, done0 = time.time(), st["step"]
     for epoch in range(st["epoch"], args.epochs):
         gen.manual_seed(epoch_seed(args.seed, rank, epoch))
@@ -661,10 +545,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     return {"generator": G, "discriminator": D, "best_epoch": st["best"]["epoch"], "history": st["history"],
             "metric": st["best"]["metric"], "train_idx": d["train_idx"], "val_idx": d["val_idx"], "sf_poly": d["sf_poly"]}
 
-
 # ---------------------------------------------------------------- generate
-
-
 @torch.no_grad()
 def generate(G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32"):
     """Showers (N,25,25,25) float32 GeV for primary energies ep (N,) GeV; cells < 1e-6 GeV set to 0."""
@@ -682,7 +563,6 @@ def generate(G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32"):
     G.train(was_training)
     return out
 
-
 def load_checkpoint(path, device="cpu"):
     """(generator with the best epoch's weights, in eval mode on device, checkpoint dict)."""
     try:
@@ -693,10 +573,7 @@ def load_checkpoint(path, device="cpu"):
         raise DataError(f"{path}: not a 2dgan.py checkpoint ({e.__class__.__name__})")
     return G.eval(), ck
 
-
 # ---------------------------------------------------------------- main
-
-
 def make_plots(real, fake, ep, folder, toy):
     import matplotlib
     matplotlib.use("Agg")
@@ -704,13 +581,6 @@ def make_plots(real, fake, ep, folder, toy):
     os.makedirs(folder, exist_ok=True)
     tag = "TOY " if toy else ""
     sets = (("real", real, "o"), ("2DGAN", fake, "s"))
-
-    def save(fig, name):
-        tmp = os.path.join(folder, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, os.path.join(folder, name))
-
     # sampling fraction vs Ep, and the ratio in 10 GeV bins
     edges = np.arange(0.0, max(510.0, ep.max() + 10), 10.0)
     c = 0.5 * (edges[1:] + edges[:-1])
@@ -721,14 +591,13 @@ def make_plots(real, fake, ep, folder, toy):
         ax[0].errorbar(c, m, sd, fmt=mk, ms=3, label=label)
         means.append(m)
     ax[0].set(ylabel="Ecal / Ep", title=f"{tag}sampling fraction vs Ep")
-    ax[0].legend()
     ax[1].plot(c, means[1] / means[0], "k.", ms=3, label="10 GeV bins")
     r50, e50 = common.sf_ratio_per_bin(fake, ep, real, ep)
     ax[1].stairs(r50, e50, baseline=None, color="C3", lw=2, label="50 GeV bins")
     ax[1].axhspan(0.9, 1.1, color="grey", alpha=0.2)
     ax[1].set(ylabel="gen / real", xlabel="Ep [GeV]", ylim=(0.5, 1.5))
-    ax[1].legend(fontsize=7)
-    save(fig, "sampling_fraction.png")
+    ax[0].legend(), ax[1].legend(fontsize=7)
+    figs = [(fig, "sampling_fraction.png")]
     # profiles along x, y, z
     fig, ax = plt.subplots(2, 3, figsize=(12, 6), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
     for k, (pr, pf) in enumerate(zip(common.axis_profiles(real), common.axis_profiles(fake))):
@@ -741,12 +610,14 @@ def make_plots(real, fake, ep, folder, toy):
         ax[1, k].axhspan(0.8, 1.2, color="grey", alpha=0.2)
         ax[1, k].set(ylabel="gen / real", ylim=(0, 2), xlabel=f"{'xyz'[k]} cell" + (" (depth)" if k == 2 else ""))
     ax[0, 0].legend()
-    save(fig, "profiles.png")
-
+    for fig, name in figs + [(fig, "profiles.png")]:
+        tmp = os.path.join(folder, f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        os.replace(tmp, os.path.join(folder, name))
 
 def claim_metrics(real, fake, ep):
-    """The toy reproduction's figures: generated/real mean sampling fraction per 50 GeV bin of Ep (10-500 GeV)
-    and generated/real mean longitudinal profile per layer; the claim: within 10% / 20% (layers 3-20)."""
+    """Gen/real SF per 50 GeV bin and z profile; the claim: within 10% / 20% (layers 3-20)."""
     ratio, edges = common.sf_ratio_per_bin(fake, ep, real, ep)
     prof = common.axis_profiles(fake)[2].mean(0) / np.maximum(common.axis_profiles(real)[2].mean(0), 1e-30)
     ok = np.isfinite(ratio)                # an empty bin (None in the json) fails the claim
@@ -755,7 +626,6 @@ def claim_metrics(real, fake, ep):
                                                                             zip(ratio, ok)]},
             "sf_max_abs_dev": sf_dev, "profile_z_ratio": prof.tolist(), "profile_z_max_abs_dev_layers_3_20": z_dev,
             "claim_sf_within_10pct": bool(ok.all() and sf_dev <= 0.10), "claim_profile_z_within_20pct": z_dev <= 0.20}
-
 
 def benchmark(args):
     """One JSON line: generation showers/s and training samples/s (the real training step) on this device."""
@@ -767,17 +637,12 @@ def benchmark(args):
     G, D = Generator(args.latent, args.width, args.xscale).to(device), Discriminator(args.width).to(device)
     Gc, Dc = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
     def rate(fn, batch):
         """Items/s of fn over --bench-steps calls, after one warm-up call."""
-        fn()
-        sync()
+        fn(), sync()
         t = time.perf_counter()
-        for _ in range(args.bench_steps):
-            fn()
-        sync()
+        [fn() for _ in range(args.bench_steps)], sync()
         return batch * args.bench_steps / (time.perf_counter() - t)
-
     gb = args.gen_batch or (4096 if device.type == "cuda" else 8)
     z = torch.randn(gb, args.latent, device=device)
     with torch.no_grad(), _autocast(device, args.dtype):
@@ -793,16 +658,13 @@ def benchmark(args):
                       "gen_showers_per_s": round(gen_rate, 2), "train_batch": bs,
                       "train_samples_per_s": round(train_rate, 2)}))
 
-
 def run_generate(args):
     out = args.out or "generated.h5"
-    if not args.ckpt:
-        raise DataError("--generate needs --ckpt PATH")
-    if not os.path.isfile(args.ckpt):
-        raise DataError(f"{args.ckpt}: no such file")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise DataError(f"{out}: output folder does not exist")
+    for bad, msg in ((not args.ckpt, "--generate needs --ckpt PATH"),
+                     (args.ckpt and not os.path.isfile(args.ckpt), f"{args.ckpt}: no such file"),
+                     (not os.path.isdir(os.path.dirname(os.path.abspath(out))), f"{out}: output folder does not exist")):
+        if bad:
+            raise DataError(msg)
     device = resolve_device(args.device)
     G, _ = load_checkpoint(args.ckpt, device)
     lo, hi = args.energy_range
@@ -813,21 +675,15 @@ def run_generate(args):
     write_lcd(out, x, ep)
     print(f"wrote {args.generate} showers (Ep {lo:g}-{hi:g} GeV) to {out} in {time.time() - t:.1f} s")
 
-
 def main(argv=None):
     args = get_args(argv, toy_config=True)
     try:
-        if args.benchmark:
-            benchmark(args)
-            return 0
-        if args.generate is not None:
-            run_generate(args)
-            return 0
+        if args.benchmark or args.generate is not None:
+            return (benchmark if args.benchmark else run_generate)(args) or 0
         return run_train(args)
     except DataError as e:
         print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 2
-
 
 def run_train(args):
     t_start = time.time()
@@ -843,9 +699,8 @@ def run_train(args):
             if not os.path.exists(path):
                 os.makedirs("data", exist_ok=True)
                 common.write_toy("lcd", path, args.toy_n, args.seed, workers=1)
-        if ddp:
-            while not os.path.exists(path):
-                time.sleep(0.5)
+        while ddp and not os.path.exists(path):
+            time.sleep(0.5)
         args.data = path
     files = lcd_files(args.data)
     size = sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4    # checks every file's keys and shapes
@@ -860,32 +715,22 @@ def run_train(args):
         raise DataError(f"{os.path.join(out, 'ckpt.pt')}: --resume but no checkpoint there")
     if ddp:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        _ = device.type == "cuda" and torch.cuda.set_device(device)
     lines = []
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if args.resume and os.path.exists(os.path.join(out, "log.txt")):
             with open(os.path.join(out, "log.txt")) as f:
                 lines = f.read().splitlines()
-
-    def log(msg):
-        print(msg, flush=True)
-        lines.append(msg)
-
+    log = lambda msg: (print(msg, flush=True), lines.append(msg))  # noqa: E731
     if rank == 0:
         log(f"{SCRIPT}: {'TOY ' if toy else ''}data {args.data}: {size / 1e9:.2f} GB, "
             + ("in memory on " + str(device) if in_memory else "streamed file by file (larger than the budget)"))
     res = train(args, ecal, ep, out_dir=out, log=log)
     if rank == 0:
         G = res["generator"]
-        if in_memory:
-            real, ep_val = ecal[res["val_idx"]], ep[res["val_idx"]]
-            val_ids = res["val_idx"].tolist()
-        else:
-            ep_val = ecal.val_ep()
-            real = ecal.val_events(args.val_max)[0]
-            val_ids = {f: s[1].tolist() for f, s in zip(ecal.files, ecal.splits)}
+        real, ep_val, val_ids = (ecal[res["val_idx"]], ep[res["val_idx"]], res["val_idx"].tolist()) if in_memory \
+            else (ecal.val_events(args.val_max)[0], ecal.val_ep(), {f: s[1].tolist() for f, s in zip(ecal.files, ecal.splits)})
         fake = generate(G, ep_val, args.gen_batch or 1024, device, seed=args.seed + 1,
                         dtype=args.dtype if device.type == "cuda" else "fp32")
         write_lcd(os.path.join(out, "generated.h5"), fake, ep_val)
@@ -910,7 +755,6 @@ def run_train(args):
     if ddp:
         torch.distributed.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
