@@ -22,6 +22,7 @@ they are shown.
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import sys
@@ -378,13 +379,6 @@ def _check_toy_args(kind, n, seed=0, energy=None):
         lo, hi = energy
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= TOY_MAX_GEV):
             raise ValueError(f"--energy needs 0 < LO <= HI <= {TOY_MAX_GEV:g} GeV, got {lo:g}:{hi:g}")
-
-
-def tmp_name(path, suffix=""):
-    """A temporary name beside path, unique per process and call, never longer than the file-name
-    limit (path + '.tmp<pid>' passes 255 characters for a valid 250-character name)."""
-    folder, base = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{base[:150]}.{os.getpid()}.{os.urandom(4).hex()}.tmp{suffix}")
 
 
 def make_toy(kind, n, seed=0, energy=None, chunk=500):
@@ -1303,6 +1297,163 @@ def separation_power_clipped(real, gen, n_bins):
     edges = native_edges(real, [gen], n_bins)[0]
     return calochallenge_separation(*(np.histogram(np.clip(v, edges[0], edges[-1]), edges)[0]
                                       for v in (real, gen)), edges)[0]
+
+
+# ---------------------------------------------------------------- safe files (toy writer, evaluate.py, scripts)
+# Bad input is one line on stderr and exit status 2, with nothing written (issue 16). These few helpers are
+# what every script needs to keep that promise; they hold no training or model code.
+
+
+class InputError(ValueError):
+    """Bad input (file, flag, checkpoint, run folder): one line for the user, exit status 2."""
+
+
+def tmp_name(path, suffix=""):
+    """A temporary name beside path, unique per process and call, never longer than the file-name
+    limit (path + '.tmp<pid>' passes 255 characters for a valid 250-character name)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{base[:150]}.{os.getpid()}.{os.urandom(4).hex()}.tmp{suffix}")
+
+
+def check_out_path(path, what="--out", folder=True):
+    """Refuse, before anything is read or written, an output path that cannot be made: a component over
+    255 bytes, a plain file (or, for a file, a folder) in the way, an unwritable parent. Creates nothing."""
+    if not path or any(len(os.fsencode(c)) > 255 for c in str(path).split(os.sep)):
+        raise InputError(f"{what} {str(path)[:60]}...: a path component is longer than 255 bytes" if path
+                         else f"{what}: empty path")
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise InputError(f"{what} {path}: is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
+    top = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(top):
+        top = os.path.dirname(top)
+    if not os.path.isdir(top):
+        raise InputError(f"{what} {path}: {top} is a file, not a folder")
+    if not os.access(top, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: {top} is not writable")
+
+
+def write_atomic(path, write):
+    """write(tmp), or the text `write`, to a temporary name unique per process and call in path's folder
+    (made if missing), then rename: a reader never sees half a file and nothing stays behind. A folder in
+    the way or an OS error: InputError."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder, not a file")
+    tmp = tmp_name(path, os.path.splitext(path)[1])     # keep the extension: savefig and np.savez read it
+    try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        if callable(write):
+            write(tmp)
+        else:
+            with open(tmp, "w") as fh:
+                fh.write(write)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write ({e.strerror or e})")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_real(path, key, a, finite=True):
+    """The dataset `key` of file `path` as float32, the dtype it is trained in: refuses strings, complex and
+    objects (they cast silently or with a warning), and values that are not finite in float32 (1e39 passes a
+    float64 check and is inf here)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected real numbers")
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        a = a.astype(np.float32, copy=False)
+    if finite and not np.isfinite(a).all():
+        raise InputError(f"{path}: '{key}' has values that are not finite in float32 (NaN, inf or |x| > 3.4e38)")
+    return a
+
+
+def check_finite(tree, what):
+    """Refuse to write `what` (a checkpoint, generated showers, a state dict) if any number in it is not
+    finite; tree: arrays, tensors (anything with .detach()), numbers, dicts, lists and tuples."""
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif hasattr(x, "detach"):
+            if x.is_floating_point() and not bool(x.detach().isfinite().all()):
+                raise InputError(f"{what}: not finite (NaN or inf); not written, the previous file is kept")
+        elif isinstance(x, (float, np.floating, np.ndarray)) and np.asarray(x).dtype.kind == "f" \
+                and not np.isfinite(x).all():
+            raise InputError(f"{what}: not finite (NaN or inf); not written, the previous file is kept")
+
+
+def parse_range(text, flag="--energy", unit="GeV", hi_max=None):
+    """'LO:HI' -> (lo, hi) floats with 0 < LO <= HI (<= hi_max), both finite; else InputError naming the flag."""
+    try:
+        lo, hi = (float(v) for v in str(text).split(":"))
+    except ValueError:
+        raise InputError(f"{flag} must be LO:HI in {unit}, got {text!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= (hi_max or float(np.finfo(np.float32).max))):
+        top = f" <= {hi_max:g}" if hi_max else ", finite"
+        raise InputError(f"{flag} needs 0 < LO <= HI{top} ({unit}), got {text!r}")
+    return lo, hi
+
+
+def input_files(pattern, what="--data"):
+    """A file name, or a glob of many: an existing file is taken literally, so names holding '[' work."""
+    import glob
+    if os.path.isfile(pattern) or not any(c in pattern for c in "*?["):
+        return [pattern]
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise InputError(f"{what} {pattern}: no file matches")
+    return files
+
+
+def check_run_folder(out, script, model=None, resume=False):
+    """A run folder records which script and model shape made it (run.json). Refuse another script's folder,
+    and, on --resume, changed model flags: training on would overwrite or misread that run."""
+    path = os.path.join(out, "run.json")
+    if not os.path.isfile(path):
+        made_by = None
+        if os.path.isfile(os.path.join(out, "metrics.json")):      # folders from before run.json
+            try:
+                with open(os.path.join(out, "metrics.json")) as f:
+                    made_by = json.load(f).get("script")
+            except (OSError, ValueError, AttributeError):
+                made_by = "an unknown script"
+        if made_by not in (None, script):
+            raise InputError(f"--out {out}: a run folder of {made_by}; choose another --out")
+        return
+    try:
+        with open(path) as f:
+            stamp = json.load(f)
+        made_by, shape = stamp["script"], stamp.get("model")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{path}: unreadable run record; choose another --out")
+    if made_by != script:
+        raise InputError(f"--out {out}: a run folder of {made_by}; choose another --out")
+    if resume and model is not None and shape is not None and shape != _jsonable(model):
+        diff = sorted(k for k in set(shape) | set(model) if shape.get(k) != _jsonable(model).get(k))
+        raise InputError(f"--resume {out}: model flags differ from the saved run ({', '.join(diff)}); "
+                         "resume with the same flags or choose another --out")
+
+
+def _jsonable(model):
+    return json.loads(json.dumps(model, default=str))
+
+
+def stamp_run_folder(out, script, model=None):
+    """Make the run folder and write run.json (which script, which model shape)."""
+    os.makedirs(out, exist_ok=True)
+    write_atomic(os.path.join(out, "run.json"), json.dumps({"script": script, "model": model}, default=str))
+
+
+def fail(script, err):
+    """Print err as one line on stderr (rank 0 only under torchrun: every rank fails alike) and return 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{script}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr, flush=True)
+    return 2
 
 
 # ---------------------------------------------------------------- command line

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+import common
 from conftest import REPO, run_script
 from test_evaluate import distort
 
@@ -61,7 +62,6 @@ def test_toy_long_valid_name_works(tmp_path):          # C: path + ".tmp<pid>" p
 
 
 def test_tmp_name_short_and_unique(tmp_path):
-    import common
     path = str(tmp_path / ("a" * 250))
     names = {common.tmp_name(path) for _ in range(50)}
     assert len(names) == 50
@@ -190,3 +190,97 @@ def test_evaluate_two_runs_one_out(toy, tmp_path):
     assert "metrics.json" in files and len([f for f in files if f.endswith(".png")]) >= 3
     assert not [f for f in files if "tmp" in f], files
     assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["detector"] == "ild"
+
+
+# ---------------------------------------------------------------- the shared helpers in common.py
+
+
+def test_check_out_path_refuses_without_creating(tmp_path):   # A, before anything is made
+    (tmp_path / "f").write_text("x")
+    for bad, word in [(tmp_path / "f" / "run", "is a file"), (tmp_path / ("n" * 256), "255"),
+                      (tmp_path / "f", "not a folder")]:
+        with pytest.raises(common.InputError, match=word):
+            common.check_out_path(str(bad))
+    (tmp_path / "d.h5").mkdir()
+    with pytest.raises(common.InputError, match="folder"):
+        common.check_out_path(str(tmp_path / "d.h5"), "--out", folder=False)
+    common.check_out_path(str(tmp_path / "new" / "deeper"))
+    assert sorted(os.listdir(tmp_path)) == ["d.h5", "f"]
+
+
+def test_write_atomic_keeps_extension_and_leaves_nothing(tmp_path):   # B, C, M
+    seen = []
+    common.write_atomic(str(tmp_path / ("s" * 246 + ".png")), lambda t: (seen.append(t), open(t, "w").write("x")))
+    assert seen[0].endswith(".png") and len(os.path.basename(seen[0])) <= 255
+    assert os.listdir(tmp_path) == ["s" * 246 + ".png"]
+    (tmp_path / "x.json").mkdir()
+    with pytest.raises(common.InputError, match="folder"):
+        common.write_atomic(str(tmp_path / "x.json"), "{}")
+
+    def boom(t):
+        open(t, "w").write("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(common.InputError, match="No space"):
+        common.write_atomic(str(tmp_path / "y.json"), boom)
+    assert sorted(os.listdir(tmp_path)) == ["s" * 246 + ".png", "x.json"]
+
+
+def test_check_real_and_check_finite():                # G, H, I
+    assert common.check_real("f", "k", np.array([1, 2], np.int16)).dtype == np.float32
+    for bad, word in [(np.array(["1.0"]), "dtype"), (np.array([1 + 1j]), "dtype"), (np.array([1e39]), "finite"),
+                      (np.array([np.nan]), "finite")]:
+        with pytest.raises(common.InputError, match=word):
+            common.check_real("f.h5", "ECAL", bad)
+    common.check_finite({"a": [np.ones(3), 2.0, {"b": np.zeros(2, np.float32)}], "n": 3, "s": "x"}, "ckpt")
+    import torch
+    for bad in [{"w": torch.tensor([1.0, float("inf")])}, [np.array([np.nan])], {"x": float("nan")}]:
+        with pytest.raises(common.InputError, match="not finite"):
+            common.check_finite(bad, "ckpt.pt")
+
+
+@pytest.mark.parametrize("text, ok", [("1:500", True), ("2:2", True), ("1:inf", False), ("nan:5", False),
+                                      ("0:5", False), ("5:1", False), ("1e39:1e39", False), ("a:b", False),
+                                      ("5", False)])
+def test_parse_range(text, ok):                        # D
+    if ok:
+        lo, hi = common.parse_range(text)
+        assert (lo, hi) == tuple(float(v) for v in text.split(":"))
+    else:
+        with pytest.raises(common.InputError, match="--energy"):
+            common.parse_range(text)
+
+
+def test_input_files_literal_brackets(tmp_path):       # K
+    f = tmp_path / "run[1].h5"
+    f.write_text("")
+    assert common.input_files(str(f)) == [str(f)]
+    (tmp_path / "a1.h5").write_text("")
+    assert common.input_files(str(tmp_path / "a[0-9].h5")) == [str(tmp_path / "a1.h5")]
+    with pytest.raises(common.InputError, match="no file matches"):
+        common.input_files(str(tmp_path / "z*.h5"))
+
+
+def test_run_folder_stamp(tmp_path):                   # L and F: another script's folder, changed model flags
+    out = str(tmp_path / "run")
+    common.check_run_folder(out, "wgan_gp.py")            # a new folder is fine
+    common.stamp_run_folder(out, "2dgan.py", {"width": 0.125, "layers": [8, 8]})
+    common.check_run_folder(out, "2dgan.py", {"width": 0.125, "layers": [8, 8]}, resume=True)
+    with pytest.raises(common.InputError, match="a run folder of 2dgan.py"):
+        common.check_run_folder(out, "wgan_gp.py")
+    with pytest.raises(common.InputError, match="width"):
+        common.check_run_folder(out, "2dgan.py", {"width": 0.25, "layers": [8, 8]}, resume=True)
+    common.check_run_folder(out, "2dgan.py", {"width": 0.25, "layers": [8, 8]}, resume=False)   # a fresh run
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    (legacy / "metrics.json").write_text(json.dumps({"script": "vaegan.py"}))
+    with pytest.raises(common.InputError, match="vaegan.py"):
+        common.check_run_folder(str(legacy), "sagan_aux.py")
+
+
+def test_fail_prints_once_under_torchrun(monkeypatch, capsys):   # N
+    monkeypatch.setenv("RANK", "1")
+    assert common.fail("x.py", common.InputError("bad\nsecond line")) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert common.fail("x.py", common.InputError("bad\nsecond line")) == 2
+    assert capsys.readouterr().err == "x.py: error: bad\n"
