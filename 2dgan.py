@@ -23,10 +23,10 @@ Deviations from the original:
 - --fake-ep real: fakes at the real batch's Ep (M:266-271 draws uniform)
 """
 import argparse
-import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -44,11 +44,15 @@ VAL_CENTRES = (50, 100, 200, 250, 300, 400, 500)  # GeV: metric windows, besides
 # sized flags left unset: the paper's configuration with --data, the CPU-sized toy reproduction without
 PAPER = dict(toy_n=10000, epochs=30, batch_size=128, width=1.0, val_frac=0.1, val_window=5.0)
 TOY = dict(toy_n=4000, epochs=10, batch_size=32, width=0.125, val_frac=0.25, val_window=50.0)
+COUNTS = ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", "val_max", "bench_steps", "file_events",
+          "gen_batch", "bench_batch", "generate", "seed")      # >= 1 (the seed >= 0) where given
+POSITIVE = ("width", "xscale", "lr_g", "lr_d", "val_window", "max_data_gb")
 
 # ---------------------------------------------------------------- flags
 def get_args(argv=None, toy_config=False):
     """Parse flags; sized flags not given take PAPER values, or TOY ones if toy_config and no --data."""
     p = argparse.ArgumentParser(prog=SCRIPT, description="2DGAN for the 25x25x25 LCD ECAL (PyTorch).")
+    p.error = lambda msg: sys.exit(common.fail(SCRIPT, msg))      # one line (rank 0), not argparse's usage block
     a = p.add_argument
     a("--data", help="LCD HDF5 file or quoted glob (ECAL + target, or 51x51x25 ECAL + energy); none: toy LCD "
                      "showers made once under ./data/, and the TOY configuration")
@@ -99,46 +103,36 @@ def get_args(argv=None, toy_config=False):
     args = p.parse_args(argv)
     for k, v in (TOY if toy_config and args.data is None else PAPER).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    for name in ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", "val_max", "bench_steps",
-                 "file_events", "gen_batch", "bench_batch", "generate"):      # the last three may be None
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name, v in vars(args).items():
+        flag, low = "--" + name.replace("_", "-"), int(name != "seed")
+        if name in COUNTS and v is not None and v < low:
+            p.error(f"{flag} must be >= {low}")
+        if isinstance(v, float) and not math.isfinite(v) or name in POSITIVE and v is not None and v <= 0:
+            p.error(f"{flag} must be finite" + (" and > 0" if name in POSITIVE else ""))
     if not 0 < args.val_frac < 1:
         p.error("--val-frac must be in (0, 1)")
-    if args.width <= 0 or args.xscale <= 0:
-        p.error("--width and --xscale must be > 0")
     try:
-        lo, hi = (float(v) for v in args.energy.split(":"))
-    except ValueError:
-        p.error(f"--energy must be LO:HI in GeV, got {args.energy!r}")
-    if not 0 < lo <= hi:
-        p.error(f"--energy needs 0 < LO <= HI, got {args.energy!r}")
-    args.energy_range = (lo, hi)
+        args.energy_range = common.parse_range(args.energy, "--energy", "GeV", common.TOY_MAX_GEV)
+    except common.InputError as e:
+        p.error(e)
     return args
 
 # ---------------------------------------------------------------- data
-class DataError(Exception):
-    """Bad input file: the message is '<file>: <problem>'."""
-
-def lcd_files(pattern):
-    files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-    if not files:
-        raise DataError(f"{pattern}: no file matches")
-    for f in (f for f in files if not os.path.isfile(f)):
-        raise DataError(f"{f}: no such file")
-    return files
+DataError = common.InputError      # bad input: one line '<file or flag>: <problem>', exit status 2
 
 def _lcd_header(path):
     """(n_events, Ep key) of one LCD file after checking keys and shapes, reading no cells."""
     import h5py
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
     try:
         with h5py.File(path, "r") as f:
             shape = f["ECAL"].shape if "ECAL" in f else None
             ekey = "target" if "target" in f and f["target"].ndim == 2 and f["target"].shape[1] >= 2 else \
                 "energy" if "energy" in f else None
             n_e = f[ekey].shape[0] if ekey else None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read as HDF5 ({e.__class__.__name__})")
+    except (OSError, AttributeError, TypeError, IndexError) as e:       # a group where a dataset should be, too
+        raise DataError(f"{path}: cannot read as an LCD HDF5 file ({e.__class__.__name__})")
     for bad, msg in ((shape is None, "missing key 'ECAL'"),
                      (shape is not None and (len(shape) != 4 or shape[1:] not in ((25, 25, 25), (51, 51, 25))),
                       f"ECAL has shape {shape}, expected (N,25,25,25) or (N,51,51,25)"),
@@ -150,44 +144,42 @@ def _lcd_header(path):
     return shape[0], ekey
 
 def _read_lcd(path, idx=None, cells=True):
-    """One file (all events or the sorted indices idx): ECAL (n,25,25,25) GeV (None if not cells), Ep (n,) GeV."""
+    """One file (all events or the sorted indices idx): ECAL (n,25,25,25) GeV (None if not cells), Ep (n,) GeV;
+    real numbers, finite in float32 (the training dtype)."""
     import h5py
     ekey = _lcd_header(path)[1]
     sel = slice(None) if idx is None else np.asarray(idx)
     with h5py.File(path, "r") as f:
-        e = np.asarray(f[ekey][sel], np.float32)
-        x = f["ECAL"][sel] if cells else None
+        e = common.check_real(path, ekey, f[ekey][sel])
+        x = common.check_real(path, "ECAL", f["ECAL"][sel]) if cells else None
     ep = e[:, 1] if ekey == "target" else e.reshape(len(e), -1)[:, 0]
-    if not np.isfinite(ep).all() or (ep <= 0).any():
-        raise DataError(f"{path}: primary energy Ep must be finite and > 0")
+    if (ep <= 0).any():
+        raise DataError(f"{path}: primary energy Ep must be > 0")
     if cells:
-        x = np.ascontiguousarray(x[:, 13:38, 13:38, :] if x.shape[1] == 51 else x, dtype=np.float32)
-        if not np.isfinite(x).all() or (x < 0).any():
-            raise DataError(f"{path}: ECAL has " + ("negative energies" if np.isfinite(x).all() else "NaN or inf values"))
+        x = np.ascontiguousarray(x[:, 13:38, 13:38, :] if x.shape[1] == 51 else x)
+        if (x < 0).any():
+            raise DataError(f"{path}: ECAL has negative energies")
         x[x < THRESHOLD] = 0.0
     return x, ep
 
 def load_lcd(pattern):
     """One LCD file or a glob of them -> (ECAL (N,25,25,25) float32 GeV, Ep (N,) float32 GeV)."""
-    files = lcd_files(pattern)
+    files = common.input_files(pattern)
     for f in files:            # check every header before reading any cell
         _lcd_header(f)
     xs, eps = zip(*[_read_lcd(f) for f in files])
     return np.concatenate(xs), np.concatenate(eps)
 
 def write_lcd(path, ecal, ep):
-    """LCD format (ECAL (N,25,25,25) GeV, target (N,2) = [pdg 11, Ep]), written atomically."""
+    """LCD format (ECAL (N,25,25,25) GeV, target (N,2) = [pdg 11, Ep]), written atomically; NaN/inf refused."""
     import h5py
-    tmp = path + f".tmp{os.getpid()}"
-    try:
+    common.check_finite([ecal, ep], path)
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("ECAL", data=np.asarray(ecal, np.float32), chunks=(min(len(ecal), 256), 25, 25, 25))
             f["target"] = np.c_[np.full(len(ep), 11.0), np.asarray(ep, np.float64)].astype(np.float32)
             f.attrs["generator"] = SCRIPT
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    common.write_atomic(path, write)
 
 def split_indices(n, val_frac, seed):
     """Seeded held-out split: (train_idx, val_idx), both sorted."""
@@ -442,6 +434,33 @@ class Steps:
         self.opt[name].step()
         return loss
 
+class Batches:
+    """(images, Ep, index batches) per 'file' of an epoch: equal parts of the in-memory set (drawn by weight, or
+    permuted), or the real files in a seeded order when streamed. `gen`: the rank's stream, reseeded per epoch."""
+    def __init__(self, args, ecal, ep, d, device, gen):
+        self.a, self.ecal, self.dev, self.gen, self.bs, self.n = args, ecal, device, gen, args.batch_size, d["n_train"]
+        self.stream, self.steps = d["train_idx"] is None, max(1, self.n // self.bs)
+        self.n_files = len(ecal.files) if self.stream else max(1, round(self.n / args.file_events))
+        if not self.stream:
+            self.x, self.ep = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
+            self.tr = torch.from_numpy(d["train_idx"]).to(device)
+            self.w = None if d["weights"] is None else torch.from_numpy(d["weights"]).to(device)
+    def __call__(self, epoch):
+        bs, n, gen = self.bs, self.n, self.gen
+        if self.stream:
+            for i in torch.randperm(self.n_files, generator=torch.Generator().manual_seed(self.a.seed + epoch)).tolist():
+                x, e = self.ecal.train_part(i)
+                perm = torch.randperm(len(e), device=self.dev, generator=gen)[:len(e) // bs * bs].view(-1, bs)
+                yield torch.from_numpy(x).to(self.dev), torch.from_numpy(e).to(self.dev), perm
+            return
+        if self.w is not None:
+            draw = torch.multinomial(self.w, self.steps * bs, replacement=True, generator=gen)
+        else:
+            draw = torch.randperm(n, device=self.dev, generator=gen)
+            draw = draw[:self.steps * bs] if n >= bs else draw.repeat(bs // n + 1)[:bs]
+        for part in torch.tensor_split(self.tr[draw].view(-1, bs), self.n_files):
+            yield self.x, self.ep, part
+
 def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     """ecal (N,25,25,25), ep (N,) GeV (or an LCDStream, None); split: (train_idx, val_idx); weights: draw
     probabilities (len(train_idx) or N). Returns the best epoch's modules (eval mode) and run info."""
@@ -452,14 +471,12 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         log("--dtype bf16 is ignored on CPU (autocast only on CUDA): training in fp32")
     torch.manual_seed(args.seed)
     d = prepare(args, ecal, ep, weights, split)
-    stream, n_train, bs = d["train_idx"] is None, d["n_train"], args.batch_size
     G, D = Generator(args.latent, args.width, args.xscale).to(device), Discriminator(args.width).to(device)
     st = {"epoch": 0, "step": 0, "history": [], "best": {"epoch": -1, "metric": float("inf"), "G": None, "D": None}}
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if out_dir else None
     if args.resume and ckpt_path and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        G.load_state_dict(ck["model"]["G"])
-        D.load_state_dict(ck["model"]["D"])
+        ck, G_ck, D_ck = read_ckpt(ckpt_path, device, args)
+        G.load_state_dict(G_ck.state_dict()), D.load_state_dict(D_ck.state_dict())
         st = {k: ck[k] for k in st}
         if rank == 0:
             log(f"resumed from {ckpt_path} at epoch {st['epoch']}, step {st['step']}")
@@ -471,31 +488,10 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     if args.compile:
         G_run, D_run = torch.compile(G_run), torch.compile(D_run)
     gen = torch.Generator(device)        # batches, noise, flips: reseeded per rank and epoch (epoch_seed)
-    step = Steps(args, G, D, G_run, D_run, d["sf_poly"], device, gen)
-    if not stream:
-        x_all, ep_all = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
-        tr_t = torch.from_numpy(d["train_idx"]).to(device)
-        w_t = None if d["weights"] is None else torch.from_numpy(d["weights"]).to(device)
-    steps_per_epoch = max(1, n_train // bs)
-    n_files = len(ecal.files) if stream else max(1, round(n_train / args.file_events))
-    def files(epoch):
-        """(images, Ep, index batches) per 'file' of the epoch: equal parts of the in-memory set, or real files."""
-        if not stream:
-            if w_t is not None:
-                draw = torch.multinomial(w_t, steps_per_epoch * bs, replacement=True, generator=gen)
-            else:
-                draw = torch.randperm(n_train, device=device, generator=gen)
-                draw = draw[:steps_per_epoch * bs] if n_train >= bs else draw.repeat(bs // n_train + 1)[:bs]
-            for part in torch.tensor_split(tr_t[draw].view(-1, bs), n_files):
-                yield x_all, ep_all, part
-            return
-        for i in torch.randperm(n_files, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist():
-            x, e = ecal.train_part(i)
-            perm = torch.randperm(len(e), device=device, generator=gen)[:len(e) // bs * bs].view(-1, bs)
-            yield torch.from_numpy(x).to(device), torch.from_numpy(e).to(device), perm
+    step, files = Steps(args, G, D, G_run, D_run, d["sf_poly"], device, gen), Batches(args, ecal, ep, d, device, gen)
     def speed():
-        rate = (st["step"] - done0) * bs * world / (time.time() - t0)
-        eta = int(max(0, (args.epochs * steps_per_epoch - st["step"]) * bs * world / max(rate, 1e-9)))
+        rate = (st["step"] - done0) * args.batch_size * world / (time.time() - t0)
+        eta = int(max(0, (args.epochs * files.steps - st["step"]) * args.batch_size * world / max(rate, 1e-9)))
         return f"{rate:.0f} samples/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
     t0, done0 = time.time(), st["step"]
     for epoch in range(st["epoch"], args.epochs):
@@ -506,7 +502,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
             net.train(args.bn_mode == "batch")
         sums, n_b, first = np.zeros(2), 0, []
         for k, (xc, ec, batches) in enumerate(files(epoch)):
-            step.new_adam(epoch + k / n_files)
+            step.new_adam(epoch + k / files.n_files)
             for bidx in batches:
                 first = first or bidx[:4].tolist()
                 losses = step(xc[bidx].float() * args.xscale, ec[bidx].float(), epoch)
@@ -514,6 +510,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
                 if rank == 0 and st["step"] % args.log_every == 0:
                     log(f"epoch {epoch + 1}/{args.epochs} | step {st['step']} | loss_d {losses[0]:.4g} "
                         f"loss_g {losses[1]:.4g} | {speed()}")
+        common.check_finite([G.state_dict(), D.state_dict(), sums], ckpt_path or "the model")  # every rank, alike
         metric, sd = shower_metric(d["val_x"], generate(G, d["val_ep"], device=device, seed=args.seed), d["val_ep"],
                                    args.val_window, args.val_min, n_boot=100, seed=args.seed)
         rec = {"epoch": epoch + 1, "step": st["step"], "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
@@ -531,13 +528,14 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
             log(f"epoch {epoch + 1}/{args.epochs} | step {st['step']} | loss_d {rec['loss_d']:.4g} loss_g "
                 f"{rec['loss_g']:.4g} | val_metric {metric:.4f} +- {sd:.4f} (best {st['best']['metric']:.4f} @ "
                 f"{st['best']['epoch']}) | {speed()}")
-        if rank == 0 and ckpt_path and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
+        if ckpt_path and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
             # no optimiser state: Adam is new at every file, so at every epoch; the RNG state is the epoch
-            torch.save({"model": {"G": G.state_dict(), "D": D.state_dict()}, **st, "args": dict(vars(args)),
-                        "rng": "epoch_seed(seed, rank, epoch)", "sf_poly": d["sf_poly"].tolist(), "geometry": "lcd",
-                        "xscale": args.xscale, "latent": args.latent, "width": args.width,
-                        "val_idx": None if d["val_idx"] is None else d["val_idx"].tolist()}, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+            ck = {"script": SCRIPT, "model": {"G": G.state_dict(), "D": D.state_dict()}, **st, "args": dict(vars(args)),
+                  "rng": "epoch_seed(seed, rank, epoch)", "sf_poly": d["sf_poly"].tolist(), "geometry": "lcd",
+                  "xscale": args.xscale, "latent": args.latent, "width": args.width,
+                  "val_idx": None if d["val_idx"] is None else d["val_idx"].tolist()}
+            common.check_finite(ck, ckpt_path)          # on every rank: all stop alike
+            _ = rank == 0 and common.write_atomic(ckpt_path, lambda t: torch.save(ck, t))
     for name, net in step.nets:
         if st["best"]["G"] is not None:
             net.load_state_dict(st["best"][name])
@@ -563,14 +561,26 @@ def generate(G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32"):
     G.train(was_training)
     return out
 
-def load_checkpoint(path, device="cpu"):
-    """(generator with the best epoch's weights, in eval mode on device, checkpoint dict)."""
+def read_ckpt(path, device="cpu", args=None, best=False):
+    """(checkpoint dict, G, D) of a 2dgan.py ckpt.pt (G with the best epoch's weights if best); with args (--resume):
+    the model flags must be the checkpoint's. A truncated, text or another script's file: DataError."""
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
-        G = Generator(ck["latent"], ck["width"], ck["xscale"]).to(device)
-        G.load_state_dict(ck["best"]["G"] if ck.get("best", {}).get("G") is not None else ck["model"]["G"])
+        G, D = Generator(ck["latent"], ck["width"], ck["xscale"]).to(device), Discriminator(ck["width"]).to(device)
+        G.load_state_dict(ck["model"]["G"]), D.load_state_dict(ck["model"]["D"])
+        _ = best and ck["best"]["G"] is not None and G.load_state_dict(ck["best"]["G"])
+        made_by, _ = ck.get("script", SCRIPT), [ck[k] for k in ("epoch", "step", "history", "best")]
     except Exception as e:      # unpickling errors come in many classes
-        raise DataError(f"{path}: not a 2dgan.py checkpoint ({e.__class__.__name__})")
+        raise DataError(f"{path}: not a {SCRIPT} checkpoint ({e.__class__.__name__})")
+    diff = [f"--{k}" for k in ("latent", "width", "xscale") if args is not None and getattr(args, k) != ck[k]]
+    if made_by != SCRIPT or diff:
+        raise DataError(f"{path}: a checkpoint of {made_by}" if made_by != SCRIPT else f"--resume {path}: model "
+                        f"flags differ from the checkpoint's ({', '.join(diff)}); use them or choose another --out")
+    return ck, G, D
+
+def load_checkpoint(path, device="cpu"):
+    """(generator with the best epoch's weights, in eval mode on device, checkpoint dict)."""
+    ck, G, _ = read_ckpt(path, device, best=True)
     return G.eval(), ck
 
 # ---------------------------------------------------------------- main
@@ -578,7 +588,6 @@ def make_plots(real, fake, ep, folder, toy):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    os.makedirs(folder, exist_ok=True)
     tag = "TOY " if toy else ""
     sets = (("real", real, "o"), ("2DGAN", fake, "s"))
     # sampling fraction vs Ep, and the ratio in 10 GeV bins
@@ -611,10 +620,8 @@ def make_plots(real, fake, ep, folder, toy):
         ax[1, k].set(ylabel="gen / real", ylim=(0, 2), xlabel=f"{'xyz'[k]} cell" + (" (depth)" if k == 2 else ""))
     ax[0, 0].legend()
     for fig, name in figs + [(fig, "profiles.png")]:
-        tmp = os.path.join(folder, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=90)
+        common.write_atomic(os.path.join(folder, name), lambda t: fig.savefig(t, dpi=90))
         plt.close(fig)
-        os.replace(tmp, os.path.join(folder, name))
 
 def claim_metrics(real, fake, ep):
     """Gen/real SF per 50 GeV bin and z profile; the claim: within 10% / 20% (layers 3-20)."""
@@ -660,11 +667,11 @@ def benchmark(args):
 
 def run_generate(args):
     out = args.out or "generated.h5"
-    for bad, msg in ((not args.ckpt, "--generate needs --ckpt PATH"),
-                     (args.ckpt and not os.path.isfile(args.ckpt), f"{args.ckpt}: no such file"),
-                     (not os.path.isdir(os.path.dirname(os.path.abspath(out))), f"{out}: output folder does not exist")):
-        if bad:
-            raise DataError(msg)
+    if not args.ckpt:
+        raise DataError("--generate needs --ckpt PATH")
+    common.check_out_path(out, "--out", folder=False)
+    if not os.path.isfile(args.ckpt):
+        raise DataError(f"--ckpt {args.ckpt}: no such file")
     device = resolve_device(args.device)
     G, _ = load_checkpoint(args.ckpt, device)
     lo, hi = args.energy_range
@@ -681,44 +688,54 @@ def main(argv=None):
         if args.benchmark or args.generate is not None:
             return (benchmark if args.benchmark else run_generate)(args) or 0
         return run_train(args)
-    except DataError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, OSError) as e:
+        return common.fail(SCRIPT, e)
 
-def run_train(args):
-    t_start = time.time()
-    ddp = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    out = args.out or os.path.join("runs", "2dgan")
-    device = resolve_device(args.device)
-    toy = args.data is None
-    if toy:
-        path = common.toy_path("lcd", args.toy_n, args.seed)
-        if rank == 0:
-            print(f"no --data: training on TOY lcd showers ({path})", flush=True)
-            if not os.path.exists(path):
-                os.makedirs("data", exist_ok=True)
-                common.write_toy("lcd", path, args.toy_n, args.seed, workers=1)
-        while ddp and not os.path.exists(path):
-            time.sleep(0.5)
-        args.data = path
-    files = lcd_files(args.data)
-    size = sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4    # checks every file's keys and shapes
-    toy = toy or is_toy(files)
-    in_memory = size <= memory_budget(device, args.max_data_gb)
-    if in_memory:
-        ecal, ep = load_lcd(args.data)                # full validation before anything is written
-        split_indices(len(ep), args.val_frac, args.seed)
-    else:
-        ecal, ep = LCDStream(files, args.val_frac, args.seed), None
+def check_inputs(args, out, rank, ddp):
+    """Every input, on every rank, before anything is written: (data, Ep or None, files, size, toy, in memory)."""
+    common.check_out_path(out, "--out")
+    for name in ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json", "plots/profiles.png",
+                 "plots/sampling_fraction.png"):
+        common.check_out_path(os.path.join(out, name), "--out", folder=False)
+    common.check_run_folder(out, SCRIPT, {k: getattr(args, k) for k in ("latent", "width", "xscale")}, args.resume)
     if args.resume and not os.path.exists(os.path.join(out, "ckpt.pt")):
         raise DataError(f"{os.path.join(out, 'ckpt.pt')}: --resume but no checkpoint there")
+    _ = args.resume and read_ckpt(os.path.join(out, "ckpt.pt"), "cpu", args)
+    toy = args.data is None
+    if toy:
+        args.data = common.toy_path("lcd", args.toy_n, args.seed)
+        common.check_out_path(args.data, "toy data", folder=False)
+        if rank == 0:
+            print(f"no --data: training on TOY lcd showers ({args.data})", flush=True)
+            if not os.path.exists(args.data):
+                os.makedirs(os.path.dirname(args.data), exist_ok=True)
+                common.write_toy("lcd", args.data, args.toy_n, args.seed, workers=1)
+        while ddp and not os.path.exists(args.data):
+            time.sleep(0.5)
+    files = common.input_files(args.data)
+    size = sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4    # checks every file's keys and shapes
+    in_memory = size <= memory_budget(resolve_device(args.device), args.max_data_gb)
+    if in_memory:
+        ecal, ep = load_lcd(args.data)
+        split_indices(len(ep), args.val_frac, args.seed)
+    else:
+        for f in files:                  # every cell of every file, before the run folder is made
+            _read_lcd(f)
+        ecal, ep = LCDStream(files, args.val_frac, args.seed), None
+    return ecal, ep, size, toy or is_toy(files), in_memory
+
+def run_train(args):
+    t_start, ddp, rank = time.time(), "RANK" in os.environ, int(os.environ.get("RANK", 0))
+    out, device = args.out or os.path.join("runs", "2dgan"), resolve_device(args.device)
+    fresh = not os.path.exists(out)
+    ecal, ep, size, toy, in_memory = check_inputs(args, out, rank, ddp)
     if ddp:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _ = device.type == "cuda" and torch.cuda.set_device(device)
     lines = []
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
+        if not (args.resume and os.path.isfile(os.path.join(out, "run.json"))):
+            common.stamp_run_folder(out, SCRIPT, {k: getattr(args, k) for k in ("latent", "width", "xscale")})
         if args.resume and os.path.exists(os.path.join(out, "log.txt")):
             with open(os.path.join(out, "log.txt")) as f:
                 lines = f.read().splitlines()
@@ -726,17 +743,22 @@ def run_train(args):
     if rank == 0:
         log(f"{SCRIPT}: {'TOY ' if toy else ''}data {args.data}: {size / 1e9:.2f} GB, "
             + ("in memory on " + str(device) if in_memory else "streamed file by file (larger than the budget)"))
-    res = train(args, ecal, ep, out_dir=out, log=log)
+    try:
+        res = train(args, ecal, ep, out_dir=out, log=log)
+    except DataError:                    # a NaN/inf model: a new folder that holds nothing else goes
+        _ = rank == 0 and fresh and os.listdir(out) == ["run.json"] and shutil.rmtree(out)
+        raise
     if rank == 0:
         G = res["generator"]
         real, ep_val, val_ids = (ecal[res["val_idx"]], ep[res["val_idx"]], res["val_idx"].tolist()) if in_memory \
             else (ecal.val_events(args.val_max)[0], ecal.val_ep(), {f: s[1].tolist() for f, s in zip(ecal.files, ecal.splits)})
         fake = generate(G, ep_val, args.gen_batch or 1024, device, seed=args.seed + 1,
                         dtype=args.dtype if device.type == "cuda" else "fp32")
+        claim = claim_metrics(real, fake[:len(real)], ep_val[:len(real)])
+        common.check_finite([fake, claim], os.path.join(out, "generated.h5"))
         write_lcd(os.path.join(out, "generated.h5"), fake, ep_val)
         fake, ep_plot = fake[:len(real)], ep_val[:len(real)]
         make_plots(real, fake, ep_plot, os.path.join(out, "plots"), toy)
-        claim = claim_metrics(real, fake, ep_plot)
         metrics = {"script": SCRIPT, "data": args.data, "toy": toy, "best_epoch": res["best_epoch"],
                    "best_val_metric": res["metric"], "history": res["history"], **claim,
                    "n_generated": int(len(ep_val)), "val_indices": val_ids, "wall_s": round(time.time() - t_start, 1),
@@ -747,11 +769,8 @@ def run_train(args):
             f"{claim['sf_max_abs_dev']:.3f} (claim <= 0.10: {claim['claim_sf_within_10pct']}); z profile layers 3-20: "
             f"max |ratio-1| {claim['profile_z_max_abs_dev_layers_3_20']:.3f} (claim <= 0.20: "
             f"{claim['claim_profile_z_within_20pct']}); {metrics['wall_s']:.0f} s")
-        for name, text in (("metrics.json", json.dumps(metrics, indent=1, default=str)),
-                           ("log.txt", "\n".join(lines) + "\n")):
-            with open(os.path.join(out, name + ".tmp"), "w") as f:
-                f.write(text)
-            os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+        common.write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1, default=str))
+        common.write_atomic(os.path.join(out, "log.txt"), "\n".join(lines) + "\n")
     if ddp:
         torch.distributed.destroy_process_group()
     return 0
