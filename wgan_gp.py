@@ -13,10 +13,16 @@
 
 Dense generator: (noise, standardised log E) -> softmax cell fractions (energy conserved); dense critic scores
 (cells, E). Formats: ATLAS `cells` (N,89|247) MeV, `energy` (N,), `cell_layer/eta/phi`; CaloChallenge ds1
-`showers` (N,368), `incident_energies` (N,1). Noise cuts (common.geometry(...).noise_cut) on training and
-generated showers. Faithful to github polklin/CERN_project: Keras Dense init, LeakyReLU 0.3, Adam(5e-5, 0.5, 0.5)
-as Keras 2, batch 64, 5 critic steps over consecutive minibatches (training.py 245-265), GP weight 10, 300 GeV cut
+`showers` (N,368), `incident_energies` (N,1). Noise cuts (common.geometry(...).noise_cut: ATLAS PreSampler 120,
+Strip 60, Middle/Back 200 MeV; ds1 none) zero the cells below them in training and generated showers alike.
+Faithful to github polklin/CERN_project: Keras Dense init, LeakyReLU 0.3, Adam(5e-5, 0.5, 0.5) as Keras 2,
+batch 64, 5 critic steps over consecutive minibatches (training.py 245-265), GP weight 10, 300 GeV cut
 (PreProcessing.py 18-24). Critic loss and exact gradient by hand (critic_grads, no double backward).
+--out holds ckpt.pt, generated.h5 (one shower per held-out event and seed, input format), metrics.json, log.txt,
+run.json (script and model shape: another script's folder, or changed model flags on --resume, are refused) and
+plots/ (Klein's figures, binned as evaluate.py): energy_per_layer, fraction_per_layer, centre_x/y_per_layer,
+width_x/y_per_layer, middle_core_fraction and middle_width_vs_energy (ATLAS), mean_shower, correlation,
+cell_variance, nearest_neighbours (memorisation check), training. Bad input: one line on stderr, exit status 2.
 
 Deviations from the original:
 - per-sample gradient penalty (training.py:112-116 takes one norm over the whole batch).
@@ -31,7 +37,6 @@ Deviations from the original:
 - validation figures binned as evaluate.py (common.auto_bins / separation_power_clipped), not every 250 epochs.
 - generated.h5 `energy`: held-out event's true energy (ATLAS); with --generate --energy the cluster total (energy_is).
 """
-import argparse
 import datetime
 import json
 import math
@@ -49,13 +54,15 @@ import common
 
 SCRIPT = "wgan_gp.py"
 TOY_EPOCHS = 175        # default epochs without --data (README main job: < 5 min on one core)
+HP = ("latent", "width", "layers")      # the flags that set the networks' shapes
+OUT_FILES = ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json")
 
 # ---------------------------------------------------------------- flags
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Conditional WGAN-GP for ATLAS calorimeter clusters "
-                                "(and CaloChallenge dataset 1 photons).")
+    p = common._Parser(prog=SCRIPT, description="Conditional WGAN-GP for ATLAS calorimeter clusters "
+                       "(and CaloChallenge dataset 1 photons).")
     a = p.add_argument
     a("--data", default=None, help="HDF5 file (ATLAS cells/energy or CaloChallenge showers/incident_energies); "
       "none: toy atlas89 showers made once under ./data/")
@@ -97,30 +104,26 @@ def get_args(argv=None):
         assert len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas)
     except (ValueError, AssertionError):
         p.error(f"--betas must be b1,b2 in [0,1), got {args.betas!r}")
-    for name in ("toy_n", "batch_size", "layers", "width", "latent", "n_critic", "seeds", "ckpt_every", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.epochs is not None and args.epochs < 1 or args.lr <= 0 or args.gp < 0 or args.l1 < 0 or args.eval_every < 0:
-        p.error("--epochs must be >= 1, --lr > 0, --gp, --l1 and --eval-every >= 0")
-    if not 0 < args.val_frac < 1:
-        p.error("--val-frac must be in (0, 1)")
+    rules = {k: ">= 1" for k in ("epochs", "toy_n", "batch_size", "layers", "width", "latent", "n_critic", "seeds",
+                                 "ckpt_every", "log_every")}
+    rules.update(lr="> 0, finite", gp=">= 0, finite", l1=">= 0, finite", eval_every=">= 0", val_frac="in (0, 1)")
+    for k, rule in rules.items():
+        v = getattr(args, k)
+        if v is not None and not {">= 1": v >= 1, "> 0, finite": 0 < v < math.inf, ">= 0": v >= 0,
+                                   ">= 0, finite": 0 <= v < math.inf, "in (0, 1)": 0 < v < 1}[rule]:
+            p.error(f"--{k.replace('_', '-')} must be {rule}, got {v}")
     if args.generate is not None:
         if args.generate < 1 or not args.ckpt or not args.out or (args.energy is None) == (args.energy_file is None):
             p.error("--generate N needs N >= 1, --ckpt, --out FILE and one of --energy LO:HI / --energy-file")
-        if args.energy is not None:
-            try:
-                lo, hi = (float(v) for v in args.energy.split(":"))
-                assert 0 < lo <= hi
-            except (ValueError, AssertionError):
-                p.error(f"--energy must be LO:HI GeV with 0 < LO <= HI, got {args.energy!r}")
-            args.energy = (lo, hi)
+        try:
+            args.energy = None if args.energy is None else common.parse_range(args.energy, "--energy")
+        except common.InputError as e:
+            p.error(str(e))
     return args
 
 # ---------------------------------------------------------------- data
 
-
-class DataError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
+DataError = common.InputError           # bad input: one line on stderr, exit status 2, nothing written
 
 
 def read_showers(path):
@@ -128,22 +131,23 @@ def read_showers(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise DataError(f"{path}: not an HDF5 file")
-    with f:
-        if "cells" in f or "energy" in f:
-            fmt, ck, ek = "atlas", "cells", "energy"
-        elif "showers" in f or "incident_energies" in f:
-            fmt, ck, ek = "calochallenge", "showers", "incident_energies"
-        else:
-            raise DataError(f"{path}: missing key 'cells' (ATLAS) or 'showers' (CaloChallenge)")
-        for key in (ck, ek):
-            if key not in f or not isinstance(f[key], h5py.Dataset):
-                raise DataError(f"{path}: missing key '{key}'")
-        cells, energy = f[ck][()], f[ek][()]
-        per_cell = {k: f[k][()] for k in ("cell_layer", "cell_eta", "cell_phi") if k in f}
-        toy = bool(f.attrs.get("toy", False))
+        with h5py.File(path, "r") as f:
+            if "cells" in f or "energy" in f:
+                fmt, ck, ek = "atlas", "cells", "energy"
+            elif "showers" in f or "incident_energies" in f:
+                fmt, ck, ek = "calochallenge", "showers", "incident_energies"
+            else:
+                raise DataError(f"{path}: missing key 'cells' (ATLAS) or 'showers' (CaloChallenge)")
+            for key in (ck, ek):
+                if key not in f or not isinstance(f[key], h5py.Dataset):
+                    raise DataError(f"{path}: missing key '{key}'")
+            cells, energy = f[ck][()], f[ek][()]
+            per_cell = {k: f[k][()] for k in ("cell_layer", "cell_eta", "cell_phi") if k in f}
+            toy = bool(f.attrs.get("toy", False))
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]})")
+    cells = common.check_real(path, ck, cells)           # float32, the training dtype: 1e39 is inf there
+    common.check_real(path, ek, energy)
     if cells.ndim != 2 or cells.shape[0] == 0:
         raise DataError(f"{path}: '{ck}' must be (N, n_cells) with N > 0, got shape {cells.shape}")
     n, c = cells.shape
@@ -152,9 +156,8 @@ def read_showers(path):
         raise DataError(f"{path}: '{ck}' has {c} cells, expected {' or '.join(map(str, allowed))}")
     if energy.shape not in ((n,), (n, 1)):
         raise DataError(f"{path}: '{ek}' has shape {energy.shape}, expected ({n},) to match {n} events of '{ck}'")
-    for key, arr in ((ck, cells), (ek, energy)):
-        if not np.all(np.isfinite(arr)):
-            raise DataError(f"{path}: '{key}' contains NaN or inf")
+    if np.abs(cells.sum(1, dtype=np.float64)).max() > np.finfo(np.float32).max:
+        raise DataError(f"{path}: a shower's total of '{ck}' overflows float32")
     if np.any(energy <= 0):
         raise DataError(f"{path}: '{ek}' has non-positive energies")
     if fmt == "calochallenge" and np.any(cells < 0):
@@ -165,8 +168,7 @@ def read_showers(path):
             raise DataError(f"{path}: '{key}' has shape {arr.shape}, expected ({c},)")
     if "cell_layer" in per_cell and not np.array_equal(per_cell["cell_layer"], geom.layer):
         raise DataError(f"{path}: 'cell_layer' differs from the {geom.name} cell order of common.py")
-    return dict(fmt=fmt, geom=geom, cells=cells.astype(np.float32), energy=energy.reshape(n).astype(np.float64),
-                toy=toy, path=path)
+    return dict(fmt=fmt, geom=geom, cells=cells, energy=energy.reshape(n).astype(np.float64), toy=toy, path=path)
 
 
 def noise_cut(cells, geom):
@@ -205,9 +207,8 @@ def prepare(d, seed, val_frac):
 
 
 def write_h5(path, fmt, geom, cells, energy, attrs):
-    """Showers in the input's format, written to a temporary name and renamed into place."""
-    tmp = path + f".tmp{os.getpid()}"
-    try:
+    """Showers in the input's format, written to a unique temporary name and renamed into place."""
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             if fmt == "atlas":
                 f["cells"], f["energy"] = cells.astype(np.float32), energy.astype(np.float32)
@@ -216,10 +217,7 @@ def write_h5(path, fmt, geom, cells, energy, attrs):
             else:
                 f["showers"], f["incident_energies"] = cells.astype(np.float32), energy.astype(np.float32)[:, None]
             f.attrs.update(attrs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    common.write_atomic(path, write)
 
 # ---------------------------------------------------------------- model
 
@@ -410,39 +408,30 @@ def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1,
     sums[2] += loss
     return sums
 
+
 def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
     """Train the seeds as ONE batched model; returns (generator, {seed: history})."""
     rank, size = world
     K = len(seeds)
-    x = torch.as_tensor(data["x"], device=device)                   # whole dataset on the device
-    c = torch.as_tensor(data["c"], device=device)
-    tr = torch.as_tensor(data["train"], device=device)
-    hp = {k: getattr(args, k) for k in ("latent", "width", "layers")}
+    x, c, tr = (torch.as_tensor(data[k], device=device) for k in ("x", "c", "train"))   # whole dataset on device
+    hp = {k: getattr(args, k) for k in HP}
     gen, crit = (m.to(device) for m in build(hp, x.shape[1], data["ratio_head"], K))
     gens = member_generators(seeds, device)
     gen.glorot_(gens)
     crit.glorot_(gens)
     opts = [Adam(m.flat, args.lr, args.betas) for m in (gen, crit)]
     start, step, history = 0, 0, {s: [] for s in seeds}
-    if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck.get("seeds") != seeds:
-            raise DataError(f"{ckpt_path}: checkpoint holds seeds {ck.get('seeds')}, the flags ask for {seeds}")
-        try:
-            gen.load_state_dict(ck["model"]["generator"])
-            crit.load_state_dict(ck["model"]["critic"])
-        except RuntimeError:
-            raise DataError(f"{ckpt_path}: checkpoint's model shape differs from the flags (--layers/--width/--latent)")
-        for o, name in zip(opts, ("generator", "critic")):
+    if args.resume:                     # checked against the flags before anything was written (setup)
+        ck = load_ckpt(ckpt_path, device)
+        for m, o, name in ((gen, opts[0], "generator"), (crit, opts[1], "critic")):
+            m.load_state_dict(ck["model"][name])
             o.load_state_dict(ck["optim"][name])
         start, step, history = ck["epoch"], ck["step"], {int(s): h for s, h in ck["history"].items()}
         for g, st in zip(gens, ck["rng"]):
             g.set_state(st.cpu())
-        if rank:
-            gens = member_generators(seeds, device, 1000 * rank + start)
         log(f"resumed from {ckpt_path} at epoch {start}, step {step}")
-    elif rank:
-        gens = member_generators(seeds, device, 1000 * rank)         # each rank its own minibatches
+    if rank:
+        gens = member_generators(seeds, device, 1000 * rank + start)  # each rank its own minibatches
     n_cells = x.shape[1] - int(data["ratio_head"])
     bs = min(args.batch_size, len(tr))
     n_iter = max(1, len(tr) // (bs * args.n_critic * size))       # training.py line 251
@@ -482,13 +471,13 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
         if rank == 0 and args.eval_every and done % args.eval_every == 0 and done < args.epochs:
             log(f"epoch {done}: " + summary(validate(gen, data, seeds, device)[0]))
         if rank == 0 and (done % args.ckpt_every == 0 or done == args.epochs):
-            torch.save({
-                "model": {"generator": gen.state_dict(), "critic": crit.state_dict()},
-                "optim": {"generator": opts[0].state_dict(), "critic": opts[1].state_dict()},
-                "epoch": done, "step": step, "args": vars(args), "rng": [g.get_state() for g in gens],
-                "history": history, "seeds": seeds, "norm": data["norm"], "geometry": data["geom"].name,
-                "format": data["fmt"], "toy": data["toy"], "hp": hp}, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+            ck = {"script": SCRIPT, "model": {"generator": gen.state_dict(), "critic": crit.state_dict()},
+                  "optim": {"generator": opts[0].state_dict(), "critic": opts[1].state_dict()},
+                  "epoch": done, "step": step, "args": vars(args), "rng": [g.get_state() for g in gens],
+                  "history": history, "seeds": seeds, "norm": data["norm"], "geometry": data["geom"].name,
+                  "format": data["fmt"], "toy": data["toy"], "hp": hp}
+            common.check_finite(ck, ckpt_path)      # a diverged model is refused; the last checkpoint stays
+            common.write_atomic(ckpt_path, lambda t: torch.save(ck, t))
     return gen, history
 
 # ---------------------------------------------------------------- generate
@@ -508,7 +497,9 @@ def sample(gen, cond_e, norm, gens, batch=10000):
         if "mu_r" in norm:                                   # ds1: total = E_inc * exp(log ratio)
             total = e * torch.exp(norm["mu_r"] + norm["sd_r"] * x[..., -1])
         out.append((x[..., :n_cells] * total[..., None]).float().cpu().numpy())
-    return np.concatenate(out, 1)
+    out = np.concatenate(out, 1)
+    common.check_finite(out, "generated showers")          # before the noise cut would hide a NaN as 0
+    return out
 
 
 def validate(gen, data, seeds, device):
@@ -522,16 +513,31 @@ def validate(gen, data, seeds, device):
     return evaluate(real, fake, data["geom"], data["toy"], fr, ff), fake, (fr, ff)
 
 
+def load_ckpt(path, device="cpu"):
+    """A wgan_gp.py checkpoint; missing, truncated, text or another script's: one line, exit status 2."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:                                # weights_only: plain containers and tensors, no code from the file
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:              # truncated zip: RuntimeError; text: UnpicklingError; ...
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})")
+    keys = {"model", "optim", "epoch", "step", "rng", "history", "seeds", "norm", "geometry", "format", "toy", "hp"}
+    if not isinstance(ck, dict) or ck.get("script", SCRIPT) != SCRIPT or not keys <= set(ck):
+        who = ck.get("script") if isinstance(ck, dict) else None
+        raise DataError(f"{path}: not a {SCRIPT} checkpoint" + (f" (made by {who})" if who else ""))
+    return ck
+
+
 def generate_main(args, device):
-    if not os.path.isfile(args.ckpt):
-        raise DataError(f"{args.ckpt}: no such checkpoint")
+    common.check_out_path(args.out, "--out", folder=False)
+    ck = load_ckpt(args.ckpt, device)
     try:
-        ck = torch.load(args.ckpt, map_location=device, weights_only=False)
         fmt, geom = ck["format"], common.geometry(ck["geometry"])
         gen, _ = build(ck["hp"], geom.n_cells + int(fmt != "atlas"), fmt != "atlas", len(ck["seeds"]))
         gen.load_state_dict(ck["model"]["generator"])
-    except (KeyError, RuntimeError, TypeError, EOFError, ValueError) as e:
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise DataError(f"{args.ckpt}: not a wgan_gp.py checkpoint ({type(e).__name__})")
+    common.check_finite(ck["model"]["generator"], args.ckpt)
     gen = gen.to(device)
     if args.energy_file:
         d = read_showers(args.energy_file)
@@ -548,8 +554,6 @@ def generate_main(args, device):
         lo, hi = args.energy
         cond_e = 1000.0 * np.exp(np.random.default_rng(args.seed).uniform(np.log(lo), np.log(hi), args.generate))
         true_e, energy_is = cond_e, "conditioning cluster total" if fmt == "atlas" else "incident energy"
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise DataError(f"{args.out}: folder does not exist")
     K = gen.k                                                        # event i from seed member i % K
     cond = np.resize(cond_e, -(-args.generate // K) * K).reshape(-1, K).T
     cells = sample(gen, cond, ck["norm"], member_generators(range(K), device, args.seed))
@@ -568,8 +572,7 @@ def benchmark(args, device, amp):
     real, cond = torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device)
     nets = {}
     for K in sorted({1, args.seeds}):
-        gen, crit = (m.to(device) for m in build({k: getattr(args, k) for k in ("latent", "width", "layers")}, C,
-                                                 False, K))
+        gen, crit = (m.to(device) for m in build({k: getattr(args, k) for k in HP}, C, False, K))
         for m in (gen, crit):
             m.glorot_(member_generators(range(K), device))
         nets[K] = (gen, crit, [Adam(m.flat, args.lr, args.betas) for m in (gen, crit)],
@@ -656,32 +659,23 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    tag, names, L = "TOY " if toy else "", geom.layer_names, geom.n_layers
-    os.makedirs(folder, exist_ok=True)
+    names, L = geom.layer_names, geom.n_layers
 
-    def save(fig, name, title, adjust=True, **kw):
-        if title:
-            fig.suptitle(f"{tag}{geom.name}: {title}", fontsize=10)
-        if adjust:                      # fixed margins: layout engines cost seconds per figure on a CPU
+    def save(fig, name, title, adjust=True, **kw):  # fixed margins: layout engines cost seconds per figure on a CPU
+        fig.suptitle(f"{'TOY ' if toy else ''}{geom.name}: {title}", fontsize=10)
+        if adjust:
             fig.subplots_adjust(**{"left": 0.07, "right": 0.97, "bottom": 0.16, "top": 0.82, "wspace": 0.3,
                                    "hspace": 0.45, **kw})
-        tmp = os.path.join(folder, name + ".tmp.png")
-        fig.savefig(tmp, dpi=90)
+        common.write_atomic(os.path.join(folder, name + ".png"), lambda t: fig.savefig(t, dpi=90))
         plt.close(fig)
-        os.replace(tmp, os.path.join(folder, name + ".png"))
 
-    def one_axes(name, title, xlabel, ylabel, curves, size=(6, 3.5), legend_size=8, left=0.16, log=None, vlines=()):
+    def one_axes(name, title, xlabel, ylabel, curves, size=(6, 3.5), left=0.16, log=False):
         fig, ax = plt.subplots(figsize=size)
         for fn, *a, kw in curves:
             getattr(ax, fn)(*a, **kw)
-        for b in vlines:
-            ax.axvline(b, color="k", lw=0.5)
-        if log:
-            ax.set_xscale("log")
-        ax.set(xlabel=xlabel, ylabel=ylabel)
-        ax.legend(fontsize=legend_size)
-        ax.set_title(f"{tag}{geom.name}: {title}", fontsize=10)
-        save(fig, name, None, left=left, bottom=0.15, top=0.88)
+        ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear")
+        ax.legend(fontsize=8)
+        save(fig, name, title, left=left, bottom=0.15, top=0.88)
 
     ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
     for k in fr:                        # one histogram per layer (or Middle) and variate
@@ -689,20 +683,16 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
                          "fraction_per_layer": ("fraction of the cluster energy per layer", "fraction"),
                          "middle_core_fraction": ("Middle 3x3 core / Middle", "fraction")}.get(
                              k, (None, ax_names[k.split("_")[1] == "y"]))
-        if title is None:
-            title = ("energy-weighted centre in " if k.startswith("centre") else "width in ") + xlabel + " per layer"
+        title = title or ("energy-weighted centre in " if k.startswith("centre") else "width in ") + xlabel + \
+            " per layer"
         a, b, logx, sps = fr[k], ff[k], k == "energy_per_layer", metrics["separation_power"][k]
         cols = names if a.shape[1] == L else ["Middle"]
         fig, axs = plt.subplots(1, a.shape[1], figsize=(3.2 * a.shape[1], 3), squeeze=False)
         for i, ax in enumerate(axs[0]):
             both = np.r_[a[:, i], b[:, i]]
-            if logx:
-                pos = both[both > 0]
-                lo, hi = (pos.min(), pos.max()) if len(pos) else (1, 10)
-                edges = np.geomspace(lo, hi * 1.0001, 41)
-            else:
-                lo, hi = np.percentile(both, [0.1, 99.9])
-                edges = np.linspace(lo, hi + 1e-12, 41)
+            pos = both[both > 0]
+            lo, hi = ((pos.min(), pos.max()) if len(pos) else (1, 10)) if logx else np.percentile(both, [0.1, 99.9])
+            edges = np.geomspace(lo, hi * 1.0001, 41) if logx else np.linspace(lo, hi + 1e-12, 41)
             ax.hist(a[:, i], edges, histtype="stepfilled", alpha=0.4, color="grey", label="real", density=True)
             ax.hist(b[:, i], edges, histtype="step", color="C3", lw=1.5, label="generated", density=True)
             ax.set_xscale("log" if logx else "linear")
@@ -712,10 +702,10 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
         save(fig, k, title)
     if geom.name.startswith("atlas"):   # width in phi of Middle vs energy; fakes share the real conditions
         mid, e_r = names.index("Middle"), real.sum(1) / 1000.0
-        e_f = np.tile(e_r, len(fake) // len(real))
         edges, curves = np.geomspace(e_r.min(), e_r.max() * 1.0001, 11), []
         for e, w, lab, col in ((e_r, fr["width_y_per_layer"][:, mid], "real", "grey"),
-                               (e_f, ff["width_y_per_layer"][:, mid], "generated", "C3")):
+                               (np.tile(e_r, len(fake) // len(real)), ff["width_y_per_layer"][:, mid], "generated",
+                                "C3")):
             mean, std, cnt = common.binned_stat(e, w, edges)
             curves.append(("errorbar", np.sqrt(edges[1:] * edges[:-1]), mean, std / np.sqrt(np.maximum(cnt, 1)),
                            dict(fmt="o-", color=col, label=lab, ms=3)))
@@ -724,16 +714,14 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     fig, axs = plt.subplots(2, L, figsize=(3.4 * L, 5.5), squeeze=False)            # mean shower per layer
     fig.subplots_adjust(left=0.05, right=0.97, bottom=0.1, top=0.88, wspace=0.45, hspace=0.45)
     for lay in range(L):
-        ims = [layer_image(geom, lay, v.mean(0))[0] for v in (real, fake)]
-        xl, yl = layer_image(geom, lay, real[:1])[1:]
-        pos = np.concatenate([i.ravel() for i in ims])
+        (im_r, xl, yl), (im_f, _, _) = (layer_image(geom, lay, v.mean(0)) for v in (real, fake))
+        pos = np.r_[im_r.ravel(), im_f.ravel()]
         pos = pos[pos > 0]
         nrm = LogNorm(pos.min(), pos.max()) if len(pos) and pos.max() > pos.min() else None
-        for ax, im, who in zip(axs[:, lay], ims, ("real", "generated")):
+        for ax, im, who in zip(axs[:, lay], (im_r, im_f), ("real", "generated")):
             h = ax.imshow(np.where(im > 0, im, np.nan), norm=nrm, aspect="auto", origin="lower")
             ax.set_title(f"{who} {names[lay]}", fontsize=9)
-            ax.set_xlabel(xl, fontsize=8)
-            ax.set_ylabel(yl, fontsize=8)
+            ax.set(xlabel=xl, ylabel=yl)
         fig.colorbar(h, ax=axs[:, lay].tolist(), label="mean MeV")
     save(fig, "mean_shower", "mean shower per layer", adjust=False)
     cr, cf = common.correlation_matrix(real), common.correlation_matrix(fake)
@@ -745,62 +733,78 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
          bottom=0.06, top=0.85, wspace=0.15)
     one_axes("cell_variance", "variance per cell", "cell index (file order)", "variance [MeV^2]",
              [("semilogy", common.cell_variance(real), ".", dict(color="grey", label="real")),
-              ("semilogy", common.cell_variance(fake), ".", dict(color="C3", ms=3, label="generated"))],
-             size=(10, 3.5), left=0.08, vlines=np.flatnonzero(np.diff(geom.layer)) + 0.5)
+              ("semilogy", common.cell_variance(fake), ".", dict(color="C3", ms=3, label="generated"))]
+             + [("axvline", b, dict(color="k", lw=0.5)) for b in np.flatnonzero(np.diff(geom.layer)) + 0.5],
+             size=(10, 3.5), left=0.08)
     # nearest neighbours (memorisation check) in the space of fractions of the cluster total
     nr, nf = (v / np.maximum(v.sum(1, keepdims=True), 1e-12) for v in (real, fake))
     q = np.argsort(real.sum(1))[np.linspace(0, len(real) - 1, 3).astype(int)]
     k = min(5, len(nf))
-    idx, dist = common.nearest_neighbours(nr[q], nf, k=k)
+    idx, dist_ = common.nearest_neighbours(nr[q], nf, k=k)
     lay = int(np.argmax(fr["fraction_per_layer"].mean(0)))
     fig, axs = plt.subplots(len(q), k + 1, figsize=(2.2 * (k + 1), 2.2 * len(q)), squeeze=False)
     for r, qi in enumerate(q):
         for j, ax in enumerate(axs[r]):
             ax.imshow(layer_image(geom, lay, nr[qi] if j == 0 else nf[idx[r, j - 1]])[0], aspect="auto", origin="lower")
             ax.set(xticks=[], yticks=[])
-            ax.set_title("real" if j == 0 else f"NN{j} d={dist[r, j - 1]:.3f}", fontsize=8)
+            ax.set_title("real" if j == 0 else f"NN{j} d={dist_[r, j - 1]:.3f}", fontsize=8)
     save(fig, "nearest_neighbours", f"5 nearest generated showers (layer {names[lay]}, fractions)", left=0.02,
          right=0.98, bottom=0.03, top=0.85)
-    one_axes("training", "training", "epoch", "critic's Wasserstein estimate", legend_size=7,
-             curves=[("plot", [e["epoch"] for e in h], [e["wdist"] for e in h], dict(label=f"seed {s}"))
-                     for s, h in histories.items()])
-
+    one_axes("training", "training", "epoch", "critic's Wasserstein estimate",
+             [("plot", [e["epoch"] for e in h], [e["wdist"] for e in h], dict(label=f"seed {s}"))
+              for s, h in histories.items()])
 
 # ---------------------------------------------------------------- main
 
-def run(args, device, amp, world, log):
-    rank, size = world
-    no_data = args.data is None
-    if no_data:
-        path = common.toy_path("atlas89", args.toy_n, 0)
-        if rank == 0:
-            log(f"no --data: training on TOY atlas89 showers ({path})")
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                common.write_toy("atlas89", path, args.toy_n, 0)
-        if size > 1:
-            dist.barrier()
-        args.data = path
-    d = read_showers(args.data)
-    data = prepare(d, args.seed, args.val_frac)
-    data.update(geom=d["geom"], fmt=d["fmt"], toy=d["toy"] or no_data,
-                ratio_head=d["fmt"] != "atlas")
-    if args.epochs is None:
-        args.epochs = TOY_EPOCHS if no_data else 1000
-    seeds = list(range(args.seed, args.seed + args.seeds))
+
+def setup(args, log):
+    """Every input checked before anything is written, on every rank before the process group: the --out paths,
+    the run folder, the data, the checkpoint to resume. -> (data, seeds, model shape)."""
+    for name in ("", "plots", *OUT_FILES):
+        common.check_out_path(os.path.join(args.out, name) if name else args.out, "--out", name in ("", "plots"))
+    common.check_run_folder(args.out, SCRIPT)
     ckpt = os.path.join(args.out, "ckpt.pt")
     if args.resume and not os.path.exists(ckpt):
         raise DataError(f"{ckpt}: no checkpoint to resume from")
+    no_data = args.data is None
+    if no_data:
+        args.data = common.toy_path("atlas89", args.toy_n, 0)
+        log(f"no --data: training on TOY atlas89 showers ({args.data})")
+        if int(os.environ.get("RANK", 0)) == 0 and not os.path.exists(args.data):
+            os.makedirs(os.path.dirname(args.data), exist_ok=True)
+            common.write_toy("atlas89", args.data, args.toy_n, 0)
+        while not os.path.exists(args.data):    # other ranks: rank 0 makes it (torchrun ends them if it fails)
+            time.sleep(1)
+    d = read_showers(args.data)
+    data = prepare(d, args.seed, args.val_frac)
+    data.update(geom=d["geom"], fmt=d["fmt"], toy=d["toy"] or no_data, ratio_head=d["fmt"] != "atlas", d=d)
+    if args.epochs is None:
+        args.epochs = TOY_EPOCHS if no_data else 1000
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    model = {"geometry": d["geom"].name, "seeds": seeds, **{k: getattr(args, k) for k in HP}}
+    common.check_run_folder(args.out, SCRIPT, model, args.resume)
+    if args.resume:
+        ck = load_ckpt(ckpt)
+        diff = [k for k, v in {"geometry": ck["geometry"], "seeds": ck["seeds"], **ck["hp"]}.items() if model[k] != v]
+        if diff:
+            raise DataError(f"--resume {ckpt}: the checkpoint's {', '.join(diff)} differ from this run's; resume with "
+                            "the same flags and data, or choose another --out")
+    return data, seeds, model
+
+
+def run(args, data, seeds, model, device, amp, world, log):
+    rank = world[0]
+    d, val = data["d"], data["val"]
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        log(f"{d['geom'].name} ({d['fmt']}): {len(data['train'])} train, {len(data['val'])} validation events"
+        common.stamp_run_folder(args.out, SCRIPT, model)
+        log.path = os.path.join(args.out, "log.txt")
+        log(f"{d['geom'].name} ({d['fmt']}): {len(data['train'])} train, {len(val)} validation events"
             + (f"; {data['n_over']} clusters above 300 GeV removed" if d["fmt"] == "atlas" else "")
             + (f"; {data['n_dropped']} empty after the noise cuts dropped" if data["n_dropped"] else "")
             + f"; {args.epochs} epochs, {len(seeds)} seed(s), device {device}")
-    gen, histories = train(args, seeds, data, device, ckpt, log, amp, world)
-    if rank != 0:
+    gen, histories = train(args, seeds, data, device, os.path.join(args.out, "ckpt.pt"), log, amp, world)
+    if rank:
         return 0
-    val = data["val"]
     metrics, fake, feats = validate(gen, data, seeds, device)
     real = data["cells"][val]
     write_h5(os.path.join(args.out, "generated.h5"), d["fmt"], d["geom"], fake, np.tile(d["energy"][val], len(seeds)),
@@ -810,58 +814,56 @@ def run(args, device, amp, world, log):
                    n_val=len(val), n_generated=len(fake), n_over_300GeV=data["n_over"], val_indices=val.tolist(),
                    final_wdist={s: h[-1]["wdist"] if h else None for s, h in histories.items()})
     mpath = os.path.join(args.out, "metrics.json")
-    with open(mpath + ".tmp", "w") as f:
-        f.write(json.dumps(metrics, indent=1))
-    os.replace(mpath + ".tmp", mpath)
+    common.check_finite(metrics, mpath)
+    common.write_atomic(mpath, json.dumps(metrics, indent=1))
     if not args.no_plots:
         plots(os.path.join(args.out, "plots"), real, fake, d["geom"], data["toy"], metrics, histories, *feats)
     log(f"wrote {args.out}/: ckpt.pt, generated.h5, metrics.json" + ("" if args.no_plots else ", plots/"))
     log(f"validation, {len(val)} held-out real vs {len(fake)} generated: " + summary(metrics))
     return 0
 
+
 def main(argv=None):
     args = get_args(argv)
     if args.generate is None and args.out is None:
         args.out = os.path.join("runs", "wgan_gp")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"{SCRIPT}: error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
+    rank = int(os.environ.get("RANK", 0))
     ddp = "RANK" in os.environ and args.generate is None and not args.benchmark
-    rank, size, local = 0, 1, 0
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, size = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    amp = args.dtype == "bf16" and device.type == "cuda"
-    if args.dtype == "bf16" and not amp and rank == 0:
-        print(f"{SCRIPT}: --dtype bf16 is ignored on CPU (fp32)", file=sys.stderr)
     lines = []
 
-    def log(msg):                       # rank 0 alone logs
+    def log(msg):                       # rank 0 alone logs; into OUT/log.txt once the run folder is made
         if rank:
             return
         print(msg, flush=True)
         lines.append(msg)
-        if args.generate is None and os.path.isdir(args.out):
-            with open(os.path.join(args.out, "log.txt"), "a") as f:
+        if getattr(log, "path", None):
+            with open(log.path, "a") as f:
                 f.write("\n".join(lines) + "\n")
             lines.clear()
     try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise DataError("--device cuda but CUDA is not available")
+        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) if ddp else 0}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        amp = args.dtype == "bf16" and device.type == "cuda"
+        if args.dtype == "bf16" and not amp and rank == 0:
+            print(f"{SCRIPT}: --dtype bf16 is ignored on CPU (fp32)", file=sys.stderr)
         if args.benchmark:
             return benchmark(args, device, amp)
         if args.generate is not None:
             return generate_main(args, device)
-        return run(args, device, amp, (rank, size), log)
-    except DataError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
+        job = setup(args, log)          # every rank, before the process group: all exit 2 alike, no hang
         if ddp:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        return run(args, *job, device, amp, (rank, dist.get_world_size() if ddp else 1), log)
+    except (DataError, OSError) as e:
+        return common.fail(SCRIPT, e)
+    finally:
+        if ddp and dist.is_initialized():
             dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     sys.exit(main())
