@@ -6,21 +6,20 @@
     python wgan_gp.py --seeds 5                        # 5 seeds as one batched model, samples pooled
     python wgan_gp.py --epochs 1000 --out runs/wgan_gp_1000   # the original's epoch count on TOY data
     python wgan_gp.py --resume --epochs 200            # continue runs/wgan_gp/ckpt.pt up to epoch 200
-    python wgan_gp.py --generate 10000 --ckpt runs/wgan_gp/ckpt.pt --energy 10:100 --out gen.h5
-    python wgan_gp.py --generate 5000 --ckpt runs/wgan_gp/ckpt.pt --energy-file real.h5 --out gen.h5
+    python wgan_gp.py --generate 10000 --ckpt runs/wgan_gp/ckpt.pt --energy 10:100 --out gen.h5  # or --energy-file
     python wgan_gp.py --benchmark --seeds 5            # JSON: showers/s, ms per training iteration, 5 vs 1 seed
     torchrun --nproc_per_node=4 wgan_gp.py --data atlas.h5
 
 Dense generator: (noise, standardised log E) -> softmax cell fractions (energy conserved); dense critic scores
-(cells, E). Formats: ATLAS `cells` (N,89|247) MeV, `energy` (N,), `cell_layer/eta/phi`; CaloChallenge ds1
-`showers` (N,368), `incident_energies` (N,1). Noise cuts (common.geometry(...).noise_cut: ATLAS PreSampler 120,
-Strip 60, Middle/Back 200 MeV; ds1 none) zero the cells below them in training and generated showers alike.
-Faithful to github polklin/CERN_project: Keras Dense init, LeakyReLU 0.3, Adam(5e-5, 0.5, 0.5) as Keras 2,
-batch 64, 5 critic steps over consecutive minibatches (training.py 245-265), GP weight 10, 300 GeV cut
-(PreProcessing.py 18-24). Critic loss and exact gradient by hand (critic_grads, no double backward).
---out holds ckpt.pt, generated.h5 (one shower per held-out event and seed, input format), metrics.json, log.txt,
-run.json (script and model shape: another script's folder, or changed model flags on --resume, are refused) and
-plots/ (Klein's figures, binned as evaluate.py): energy_per_layer, fraction_per_layer, centre_x/y_per_layer,
+(cells, E). In: ATLAS `cells` (N,89|247) MeV, `energy` (N,), `cell_layer/eta/phi`; CaloChallenge ds1 `showers`
+(N,368), `incident_energies` (N,1). Noise cuts (geometry.noise_cut: ATLAS PreSampler 120, Strip 60, Middle and
+Back 200 MeV; ds1 none) zero the cells below them, in training and generated showers alike. Faithful to github
+polklin/CERN_project: Keras Dense init, LeakyReLU 0.3, Adam(5e-5, 0.5, 0.5) as Keras 2, batch 64, 5 critic steps
+over consecutive minibatches (training.py 245-265), GP weight 10, 300 GeV cut (PreProcessing.py 18-24); critic
+loss and exact gradient by hand (critic_grads, no double backward).
+Out (--out): ckpt.pt, generated.h5 (input format, one shower per held-out event and seed), metrics.json, log.txt,
+run.json (script and model shape: another script's folder, or changed model flags on --resume, are refused), and
+Klein's figures in plots/, binned as evaluate.py: energy_per_layer, fraction_per_layer, centre_x/y_per_layer,
 width_x/y_per_layer, middle_core_fraction and middle_width_vs_energy (ATLAS), mean_shower, correlation,
 cell_variance, nearest_neighbours (memorisation check), training. Bad input: one line on stderr, exit status 2.
 
@@ -61,15 +60,12 @@ OUT_FILES = ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json")
 
 
 def get_args(argv=None):
-    p = common._Parser(prog=SCRIPT, description="Conditional WGAN-GP for ATLAS calorimeter clusters "
-                       "(and CaloChallenge dataset 1 photons).")
+    p = common._Parser(prog=SCRIPT, description="Conditional WGAN-GP for ATLAS clusters (and CaloChallenge ds1).")
     a = p.add_argument
-    a("--data", default=None, help="HDF5 file (ATLAS cells/energy or CaloChallenge showers/incident_energies); "
-      "none: toy atlas89 showers made once under ./data/")
+    a("--data", default=None, help="HDF5 file, ATLAS or CaloChallenge ds1 (none: toy atlas89 made once in ./data/)")
     a("--toy-n", type=int, default=40000, help="number of toy showers without --data (the study had ~40k)")
     a("--out", default=None, help="output folder (default runs/wgan_gp); with --generate: the output .h5 file")
-    a("--epochs", type=int, default=None, help="training epochs (passes of the critic over the training set); "
-      f"default 1000 with --data (the original), {TOY_EPOCHS} on toy data")
+    a("--epochs", type=int, default=None, help=f"critic passes over the data (1000 with --data, {TOY_EPOCHS} on toy)")
     a("--batch-size", type=int, default=64, help="minibatch size per process")
     a("--lr", type=float, default=5e-5, help="Adam learning rate of G and critic (Keras 2 update, epsilon 1e-7)")
     a("--betas", default="0.5,0.5", help="Adam betas b1,b2")
@@ -81,8 +77,7 @@ def get_args(argv=None):
     a("--l1", type=float, default=0.0, help="L1 penalty on the generator's logits (the original used 1e-5)")
     a("--val-frac", type=float, default=0.125, help="fraction of events held out for validation (35k of 40k)")
     a("--seed", type=int, default=0, help="random seed (also of the train/validation split)")
-    a("--seeds", type=int, default=1, help="train K seeds (seed..seed+K-1) as one batched model; their samples "
-      "are pooled (Klein pooled 5 seeds per setting)")
+    a("--seeds", type=int, default=1, help="train K seeds (seed..seed+K-1) as one batched model, samples pooled")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     a("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast on CUDA (ignored on CPU)")
     a("--compile", action="store_true", help="torch.compile the critic and generator steps (worth it on CUDA)")
@@ -93,11 +88,9 @@ def get_args(argv=None):
     a("--no-plots", action="store_true", help="skip plots/ (faster; metrics.json and generated.h5 still written)")
     a("--generate", type=int, default=None, metavar="N", help="write N showers from --ckpt to --out FILE")
     a("--ckpt", default=None, help="checkpoint to generate from")
-    a("--energy", default=None, help="with --generate: LO:HI GeV, log-uniform conditioning energy "
-      "(ATLAS: cluster total; CaloChallenge: incident energy)")
+    a("--energy", default=None, help="with --generate: LO:HI GeV, log-uniform (ATLAS cluster total; ds1 E_inc)")
     a("--energy-file", default=None, help="with --generate: take the conditions from this file (input format)")
-    a("--benchmark", action="store_true", help="print generation showers/s and the time of a training "
-      "iteration (n_critic critic + 1 generator step) for 1 and --seeds K members as JSON")
+    a("--benchmark", action="store_true", help="JSON: showers/s, time of a training iteration, 1 vs --seeds K")
     args = p.parse_args(argv)
     try:
         args.betas = tuple(float(b) for b in args.betas.split(","))
@@ -208,14 +201,13 @@ def prepare(d, seed, val_frac):
 
 def write_h5(path, fmt, geom, cells, energy, attrs):
     """Showers in the input's format, written to a unique temporary name and renamed into place."""
+    arrays = (dict(cells=cells, energy=energy, cell_layer=geom.layer, cell_eta=geom.x, cell_phi=geom.y)
+              if fmt == "atlas" else dict(showers=cells, incident_energies=energy[:, None]))
+
     def write(tmp):
         with h5py.File(tmp, "w") as f:
-            if fmt == "atlas":
-                f["cells"], f["energy"] = cells.astype(np.float32), energy.astype(np.float32)
-                f["cell_layer"], f["cell_eta"], f["cell_phi"] = (geom.layer.astype(np.int32),
-                                                                 geom.x.astype(np.float32), geom.y.astype(np.float32))
-            else:
-                f["showers"], f["incident_energies"] = cells.astype(np.float32), energy.astype(np.float32)[:, None]
+            for k, v in arrays.items():
+                f[k] = v.astype(np.int32 if k == "cell_layer" else np.float32)
             f.attrs.update(attrs)
     common.write_atomic(path, write)
 
@@ -229,9 +221,9 @@ class Dense(nn.Module):
     """K independent dense networks (one per seed), layer l of member k: h[k] @ W_l[k] + b_l[k], LeakyReLU
     between; all weights in ONE flat parameter (K, P): one tensor per network for the optimiser and DDP."""
 
-    def __init__(self, sizes, k=1, slope=SLOPE):
+    def __init__(self, sizes, k=1):
         super().__init__()
-        self.sizes, self.k, self.slope = list(sizes), k, slope
+        self.sizes, self.k = list(sizes), k
         self.flat = nn.Parameter(torch.zeros(k, sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))))
 
     def layers(self, t=None):
@@ -292,10 +284,9 @@ def generator_out(gl, gin, n_cells, keep=False):
 
 def critic_grads(cl, h, B, nx, gp_weight):
     """Critic loss -W + gp_weight * mean_i (|grad_x D(x_i)|_2 - 1)^2 and its exact gradient, no double backward.
-    h (K, 3B, n_in): real, fake, interpolate rows (+ condition column), overwritten. One forward and one backward
-    (also giving the interpolates' input gradient g); the penalty's gradient through g is (LeakyReLU'' = 0) a
-    forward pass of dGP/dg through the network linearised at the interpolates; one weight-gradient matmul per
-    layer serves both. -> (flat gradient (K,P), loss (K,), Wasserstein estimate (K,))."""
+    h (K, 3B, n_in): real, fake, interpolate rows (+ condition), overwritten. One forward and one backward give the
+    interpolates' input gradient g; the penalty's gradient through g is (LeakyReLU'' = 0) a forward pass of dGP/dg
+    through the network linearised at the interpolates. -> (flat gradient (K,P), loss (K,), W estimate (K,))."""
     K = h.shape[0]
     y, hs, pre = forward(cl, h, SLOPE, keep=True)
     dy = torch.full((1, 3 * B, 1), 1.0 / B, dtype=y.dtype, device=y.device)
@@ -365,9 +356,7 @@ class Adam:
         return {"t": self.t, "m": self.m, "v": self.v}
 
     def load_state_dict(self, s):
-        self.t = s["t"]
-        self.m.copy_(s["m"])
-        self.v.copy_(s["v"])
+        self.t, _, _ = s["t"], self.m.copy_(s["m"]), self.v.copy_(s["v"])
 
 
 def member_generators(seeds, device, offset=0):
@@ -387,7 +376,7 @@ def epoch_draws(gens, n, n_iter, n_critic, bs, latent, device):
     return [torch.stack(t) for t in zip(*out)]
 
 
-def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1, reduce=None):
+def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1, reduce=torch.Tensor.float):
     """n_critic critic steps then one generator step; -> (3, K) sums of critic loss, W, generator loss.
     real (K, n_critic, B, n_x), cond and eps (K, n_critic, B, 1), gin_c (K, n_critic*B, latent+1), gin_g (K, B,
     latent+1); buf (K, n_critic, 3B, n_x+1) scratch. The critic steps' fakes come from one generator pass."""
@@ -400,11 +389,11 @@ def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1,
     sums = torch.zeros(3, K, device=buf.device)
     for j in range(nc):
         grad, loss, wd = critic_grads(cl, buf[:, j], B, nx, gp)
-        opts[1].step(reduce(grad) if reduce else grad.float())
+        opts[1].step(reduce(grad))
         sums[0] += loss
         sums[1] += wd
     grad, loss = generator_grads(gl, cl, gin_g, n_cells, l1)
-    opts[0].step(reduce(grad) if reduce else grad.float())
+    opts[0].step(reduce(grad))
     sums[2] += loss
     return sums
 
@@ -439,12 +428,9 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
     buf = torch.zeros(K, args.n_critic, 3 * bs, x.shape[1] + 1, device=device)
     step_fn = torch.compile(iteration) if args.compile else iteration
 
-    def reduce(grad):
-        grad = grad.float()
-        if size > 1:
-            dist.all_reduce(grad)
-            grad /= size
-        return grad
+    def reduce(grad):                   # DDP: the ranks' mean gradient
+        dist.all_reduce(grad := grad.float())
+        return grad / size
     t0, seen = time.time(), 0
     for epoch in range(start, args.epochs):
         idx_c, idx_g, eps, z_c, z_g = epoch_draws(gens, len(tr), n_iter, args.n_critic, bs, args.latent, device)
@@ -455,7 +441,7 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
             for it in range(n_iter):
                 sums += step_fn(gl, cl, opts, buf, real[:, it], cond[:, it], eps[:, it], gin_c[:, it], gin_g[:, it],
-                                n_cells, args.gp, args.l1, reduce)
+                                n_cells, args.gp, args.l1, reduce if size > 1 else torch.Tensor.float)
         step += n_iter
         seen += n_iter * args.n_critic * bs
         s = (sums / torch.tensor([n_iter * args.n_critic] * 2 + [n_iter], device=device)[:, None]).tolist()
@@ -503,14 +489,23 @@ def sample(gen, cond_e, norm, gens, batch=10000):
 
 
 def validate(gen, data, seeds, device):
-    """Generated showers for the held-out events (one per seed and event, noise cuts applied), the
-    metrics against the held-out real showers, and both samples' features."""
-    val = data["val"]
+    """Generated showers for the held-out events (one per seed and event, noise cuts applied), their correlation
+    MSE and separation powers against the held-out real showers (binned as evaluate.py), both samples' features."""
+    val, geom = data["val"], data["geom"]
     cells = sample(gen, np.tile(data["cond_e"][val], (len(seeds), 1)), data["norm"],
                    member_generators(seeds, device, 10_000))
-    fake, real = noise_cut(cells.reshape(len(seeds) * len(val), -1), data["geom"]), data["cells"][val]
-    fr, ff = features(real, data["geom"]), features(fake, data["geom"])
-    return evaluate(real, fake, data["geom"], data["toy"], fr, ff), fake, (fr, ff)
+    fake, real = noise_cut(cells.reshape(len(seeds) * len(val), -1), geom), data["cells"][val]
+    fr, ff = features(real, geom), features(fake, geom)
+    bins = common.auto_bins(len(real), len(fake))
+    sp = lambda a, b: common.separation_power_clipped(a, b, bins)  # noqa: E731
+    m = {"toy": data["toy"], "correlation_mse": common.correlation_mse(real, fake), "bins": bins,
+         "separation_power": {"total_energy": sp(real.sum(1), fake.sum(1))}}
+    for k in fr:
+        m["separation_power"][k] = ({n: sp(fr[k][:, i], ff[k][:, i]) for i, n in enumerate(geom.layer_names)}
+                                    if fr[k].shape[1] == geom.n_layers else sp(fr[k], ff[k]))
+    m["mean_fraction_per_layer"] = {w: dict(zip(geom.layer_names, f["fraction_per_layer"].mean(0).tolist()))
+                                    for w, f in (("real", fr), ("generated", ff))}
+    return m, fake, (fr, ff)
 
 
 def load_ckpt(path, device="cpu"):
@@ -622,20 +617,6 @@ def features(cells, geom):
     return f
 
 
-def evaluate(real, fake, geom, toy, fr, ff):
-    """Correlation MSE and separation powers of real vs generated (features fr, ff), binned as evaluate.py."""
-    bins = common.auto_bins(len(real), len(fake))
-    sp = lambda a, b: common.separation_power_clipped(a, b, bins)  # noqa: E731
-    m = {"toy": toy, "correlation_mse": common.correlation_mse(real, fake), "bins": bins,
-         "separation_power": {"total_energy": sp(real.sum(1), fake.sum(1))}}
-    for k in fr:
-        m["separation_power"][k] = ({n: sp(fr[k][:, i], ff[k][:, i]) for i, n in enumerate(geom.layer_names)}
-                                    if fr[k].shape[1] == geom.n_layers else sp(fr[k], ff[k]))
-    m["mean_fraction_per_layer"] = {w: dict(zip(geom.layer_names, f["fraction_per_layer"].mean(0).tolist()))
-                                    for w, f in (("real", fr), ("generated", ff))}
-    return m
-
-
 def summary(m):
     fsp = m["separation_power"]["fraction_per_layer"]
     return (f"{'TOY ' if m['toy'] else ''}correlation MSE {m['correlation_mse']:.4f} | fraction-per-layer "
@@ -678,13 +659,12 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
         save(fig, name, title, left=left, bottom=0.15, top=0.88)
 
     ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
+    labels = {f"{w}_{a}_per_layer": (f"{t} in {n} per layer", n) for w, t in (("centre", "energy-weighted centre"),
+              ("width", "width")) for a, n in zip("xy", ax_names)}
+    labels.update(energy_per_layer=("energy per layer", "MeV"), middle_core_fraction=("Middle 3x3 core / Middle",
+                  "fraction"), fraction_per_layer=("fraction of the cluster energy per layer", "fraction"))
     for k in fr:                        # one histogram per layer (or Middle) and variate
-        title, xlabel = {"energy_per_layer": ("energy per layer", "MeV"),
-                         "fraction_per_layer": ("fraction of the cluster energy per layer", "fraction"),
-                         "middle_core_fraction": ("Middle 3x3 core / Middle", "fraction")}.get(
-                             k, (None, ax_names[k.split("_")[1] == "y"]))
-        title = title or ("energy-weighted centre in " if k.startswith("centre") else "width in ") + xlabel + \
-            " per layer"
+        title, xlabel = labels[k]
         a, b, logx, sps = fr[k], ff[k], k == "energy_per_layer", metrics["separation_power"][k]
         cols = names if a.shape[1] == L else ["Middle"]
         fig, axs = plt.subplots(1, a.shape[1], figsize=(3.2 * a.shape[1], 3), squeeze=False)
@@ -695,9 +675,8 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
             edges = np.geomspace(lo, hi * 1.0001, 41) if logx else np.linspace(lo, hi + 1e-12, 41)
             ax.hist(a[:, i], edges, histtype="stepfilled", alpha=0.4, color="grey", label="real", density=True)
             ax.hist(b[:, i], edges, histtype="step", color="C3", lw=1.5, label="generated", density=True)
-            ax.set_xscale("log" if logx else "linear")
+            ax.set(xscale="log" if logx else "linear", xlabel=xlabel)
             ax.set_title(f"{cols[i]}  SP {sps[cols[i]] if isinstance(sps, dict) else sps:.3f}", fontsize=9)
-            ax.set_xlabel(xlabel, fontsize=8)
         axs[0][0].legend(fontsize=7)
         save(fig, k, title)
     if geom.name.startswith("atlas"):   # width in phi of Middle vs energy; fakes share the real conditions
