@@ -14,6 +14,8 @@ per epoch, new Adam per file (P:196-204, 301-304); BatchNorm frozen on its initi
 M:288,313); ReLU output from epoch 3 (P:50,262-268); fake Ep U(100,400) then U(2,500) (M:266-271, 312);
 best-epoch metric of F:463-640. TOY run (no --data): 4000 showers, 10 epochs; claim (SF within 10%, depth
 profile within 20%) not reached: SF 0.73-1.01, profile off up to x4 (README: the table of runs).
+Bad input (flags, files, --out, checkpoints, another script's run folder): one line, exit 2, nothing written;
+OUT/run.json names the script and the model flags (--latent/--width/--xscale) that --resume must keep.
 Deviations from the original:
 - images x --xscale 50 inside the networks (F:45-90 feeds GeV): at x1 adagan.py's MIXDISC fails
 - Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit)
@@ -30,6 +32,7 @@ import shutil
 import sys
 import time
 
+import h5py
 import numpy as np
 import torch
 import torch.nn as nn
@@ -54,8 +57,7 @@ def get_args(argv=None, toy_config=False):
     p = argparse.ArgumentParser(prog=SCRIPT, description="2DGAN for the 25x25x25 LCD ECAL (PyTorch).")
     p.error = lambda msg: sys.exit(common.fail(SCRIPT, msg))      # one line (rank 0), not argparse's usage block
     a = p.add_argument
-    a("--data", help="LCD HDF5 file or quoted glob (ECAL + target, or 51x51x25 ECAL + energy); none: toy LCD "
-                     "showers made once under ./data/, and the TOY configuration")
+    a("--data", help="LCD .h5 file or quoted glob (ECAL + target, or 51x51x25 ECAL + energy); none: TOY showers")
     a("--toy-n", type=int, help="number of toy showers when no --data (default 4000)")
     a("--out", help="run folder (default runs/2dgan); with --generate: the output .h5 (default generated.h5)")
     a("--epochs", type=int, help="training epochs (default 30; toy 10)")
@@ -74,18 +76,15 @@ def get_args(argv=None, toy_config=False):
     a("--label-real", type=float, default=0.9, help="BCE target of real showers and of the G step")
     a("--label-fake", type=float, default=0.0, help="BCE target of generated showers")
     a("--label-flip", type=float, default=0.05, help="probability that a label becomes 1 (if 0) or 0 (else)")
-    a("--bn-mode", default="frozen", choices=["frozen", "batch"], help="frozen: BatchNorm on its initial moving "
-      "statistics and no dropout while training (the original's); batch: batch statistics and dropout")
-    a("--fake-ep", default="uniform", choices=["uniform", "real"],
-      help="fakes' Ep after --early-epochs: U(2,500) GeV, or the real minibatch's")
+    a("--bn-mode", default="frozen", choices=["frozen", "batch"], help="frozen: no BatchNorm update, no dropout")
+    a("--fake-ep", default="uniform", choices=["uniform", "real"], help="fakes' Ep: U(2,500) GeV or the real batch's")
     a("--early-epochs", type=int, default=2, help="first epochs with fake Ep ~ U(100,400) GeV")
     a("--relu-epoch", type=int, default=3, help="epoch (from 1) from which the output is ReLU, not linear")
     a("--val-frac", type=float, help="held-out fraction (metric, generated.h5; default 0.1; toy 0.25)")
     a("--val-max", type=int, default=20000, help="at most this many held-out events in the per-epoch metric")
     a("--val-window", type=float, help="half-width in GeV of the metric's Ep windows (default 5; toy 50)")
     a("--val-min", type=int, default=100, help="fewest events for an Ep window to count in the metric")
-    a("--max-data-gb", type=float, help="load the data on the device if smaller than this "
-                                        "(default: half the free device memory / available RAM)")
+    a("--max-data-gb", type=float, help="load the data on the device below this (default: half the free memory)")
     a("--seed", type=int, default=0, help="random seed (data split, initialisation, batches)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     a("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast on CUDA (ignored on CPU)")
@@ -122,9 +121,6 @@ DataError = common.InputError      # bad input: one line '<file or flag>: <probl
 
 def _lcd_header(path):
     """(n_events, Ep key) of one LCD file after checking keys and shapes, reading no cells."""
-    import h5py
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
     try:
         with h5py.File(path, "r") as f:
             shape = f["ECAL"].shape if "ECAL" in f else None
@@ -132,7 +128,8 @@ def _lcd_header(path):
                 "energy" if "energy" in f else None
             n_e = f[ekey].shape[0] if ekey else None
     except (OSError, AttributeError, TypeError, IndexError) as e:       # a group where a dataset should be, too
-        raise DataError(f"{path}: cannot read as an LCD HDF5 file ({e.__class__.__name__})")
+        raise DataError(f"{path}: " + (f"cannot read as an LCD HDF5 file ({e.__class__.__name__})"
+                                       if os.path.isfile(path) else "no such file"))
     for bad, msg in ((shape is None, "missing key 'ECAL'"),
                      (shape is not None and (len(shape) != 4 or shape[1:] not in ((25, 25, 25), (51, 51, 25))),
                       f"ECAL has shape {shape}, expected (N,25,25,25) or (N,51,51,25)"),
@@ -146,7 +143,6 @@ def _lcd_header(path):
 def _read_lcd(path, idx=None, cells=True):
     """One file (all events or the sorted indices idx): ECAL (n,25,25,25) GeV (None if not cells), Ep (n,) GeV;
     real numbers, finite in float32 (the training dtype)."""
-    import h5py
     ekey = _lcd_header(path)[1]
     sel = slice(None) if idx is None else np.asarray(idx)
     with h5py.File(path, "r") as f:
@@ -164,21 +160,17 @@ def _read_lcd(path, idx=None, cells=True):
 
 def load_lcd(pattern):
     """One LCD file or a glob of them -> (ECAL (N,25,25,25) float32 GeV, Ep (N,) float32 GeV)."""
-    files = common.input_files(pattern)
-    for f in files:            # check every header before reading any cell
-        _lcd_header(f)
+    files = [f for f in common.input_files(pattern) if _lcd_header(f)]      # every header before any cell
     xs, eps = zip(*[_read_lcd(f) for f in files])
     return np.concatenate(xs), np.concatenate(eps)
 
 def write_lcd(path, ecal, ep):
     """LCD format (ECAL (N,25,25,25) GeV, target (N,2) = [pdg 11, Ep]), written atomically; NaN/inf refused."""
-    import h5py
     common.check_finite([ecal, ep], path)
     def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("ECAL", data=np.asarray(ecal, np.float32), chunks=(min(len(ecal), 256), 25, 25, 25))
-            f["target"] = np.c_[np.full(len(ep), 11.0), np.asarray(ep, np.float64)].astype(np.float32)
-            f.attrs["generator"] = SCRIPT
+            f["target"], f.attrs["generator"] = np.c_[np.full(len(ep), 11.0), ep].astype(np.float32), SCRIPT
     common.write_atomic(path, write)
 
 def split_indices(n, val_frac, seed):
@@ -206,26 +198,17 @@ class LCDStream:
                 left -= len(parts[-1][1])
         return tuple(np.concatenate(a) for a in zip(*parts))
 
-def is_toy(files):
-    """True if any file carries the toy=True attribute of common.write_toy."""
-    import h5py
-    return any(h5py.File(f, "r").attrs.get("toy", False) for f in files)
-
-def memory_budget(device, max_gb=None):
-    if max_gb is not None:
-        return max_gb * 1e9
+def free_bytes(device):
+    """Free device memory, or available RAM."""
     if device.type == "cuda":
-        return 0.5 * torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
-            return 0.5 * float(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
+            return float(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 # ---------------------------------------------------------------- model
-def _ch(c, width):
-    return max(1, int(round(c * width)))
-
 def _pad_same(k):
     """TF 'same' padding for stride 1: (k-1)//2 before, the rest after (asymmetric for even k)."""
     lo = (k - 1) // 2
@@ -245,10 +228,9 @@ def keras_init(net):
     """Keras' initialisers: he_uniform where the original names it, glorot_uniform elsewhere, zero biases."""
     for mod in net.modules():
         if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            init = nn.init.kaiming_uniform_ if getattr(mod, "he", False) else nn.init.xavier_uniform_
-            init(mod.weight, **({"nonlinearity": "relu"} if init is nn.init.kaiming_uniform_ else {}))
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
+            _ = nn.init.kaiming_uniform_(mod.weight, nonlinearity="relu") if getattr(mod, "he", False) else \
+                nn.init.xavier_uniform_(mod.weight)
+            _ = mod.bias is not None and nn.init.zeros_(mod.bias)
     return net
 
 # the three branches see the volume (N, x, y, z) as (N, C, H, W) with C = z, y, x in turn
@@ -259,9 +241,8 @@ class Generator(nn.Module):
     """(Ep/100) * N(0,1)^latent -> Dense(125) -> 5x5x5 -> 3 permuted 2D-conv branches -> (N,25,25,25)."""
     def __init__(self, latent=200, width=1.0, xscale=50.0):
         super().__init__()
-        c32, c64 = _ch(32, width), _ch(64, width)
-        self.latent = latent
-        self.dense = nn.Linear(latent, 125)
+        c32, c64 = (max(1, round(c * width)) for c in (32, 64))      # channels x --width
+        self.latent, self.dense = latent, nn.Linear(latent, 125)
         def branch():
             return nn.Sequential(
                 _block(_conv(5, c32, 5, he=False), c32),                               # 5x5
@@ -288,7 +269,7 @@ class Discriminator(nn.Module):
     """3 permuted 2D-conv branches -> 9x9x9 each -> Dense(10) -> (real/fake logit, Ep/100, Ecal = sum)."""
     def __init__(self, width=1.0):
         super().__init__()
-        c32, c64 = _ch(32, width), _ch(64, width)
+        c32, c64 = (max(1, round(c * width)) for c in (32, 64))      # channels x --width
         def branch():
             return nn.Sequential(
                 _block(_conv(25, c64, 8, he=False), c64),                              # 25
@@ -314,18 +295,15 @@ def keras_param_count(module):
 
 # ---------------------------------------------------------------- train
 def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device available")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+    local = name == "cuda" and "LOCAL_RANK" in os.environ
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if local else torch.device(name)
 
 def _autocast(device, dtype):
-    if dtype == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    on = dtype == "bf16" and device.type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on else torch.autocast("cpu", enabled=False)
 
 def mape(target, pred):
     return 100.0 * ((target - pred).abs() / target.abs().clamp_min(1e-6)).mean()
@@ -359,35 +337,6 @@ def shower_metric(real, fake, ep, half=5.0, min_count=100, n_boot=0, seed=0):
 def epoch_seed(seed, rank, epoch):
     """Seed of one rank's random stream in one epoch: resumed ranks continue with their own streams."""
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
-
-def prepare(args, ecal, ep, weights=None, split=None):
-    """Split, held-out showers, fakes' Ecal/Ep fit (4th order, training events), weights of training events."""
-    if isinstance(ecal, LCDStream):
-        if weights is not None or split is not None:
-            raise ValueError("weights and split need the data in memory (not streamed)")
-        val_x, val_ep = ecal.val_events(args.val_max)
-        x0, e0 = ecal.train_part(0)                    # the fit uses the first file
-        sf0, train_idx, val_idx = common.sampling_fraction(x0, e0), None, None
-        n_train = sum(len(tr) for tr, _ in ecal.splits)
-    else:
-        n = len(ep)
-        train_idx, val_idx = split_indices(n, args.val_frac, args.seed) if split is None else \
-            (np.asarray(a, np.int64).reshape(-1) for a in split)
-        if not (len(train_idx) and len(val_idx)) or min(train_idx.min(), val_idx.min()) < 0 \
-                or max(train_idx.max(), val_idx.max()) >= n:
-            raise ValueError(f"split must be two non-empty index arrays into the {n} events")
-        n_train = len(train_idx)
-        vsel = np.sort(val_idx[np.random.default_rng(args.seed).permutation(len(val_idx))[:args.val_max]])
-        val_x, val_ep, e0 = ecal[vsel], ep[vsel], ep[train_idx]
-        sf0 = np.concatenate([common.sampling_fraction(ecal[train_idx[s:s + 4096]], e0[s:s + 4096])
-                              for s in range(0, n_train, 4096)])     # in chunks: no copy of the whole set
-        if weights is not None:
-            weights = np.asarray(weights, np.float64)
-            weights = weights[train_idx] if len(weights) == n else weights
-            if len(weights) != n_train or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-                raise ValueError(f"weights must be {n_train} (or {n}) finite non-negative numbers, not all 0")
-    return {"train_idx": train_idx, "val_idx": val_idx, "n_train": n_train, "weights": weights,
-            "val_x": val_x, "val_ep": val_ep, "sf_poly": np.polyfit(e0.astype(np.float64), sf0, 4)}
 
 class Steps:
     """D on real, D on fake, one G step with its own Ep draw (M:312); `gen`: noise, flips, fakes' Ep."""
@@ -434,32 +383,69 @@ class Steps:
         self.opt[name].step()
         return loss
 
-class Batches:
-    """(images, Ep, index batches) per 'file' of an epoch: equal parts of the in-memory set (drawn by weight, or
-    permuted), or the real files in a seeded order when streamed. `gen`: the rank's stream, reseeded per epoch."""
-    def __init__(self, args, ecal, ep, d, device, gen):
-        self.a, self.ecal, self.dev, self.gen, self.bs, self.n = args, ecal, device, gen, args.batch_size, d["n_train"]
-        self.stream, self.steps = d["train_idx"] is None, max(1, self.n // self.bs)
-        self.n_files = len(ecal.files) if self.stream else max(1, round(self.n / args.file_events))
-        if not self.stream:
-            self.x, self.ep = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
-            self.tr = torch.from_numpy(d["train_idx"]).to(device)
-            self.w = None if d["weights"] is None else torch.from_numpy(d["weights"]).to(device)
-    def __call__(self, epoch):
-        bs, n, gen = self.bs, self.n, self.gen
+class TrainData:
+    """Split, held-out showers, fakes' Ecal/Ep fit (4th order, training events), and per epoch the (images, Ep, index
+    batches) of each 'file': equal parts of the in-memory set (drawn by weight, or permuted), or the real files in a
+    seeded order when streamed. weights: draw probabilities of the training events (len(train_idx) or N)."""
+    def __init__(self, args, ecal, ep, device, weights=None, split=None):
+        self.a, self.ecal, self.dev, self.bs = args, ecal, device, args.batch_size
+        self.stream = isinstance(ecal, LCDStream)
         if self.stream:
-            for i in torch.randperm(self.n_files, generator=torch.Generator().manual_seed(self.a.seed + epoch)).tolist():
+            if weights is not None or split is not None:
+                raise ValueError("weights and split need the data in memory (not streamed)")
+            self.val_x, self.val_ep = ecal.val_events(args.val_max)
+            x0, e0 = ecal.train_part(0)                    # the fit uses the first file
+            sf0, self.train_idx, self.val_idx = common.sampling_fraction(x0, e0), None, None
+            self.n = sum(len(tr) for tr, _ in ecal.splits)
+        else:
+            n = len(ep)
+            tr, va = split_indices(n, args.val_frac, args.seed) if split is None else \
+                (np.asarray(a, np.int64).reshape(-1) for a in split)
+            if not (len(tr) and len(va)) or min(tr.min(), va.min()) < 0 or max(tr.max(), va.max()) >= n:
+                raise ValueError(f"split must be two non-empty index arrays into the {n} events")
+            self.train_idx, self.val_idx, self.n = tr, va, len(tr)
+            vsel = np.sort(va[np.random.default_rng(args.seed).permutation(len(va))[:args.val_max]])
+            self.val_x, self.val_ep, e0 = ecal[vsel], ep[vsel], ep[tr]
+            sf0 = np.concatenate([common.sampling_fraction(ecal[tr[s:s + 4096]], e0[s:s + 4096])
+                                  for s in range(0, len(tr), 4096)])     # in chunks: no copy of the whole set
+            if weights is not None:
+                weights = np.asarray(weights, np.float64)
+                weights = weights[tr] if len(weights) == n else weights
+                if len(weights) != len(tr) or not np.isfinite(weights).all() or (weights < 0).any() \
+                        or weights.sum() <= 0:
+                    raise ValueError(f"weights must be {len(tr)} (or {n}) finite non-negative numbers, not all 0")
+            self.x, self.ep = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
+            self.tr = torch.from_numpy(tr).to(device)
+            self.w = None if weights is None else torch.from_numpy(weights).to(device)
+        self.sf_poly = np.polyfit(e0.astype(np.float64), sf0, 4)
+        self.steps = max(1, self.n // self.bs)
+        self.n_files = len(ecal.files) if self.stream else max(1, round(self.n / args.file_events))
+    def files(self, epoch, gen):
+        bs, n, dev = self.bs, self.n, self.dev
+        if self.stream:                 # the files in an order seeded per epoch, the same on every rank
+            order = torch.randperm(self.n_files, generator=torch.Generator().manual_seed(self.a.seed + epoch))
+            for i in order.tolist():
                 x, e = self.ecal.train_part(i)
-                perm = torch.randperm(len(e), device=self.dev, generator=gen)[:len(e) // bs * bs].view(-1, bs)
-                yield torch.from_numpy(x).to(self.dev), torch.from_numpy(e).to(self.dev), perm
+                perm = torch.randperm(len(e), device=dev, generator=gen)[:len(e) // bs * bs].view(-1, bs)
+                yield torch.from_numpy(x).to(dev), torch.from_numpy(e).to(dev), perm
             return
         if self.w is not None:
             draw = torch.multinomial(self.w, self.steps * bs, replacement=True, generator=gen)
         else:
-            draw = torch.randperm(n, device=self.dev, generator=gen)
+            draw = torch.randperm(n, device=dev, generator=gen)
             draw = draw[:self.steps * bs] if n >= bs else draw.repeat(bs // n + 1)[:bs]
         for part in torch.tensor_split(self.tr[draw].view(-1, bs), self.n_files):
             yield self.x, self.ep, part
+
+def save_ckpt(path, G, D, st, args, data, rank):
+    """Checked on every rank (all stop alike on NaN/inf, the previous file kept), written by rank 0. No optimiser
+    state: Adam is new at every file, so at every epoch; the RNG state is the epoch (epoch_seed)."""
+    ck = {"script": SCRIPT, "model": {"G": G.state_dict(), "D": D.state_dict()}, **st, "args": dict(vars(args)),
+          "rng": "epoch_seed(seed, rank, epoch)", "sf_poly": data.sf_poly.tolist(), "geometry": "lcd",
+          "xscale": args.xscale, "latent": args.latent, "width": args.width,
+          "val_idx": None if data.val_idx is None else data.val_idx.tolist()}
+    common.check_finite(ck, path)
+    _ = rank == 0 and common.write_atomic(path, lambda t: torch.save(ck, t))
 
 def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     """ecal (N,25,25,25), ep (N,) GeV (or an LCDStream, None); split: (train_idx, val_idx); weights: draw
@@ -470,7 +456,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     if args.dtype == "bf16" and device.type != "cuda" and rank == 0:
         log("--dtype bf16 is ignored on CPU (autocast only on CUDA): training in fp32")
     torch.manual_seed(args.seed)
-    d = prepare(args, ecal, ep, weights, split)
+    data = TrainData(args, ecal, ep, device, weights, split)
     G, D = Generator(args.latent, args.width, args.xscale).to(device), Discriminator(args.width).to(device)
     st = {"epoch": 0, "step": 0, "history": [], "best": {"epoch": -1, "metric": float("inf"), "G": None, "D": None}}
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if out_dir else None
@@ -478,8 +464,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         ck, G_ck, D_ck = read_ckpt(ckpt_path, device, args)
         G.load_state_dict(G_ck.state_dict()), D.load_state_dict(D_ck.state_dict())
         st = {k: ck[k] for k in st}
-        if rank == 0:
-            log(f"resumed from {ckpt_path} at epoch {st['epoch']}, step {st['step']}")
+        _ = rank == 0 and log(f"resumed from {ckpt_path} at epoch {st['epoch']}, step {st['step']}")
     G_run, D_run = G, D
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -488,12 +473,12 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     if args.compile:
         G_run, D_run = torch.compile(G_run), torch.compile(D_run)
     gen = torch.Generator(device)        # batches, noise, flips: reseeded per rank and epoch (epoch_seed)
-    step, files = Steps(args, G, D, G_run, D_run, d["sf_poly"], device, gen), Batches(args, ecal, ep, d, device, gen)
-    def speed():
+    step, t0, done0 = Steps(args, G, D, G_run, D_run, data.sf_poly, device, gen), time.time(), st["step"]
+    def progress(loss_d, loss_g, extra=""):
         rate = (st["step"] - done0) * args.batch_size * world / (time.time() - t0)
-        eta = int(max(0, (args.epochs * files.steps - st["step"]) * args.batch_size * world / max(rate, 1e-9)))
-        return f"{rate:.0f} samples/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
-    t0, done0 = time.time(), st["step"]
+        eta = int(max(0, (args.epochs * data.steps - st["step"]) * args.batch_size * world / max(rate, 1e-9)))
+        return (f"epoch {epoch + 1}/{args.epochs} | step {st['step']} | loss_d {loss_d:.4g} loss_g {loss_g:.4g} | "
+                f"{extra}{rate:.0f} samples/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
     for epoch in range(st["epoch"], args.epochs):
         gen.manual_seed(epoch_seed(args.seed, rank, epoch))
         torch.manual_seed(epoch_seed(args.seed, rank, epoch) + 1)      # dropout
@@ -501,17 +486,15 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         for net in (G_run, D_run):          # frozen: BatchNorm on its moving statistics, no dropout
             net.train(args.bn_mode == "batch")
         sums, n_b, first = np.zeros(2), 0, []
-        for k, (xc, ec, batches) in enumerate(files(epoch)):
-            step.new_adam(epoch + k / files.n_files)
+        for k, (xc, ec, batches) in enumerate(data.files(epoch, gen)):
+            step.new_adam(epoch + k / data.n_files)
             for bidx in batches:
                 first = first or bidx[:4].tolist()
                 losses = step(xc[bidx].float() * args.xscale, ec[bidx].float(), epoch)
                 st["step"], n_b, sums = st["step"] + 1, n_b + 1, sums + losses
-                if rank == 0 and st["step"] % args.log_every == 0:
-                    log(f"epoch {epoch + 1}/{args.epochs} | step {st['step']} | loss_d {losses[0]:.4g} "
-                        f"loss_g {losses[1]:.4g} | {speed()}")
+                _ = rank == 0 and st["step"] % args.log_every == 0 and log(progress(*losses))
         common.check_finite([G.state_dict(), D.state_dict(), sums], ckpt_path or "the model")  # every rank, alike
-        metric, sd = shower_metric(d["val_x"], generate(G, d["val_ep"], device=device, seed=args.seed), d["val_ep"],
+        metric, sd = shower_metric(data.val_x, generate(G, data.val_ep, device=device, seed=args.seed), data.val_ep,
                                    args.val_window, args.val_min, n_boot=100, seed=args.seed)
         rec = {"epoch": epoch + 1, "step": st["step"], "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
                "val_metric": metric, "val_metric_sd": sd, "lr_g": step.opt["G"].param_groups[0]["lr"],
@@ -522,26 +505,19 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         st["history"].append(rec)
         st["epoch"] = epoch + 1
         if metric < st["best"]["metric"]:
-            st["best"] = {"epoch": epoch + 1, "metric": metric, **{name: {k: v.detach().cpu().clone() for k, v in
-                                                                          net.state_dict().items()} for name, net in step.nets}}
-        if rank == 0:
-            log(f"epoch {epoch + 1}/{args.epochs} | step {st['step']} | loss_d {rec['loss_d']:.4g} loss_g "
-                f"{rec['loss_g']:.4g} | val_metric {metric:.4f} +- {sd:.4f} (best {st['best']['metric']:.4f} @ "
-                f"{st['best']['epoch']}) | {speed()}")
+            st["best"] = {"epoch": epoch + 1, "metric": metric, **{
+                name: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} for name, net in step.nets}}
+        _ = rank == 0 and log(progress(rec["loss_d"], rec["loss_g"], f"val_metric {metric:.4f} +- {sd:.4f} (best "
+                                       f"{st['best']['metric']:.4f} @ {st['best']['epoch']}) | "))
         if ckpt_path and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
-            # no optimiser state: Adam is new at every file, so at every epoch; the RNG state is the epoch
-            ck = {"script": SCRIPT, "model": {"G": G.state_dict(), "D": D.state_dict()}, **st, "args": dict(vars(args)),
-                  "rng": "epoch_seed(seed, rank, epoch)", "sf_poly": d["sf_poly"].tolist(), "geometry": "lcd",
-                  "xscale": args.xscale, "latent": args.latent, "width": args.width,
-                  "val_idx": None if d["val_idx"] is None else d["val_idx"].tolist()}
-            common.check_finite(ck, ckpt_path)          # on every rank: all stop alike
-            _ = rank == 0 and common.write_atomic(ckpt_path, lambda t: torch.save(ck, t))
+            save_ckpt(ckpt_path, G, D, st, args, data, rank)
     for name, net in step.nets:
         if st["best"]["G"] is not None:
             net.load_state_dict(st["best"][name])
         net.eval()
     return {"generator": G, "discriminator": D, "best_epoch": st["best"]["epoch"], "history": st["history"],
-            "metric": st["best"]["metric"], "train_idx": d["train_idx"], "val_idx": d["val_idx"], "sf_poly": d["sf_poly"]}
+            "metric": st["best"]["metric"], "train_idx": data.train_idx, "val_idx": data.val_idx,
+            "sf_poly": data.sf_poly}
 
 # ---------------------------------------------------------------- generate
 @torch.no_grad()
@@ -585,31 +561,26 @@ def load_checkpoint(path, device="cpu"):
 
 # ---------------------------------------------------------------- main
 def make_plots(real, fake, ep, folder, toy):
+    """The paper's figures: sampling fraction vs Ep with the gen/real ratio, and the x, y, z profiles."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tag = "TOY " if toy else ""
-    sets = (("real", real, "o"), ("2DGAN", fake, "s"))
-    # sampling fraction vs Ep, and the ratio in 10 GeV bins
-    edges = np.arange(0.0, max(510.0, ep.max() + 10), 10.0)
+    tag, sets = "TOY " if toy else "", (("real", real, "o"), ("2DGAN", fake, "s"))
+    edges = np.arange(0.0, max(510.0, ep.max() + 10), 10.0)            # sampling fraction in 10 GeV bins
     c = 0.5 * (edges[1:] + edges[:-1])
     fig, ax = plt.subplots(2, 1, figsize=(6, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    means = []
-    for label, x, mk in sets:
-        m, sd, _ = common.binned_stat(ep, common.sampling_fraction(x, ep), edges)
+    means = [common.binned_stat(ep, common.sampling_fraction(x, ep), edges)[:2] for _, x, _ in sets]
+    for (label, _, mk), (m, sd) in zip(sets, means):
         ax[0].errorbar(c, m, sd, fmt=mk, ms=3, label=label)
-        means.append(m)
     ax[0].set(ylabel="Ecal / Ep", title=f"{tag}sampling fraction vs Ep")
-    ax[1].plot(c, means[1] / means[0], "k.", ms=3, label="10 GeV bins")
-    r50, e50 = common.sf_ratio_per_bin(fake, ep, real, ep)
-    ax[1].stairs(r50, e50, baseline=None, color="C3", lw=2, label="50 GeV bins")
+    ax[1].plot(c, means[1][0] / means[0][0], "k.", ms=3, label="10 GeV bins")
+    ax[1].stairs(*common.sf_ratio_per_bin(fake, ep, real, ep), baseline=None, color="C3", lw=2, label="50 GeV bins")
     ax[1].axhspan(0.9, 1.1, color="grey", alpha=0.2)
     ax[1].set(ylabel="gen / real", xlabel="Ep [GeV]", ylim=(0.5, 1.5))
     ax[0].legend(), ax[1].legend(fontsize=7)
     figs = [(fig, "sampling_fraction.png")]
-    # profiles along x, y, z
     fig, ax = plt.subplots(2, 3, figsize=(12, 6), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
-    for k, (pr, pf) in enumerate(zip(common.axis_profiles(real), common.axis_profiles(fake))):
+    for k, (pr, pf) in enumerate(zip(common.axis_profiles(real), common.axis_profiles(fake))):     # x, y, z
         r, f = pr.mean(0), pf.mean(0)
         for (label, _, mk), v in zip(sets, (r, f)):
             ax[0, k].plot(np.log10(np.maximum(v, 1e-12)), mk + "-", ms=3, label=label)
@@ -637,49 +608,40 @@ def claim_metrics(real, fake, ep):
 def benchmark(args):
     """One JSON line: generation showers/s and training samples/s (the real training step) on this device."""
     device = resolve_device(args.device)
-    if args.dtype == "bf16" and device.type != "cuda":
+    cuda = device.type == "cuda"
+    if args.dtype == "bf16" and not cuda:
         print("--dtype bf16 is ignored on CPU: benchmarking fp32", file=sys.stderr)
         args.dtype = "fp32"
     torch.manual_seed(args.seed)
     G, D = Generator(args.latent, args.width, args.xscale).to(device), Discriminator(args.width).to(device)
     Gc, Dc = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     def rate(fn, batch):
         """Items/s of fn over --bench-steps calls, after one warm-up call."""
         fn(), sync()
         t = time.perf_counter()
         [fn() for _ in range(args.bench_steps)], sync()
         return batch * args.bench_steps / (time.perf_counter() - t)
-    gb = args.gen_batch or (4096 if device.type == "cuda" else 8)
+    gb, bs = args.gen_batch or (4096 if cuda else 8), args.bench_batch or (args.batch_size if cuda else 4)
     z = torch.randn(gb, args.latent, device=device)
     with torch.no_grad(), _autocast(device, args.dtype):
         gen_rate = rate(lambda: Gc(z), gb)
-    bs = args.bench_batch or (args.batch_size if device.type == "cuda" else 4)
     step = Steps(args, G, D, Gc, Dc, [0.02], device, torch.Generator(device).manual_seed(0))
     step.new_adam(0.0)
     real, e = torch.rand(bs, 25, 25, 25, device=device), torch.full((bs,), 100.0, device=device)
-    train_rate = rate(lambda: step(real, e, args.epochs), bs)
-    print(json.dumps({"script": SCRIPT, "device": str(device) if device.type == "cpu" else
-                      torch.cuda.get_device_name(device), "dtype": args.dtype, "compile": args.compile,
-                      "width": args.width, "bn_mode": args.bn_mode, "gen_batch": gb,
-                      "gen_showers_per_s": round(gen_rate, 2), "train_batch": bs,
-                      "train_samples_per_s": round(train_rate, 2)}))
+    print(json.dumps({"script": SCRIPT, "device": torch.cuda.get_device_name(device) if cuda else str(device),
+                      "dtype": args.dtype, "compile": args.compile, "width": args.width, "bn_mode": args.bn_mode,
+                      "gen_batch": gb, "gen_showers_per_s": round(gen_rate, 2), "train_batch": bs,
+                      "train_samples_per_s": round(rate(lambda: step(real, e, args.epochs), bs), 2)}))
 
 def run_generate(args):
-    out = args.out or "generated.h5"
-    if not args.ckpt:
-        raise DataError("--generate needs --ckpt PATH")
+    out, device = args.out or "generated.h5", resolve_device(args.device)
+    if not args.ckpt or not os.path.isfile(args.ckpt):
+        raise DataError(f"--ckpt {args.ckpt}: no such file" if args.ckpt else "--generate needs --ckpt PATH")
     common.check_out_path(out, "--out", folder=False)
-    if not os.path.isfile(args.ckpt):
-        raise DataError(f"--ckpt {args.ckpt}: no such file")
-    device = resolve_device(args.device)
-    G, _ = load_checkpoint(args.ckpt, device)
-    lo, hi = args.energy_range
+    G, (lo, hi), t = load_checkpoint(args.ckpt, device)[0], args.energy_range, time.time()
     ep = np.random.default_rng(args.seed).uniform(lo, hi, args.generate).astype(np.float32)
-    t = time.time()
-    x = generate(G, ep, args.gen_batch or 1024, device, seed=args.seed,
-                 dtype=args.dtype if device.type == "cuda" else "fp32")
-    write_lcd(out, x, ep)
+    write_lcd(out, generate(G, ep, args.gen_batch or 1024, device, seed=args.seed, dtype=args.dtype), ep)
     print(f"wrote {args.generate} showers (Ep {lo:g}-{hi:g} GeV) to {out} in {time.time() - t:.1f} s")
 
 def main(argv=None):
@@ -691,13 +653,13 @@ def main(argv=None):
     except (DataError, OSError) as e:
         return common.fail(SCRIPT, e)
 
-def check_inputs(args, out, rank, ddp):
-    """Every input, on every rank, before anything is written: (data, Ep or None, files, size, toy, in memory)."""
-    common.check_out_path(out, "--out")
-    for name in ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json", "plots/profiles.png",
+def check_inputs(args, out, model, rank, ddp):
+    """Every input, on every rank, before anything is written or a process group joined (all ranks fail alike):
+    -> (ECAL or LCDStream, Ep or None, bytes, toy, in memory)."""
+    for name in ("", "ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json", "plots/profiles.png",
                  "plots/sampling_fraction.png"):
-        common.check_out_path(os.path.join(out, name), "--out", folder=False)
-    common.check_run_folder(out, SCRIPT, {k: getattr(args, k) for k in ("latent", "width", "xscale")}, args.resume)
+        common.check_out_path(os.path.join(out, name) if name else out, "--out", folder=not name)
+    common.check_run_folder(out, SCRIPT, model, args.resume)
     if args.resume and not os.path.exists(os.path.join(out, "ckpt.pt")):
         raise DataError(f"{os.path.join(out, 'ckpt.pt')}: --resume but no checkpoint there")
     _ = args.resume and read_ckpt(os.path.join(out, "ckpt.pt"), "cpu", args)
@@ -714,51 +676,46 @@ def check_inputs(args, out, rank, ddp):
             time.sleep(0.5)
     files = common.input_files(args.data)
     size = sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4    # checks every file's keys and shapes
-    in_memory = size <= memory_budget(resolve_device(args.device), args.max_data_gb)
-    if in_memory:
+    toy = toy or any(h5py.File(f, "r").attrs.get("toy", False) for f in files)
+    if size <= (args.max_data_gb * 1e9 if args.max_data_gb else 0.5 * free_bytes(resolve_device(args.device))):
         ecal, ep = load_lcd(args.data)
-        split_indices(len(ep), args.val_frac, args.seed)
-    else:
-        for f in files:                  # every cell of every file, before the run folder is made
-            _read_lcd(f)
-        ecal, ep = LCDStream(files, args.val_frac, args.seed), None
-    return ecal, ep, size, toy or is_toy(files), in_memory
+        split_indices(len(ep), args.val_frac, args.seed)          # too few events: refused here
+        return ecal, ep, size, toy, True
+    for f in files:                  # every cell of every file, before the run folder is made
+        _read_lcd(f)
+    return LCDStream(files, args.val_frac, args.seed), None, size, toy, False
 
 def run_train(args):
     t_start, ddp, rank = time.time(), "RANK" in os.environ, int(os.environ.get("RANK", 0))
     out, device = args.out or os.path.join("runs", "2dgan"), resolve_device(args.device)
-    fresh = not os.path.exists(out)
-    ecal, ep, size, toy, in_memory = check_inputs(args, out, rank, ddp)
+    fresh, model = not os.path.exists(out), {k: getattr(args, k) for k in ("latent", "width", "xscale")}
+    ecal, ep, size, toy, in_memory = check_inputs(args, out, model, rank, ddp)
     if ddp:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _ = device.type == "cuda" and torch.cuda.set_device(device)
-    lines = []
-    if rank == 0:
-        if not (args.resume and os.path.isfile(os.path.join(out, "run.json"))):
-            common.stamp_run_folder(out, SCRIPT, {k: getattr(args, k) for k in ("latent", "width", "xscale")})
-        if args.resume and os.path.exists(os.path.join(out, "log.txt")):
-            with open(os.path.join(out, "log.txt")) as f:
-                lines = f.read().splitlines()
+    lines, log_path = [], os.path.join(out, "log.txt")
+    if rank == 0 and not (args.resume and os.path.isfile(os.path.join(out, "run.json"))):
+        common.stamp_run_folder(out, SCRIPT, model)
+    if rank == 0 and args.resume and os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = f.read().splitlines()
     log = lambda msg: (print(msg, flush=True), lines.append(msg))  # noqa: E731
-    if rank == 0:
-        log(f"{SCRIPT}: {'TOY ' if toy else ''}data {args.data}: {size / 1e9:.2f} GB, "
-            + ("in memory on " + str(device) if in_memory else "streamed file by file (larger than the budget)"))
+    _ = rank == 0 and log(f"{SCRIPT}: {'TOY ' if toy else ''}data {args.data}: {size / 1e9:.2f} GB, " + (
+        f"in memory on {device}" if in_memory else "streamed file by file (larger than the budget)"))
     try:
         res = train(args, ecal, ep, out_dir=out, log=log)
     except DataError:                    # a NaN/inf model: a new folder that holds nothing else goes
         _ = rank == 0 and fresh and os.listdir(out) == ["run.json"] and shutil.rmtree(out)
         raise
     if rank == 0:
-        G = res["generator"]
-        real, ep_val, val_ids = (ecal[res["val_idx"]], ep[res["val_idx"]], res["val_idx"].tolist()) if in_memory \
-            else (ecal.val_events(args.val_max)[0], ecal.val_ep(), {f: s[1].tolist() for f, s in zip(ecal.files, ecal.splits)})
-        fake = generate(G, ep_val, args.gen_batch or 1024, device, seed=args.seed + 1,
-                        dtype=args.dtype if device.type == "cuda" else "fp32")
+        real, ep_val, val_ids = (ecal[res["val_idx"]], ep[res["val_idx"]], res["val_idx"].tolist()) if in_memory else (
+            ecal.val_events(args.val_max)[0], ecal.val_ep(),
+            {f: s[1].tolist() for f, s in zip(ecal.files, ecal.splits)})
+        fake = generate(res["generator"], ep_val, args.gen_batch or 1024, device, seed=args.seed + 1, dtype=args.dtype)
         claim = claim_metrics(real, fake[:len(real)], ep_val[:len(real)])
-        common.check_finite([fake, claim], os.path.join(out, "generated.h5"))
+        common.check_finite([fake, claim], os.path.join(out, "generated.h5"))     # before any output is written
         write_lcd(os.path.join(out, "generated.h5"), fake, ep_val)
-        fake, ep_plot = fake[:len(real)], ep_val[:len(real)]
-        make_plots(real, fake, ep_plot, os.path.join(out, "plots"), toy)
+        make_plots(real, fake[:len(real)], ep_val[:len(real)], os.path.join(out, "plots"), toy)
         metrics = {"script": SCRIPT, "data": args.data, "toy": toy, "best_epoch": res["best_epoch"],
                    "best_val_metric": res["metric"], "history": res["history"], **claim,
                    "n_generated": int(len(ep_val)), "val_indices": val_ids, "wall_s": round(time.time() - t_start, 1),
@@ -770,7 +727,7 @@ def run_train(args):
             f"max |ratio-1| {claim['profile_z_max_abs_dev_layers_3_20']:.3f} (claim <= 0.20: "
             f"{claim['claim_profile_z_within_20pct']}); {metrics['wall_s']:.0f} s")
         common.write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1, default=str))
-        common.write_atomic(os.path.join(out, "log.txt"), "\n".join(lines) + "\n")
+        common.write_atomic(log_path, "\n".join(lines) + "\n")
     if ddp:
         torch.distributed.destroy_process_group()
     return 0

@@ -13,18 +13,11 @@ import pytest
 import torch
 
 import common
+from test_2dgan import one_thread  # noqa: F401  (autouse: model code on one thread)
 from test_hostile import _one_line_exit_2
 
 m = importlib.import_module("2dgan")
 TINY = ["--width", "0.125", "--batch-size", "8", "--val-frac", "0.25", "--epochs", "1", "--seed", "3"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _main(capsys, *argv):
