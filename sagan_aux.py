@@ -24,9 +24,11 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
 
+import h5py
 import numpy as np
 import torch
 import torch.nn as nn
@@ -37,6 +39,7 @@ import common
 
 SCRIPT = "sagan_aux.py"
 KEYS = ("EnergyDeposit", "ParticleMomentum", "ParticlePoint", "ParticlePDG")
+MODEL = ("nz", "ch", "aux", "baseline")   # the flags that set tensor shapes: fixed for a run folder (--resume)
 AUX_DIMS = {"asymmetry": 2, "width": 2, "sparsity": 20, "none": 0}
 FRAME_SCALE = 15.0  # cell units per unit of the frame maps
 TOY_CH, TOY_EPOCHS = 64, 30   # toy defaults: --ch and --epochs sized for 15 min on one CPU thread
@@ -47,6 +50,7 @@ TOY_CH, TOY_EPOCHS = 64, 30   # toy defaults: --ch and --epochs sized for 15 min
 def get_args(argv=None):
     p = argparse.ArgumentParser(prog=SCRIPT, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: p.exit(2, f"{SCRIPT}: error: {msg}\n")   # one line, not the whole usage block
     a = p.add_argument
     a("--data", default=None, help="MLHEP LHCb file (.npz or .h5: EnergyDeposit, ParticleMomentum, ParticlePoint, "
       "ParticlePDG); none: toy lhcb showers made once under ./data/")
@@ -86,20 +90,18 @@ def get_args(argv=None):
     checks = [(getattr(args, n) <= 0, f"--{n.replace('_', '-')} must be positive") for n in (
         "toy_n", "epochs", "batch_size", "nz", "ch", "ckpt_every", "log_every", "n_eval", "bench_rounds")] + [
         (args.ch < 8, "--ch must be at least 8"), (not 0.0 < args.val_frac < 1.0, "--val-frac must be in (0, 1)"),
-        (min(args.lr_g, args.lr_d) <= 0 or args.aux_weight < 0,
-         "learning rates must be positive and --aux-weight non-negative"),
+        (not (0 < args.lr_g < np.inf and 0 < args.lr_d < np.inf and 0 <= args.aux_weight < np.inf),
+         "learning rates must be positive and --aux-weight non-negative (finite)"),
         (args.generate is not None and (args.generate <= 0 or not args.ckpt or not args.conditions),
          "--generate N needs N > 0, --ckpt PATH and --conditions FILE")]
-    for msg in [msg for bad, msg in checks if bad][:1]:
-        p.error(msg)
+    next((p.error(msg) for bad, msg in checks if bad), None)   # the first problem only
     args.aux = "none" if args.baseline else args.aux
     return args
 
 
 # ---------------------------------------------------------------- data
 
-class DataError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
+DataError = common.InputError   # bad input: one line on stderr, exit status 2
 
 
 def load_mlhep(path, need_images=True):
@@ -112,15 +114,13 @@ def load_mlhep(path, need_images=True):
             with np.load(path, allow_pickle=False) as f:
                 d = {k: f[k] for k in KEYS if k in f.files}
         else:
-            import h5py
             with h5py.File(path, "r") as f:
                 d = {k: f[k][()] for k in KEYS if k in f and isinstance(f[k], h5py.Dataset)}
                 toy = bool(f.attrs.get("toy", False))
     except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
         raise DataError(f"{path}: cannot read as .npz or .h5 ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
-    for k in KEYS[1:3] + ((KEYS[0],) if need_images else ()):
-        if k not in d:
-            raise DataError(f"{path}: missing key {k!r}")
+    if missing := [k for k in KEYS[1:3] + KEYS[:need_images] if k not in d]:
+        raise DataError(f"{path}: missing key {missing[0]!r}")
     if (n := len(d["ParticleMomentum"])) == 0:
         raise DataError(f"{path}: empty file (0 events)")
     shapes = {"EnergyDeposit": (n, 30, 30), "ParticleMomentum": (n, 3), "ParticlePoint": (n, 3), "ParticlePDG": (n,)}
@@ -129,10 +129,7 @@ def load_mlhep(path, need_images=True):
             if v.ndim and len(v) != n:
                 raise DataError(f"{path}: {k} has {len(v)} events but ParticleMomentum has {n}")
             raise DataError(f"{path}: {k} has shape {v.shape}, expected {shapes[k]}")
-        if not np.issubdtype(v.dtype, np.number):
-            raise DataError(f"{path}: {k} is not numeric ({v.dtype})")
-        if not np.isfinite(v).all():
-            raise DataError(f"{path}: {k} has NaN or inf values")
+        common.check_real(path, k, v)   # strings, complex, NaN, inf, and 1e39 (finite in float64 only)
     if "EnergyDeposit" in d and (d["EnergyDeposit"] < 0).any():
         raise DataError(f"{path}: EnergyDeposit has negative energies")
     if (d["ParticleMomentum"][:, 2] <= 0).any():
@@ -156,8 +153,7 @@ def aux_target(kind, images, mom, point):
 
 
 def frame_maps(raw):
-    """(B, 2, 30, 30) cell coordinates along/across (left of) p_xy from point_xy + 25 p_xy / p_z, in
-    units of 15 cells (x, y axes if p_xy = 0); raw: (B, 5) (px, py, pz, x, y)."""
+    """raw (B, 5) (px, py, pz, x, y) -> (B, 2, 30, 30) cell coordinates along/across (left of) p_xy, / 15."""
     g, centre = torch.arange(30).to(raw) - 14.5, raw[:, 3:5] + 25.0 * raw[:, :2] / raw[:, 2:3]
     norm = torch.hypot(raw[:, 0], raw[:, 1])[:, None]
     u = torch.where(norm > 0, raw[:, :2] / norm.clamp_min(1e-30), raw.new_tensor([1.0, 0.0]))
@@ -206,8 +202,7 @@ class Generator(nn.Module):
 
     def __init__(self, nz=256, cond_dim=5, ch=256, attention=True):
         super().__init__()
-        self.ch = ch
-        self.fc = spectral_norm(nn.Linear(nz + cond_dim, ch * 4))
+        self.ch, self.fc = ch, spectral_norm(nn.Linear(nz + cond_dim, ch * 4))
         self.net = nn.Sequential(*stack([ch, ch // 2, ch // 4, ch // 8], attention, lambda i, o: [
             spectral_norm(nn.ConvTranspose2d(i, o, 3, 2, 1, 1)), nn.BatchNorm2d(o), nn.ReLU()]),
             spectral_norm(nn.ConvTranspose2d(ch // 8, 1, 3, 2, 1, 1)))
@@ -266,9 +261,7 @@ def to_energy(t, norm):
 
 # ---------------------------------------------------------------- train
 
-class Run:
-    """Process-group facts."""
-
+class Run:   # process-group facts
     def __init__(self, args):
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.ddp, self.main = "RANK" in os.environ, self.rank == 0
@@ -276,8 +269,7 @@ class Run:
         if cuda and not torch.cuda.is_available():
             raise DataError("--device: cuda requested but not available")
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
+        torch.cuda.set_device(self.device) if cuda else None
 
 
 def autocast(run, args):
@@ -318,44 +310,52 @@ def train_step(nets, opts, batch, args, run, norm):
 def sample(G, cond_std, norm, nz, device, batch=1024):
     """Energies (N, 30, 30) float32 for standardised conditions (N, 5) (numpy)."""
     G.eval()
-    out = []
-    for s in range(0, len(cond_std), batch):
-        c = torch.as_tensor(cond_std[s:s + batch], dtype=torch.float32, device=device)
-        out.append(to_energy(G(torch.randn(len(c), nz, device=device), c), norm)[:, 0].float().cpu().numpy())
+    cs = torch.as_tensor(cond_std, dtype=torch.float32, device=device).split(batch)
+    out = [to_energy(G(torch.randn(len(c), nz, device=device), c), norm)[:, 0].float().cpu().numpy() for c in cs]
     return np.concatenate(out).astype(np.float32)
 
 
 def write_mlhep(path, images, mom, point, pdg, toy=False):
-    """MLHEP file (.npz or .h5 by extension), written to a temporary name then renamed."""
+    """MLHEP file (.npz or .h5 by extension), written to a unique temporary name then renamed."""
     arrays = {"EnergyDeposit": images.astype(np.float32), "ParticleMomentum": mom.astype(np.float32),
               "ParticlePoint": point.astype(np.float32), "ParticlePDG": pdg.astype(np.int32)}
-    tmp = path + ".tmp"
-    if path.endswith(".npz"):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    else:
-        import h5py
+    common.check_finite(arrays, f"{path}: generated showers")
+
+    def h5(tmp):
         with h5py.File(tmp, "w") as f:
-            for k, v in arrays.items():
-                f[k] = v
+            f.update(arrays)
             f.attrs.update(toy=bool(toy), generator=SCRIPT)
-    os.replace(tmp, path)
+    common.write_atomic(path, (lambda tmp: np.savez(tmp, **arrays)) if path.endswith(".npz") else h5)
+
+
+def load_ckpt(path, device, missing="no such checkpoint"):
+    """A checkpoint of this script, or DataError (missing, truncated, text, another script's)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {missing}")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        by = ck.get("script", SCRIPT)      # checkpoints from before the "script" key: known by their keys
+        ok = by == SCRIPT and {"model", "optim", "norm", "args", "rng"} <= set(ck) and set(MODEL) <= set(ck["args"])
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is bad input
+        raise DataError(f"{path}: cannot read as a {SCRIPT} checkpoint ({type(e).__name__})")
+    if not ok:
+        raise DataError(f"{path}: not a {SCRIPT} checkpoint" + f" (made by {by})" * (by != SCRIPT))
+    return ck
 
 
 def generate_main(args):
     out = args.out or "generated.h5"
-    if not os.path.isfile(args.ckpt):
-        raise DataError(f"{args.ckpt}: no such checkpoint")
+    common.check_out_path(out, "--out", folder=False)
     d, _ = load_mlhep(args.conditions, need_images=False)
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise DataError(f"{out}: output folder does not exist")
     run = Run(args)
+    ck = load_ckpt(args.ckpt, run.device)
     try:
-        ck = torch.load(args.ckpt, map_location=run.device, weights_only=False)
         G = build(cargs := argparse.Namespace(**ck["args"]))[0].to(run.device)
         G.load_state_dict(ck["model"]["G"])
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"{args.ckpt}: not a {SCRIPT} checkpoint ({type(e).__name__})")
+        raise DataError(f"{args.ckpt}: does not fit {SCRIPT}'s generator ({type(e).__name__})")
     norm, idx = ck["norm"], np.arange(args.generate) % len(d["ParticleMomentum"])
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -396,12 +396,10 @@ def benchmark_main(args):
             for m in models:
                 sync()
                 t0 = time.perf_counter()
-                for _ in range(reps):
-                    models[m][k]()
+                [models[m][k]() for _ in range(reps)]
                 sync()
-                if r:
-                    times[m, k].append((time.perf_counter() - t0) / reps)
-    med = {key: float(np.median(v)) for key, v in times.items()}
+                times[m, k].append((time.perf_counter() - t0) / reps)
+    med = {key: float(np.median(v[1:])) for key, v in times.items()}
     print(json.dumps({"script": SCRIPT, "device": str(dev), "threads": torch.get_num_threads(),
                       "dtype": args.dtype if cuda else "fp32", "model": f"sagan+aux({args.aux})", "ch": args.ch,
                       "nz": args.nz, "rounds": args.bench_rounds, "gen_batch": gb, "train_batch": tb,
@@ -413,33 +411,30 @@ def benchmark_main(args):
 
 # ---------------------------------------------------------------- main
 
-def train_main(args):
+def train_main(args):   # every input is checked before the process group starts and anything is written
     run = Run(args)
-    if run.ddp:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
     ckpt_path = os.path.join(out := args.out or os.path.join("runs", "sagan_aux"), "ckpt.pt")
+    common.check_out_path(out)
+    for name in ("ckpt.pt", "log.txt", "metrics.json", "run.json", "generated.h5", "generated.npz", "plots"):
+        common.check_out_path(os.path.join(out, name), "--out", folder=name == "plots")
+    common.check_run_folder(out, SCRIPT)
+    resume = load_ckpt(ckpt_path, "cpu", "no checkpoint to resume from") if args.resume else None
+    if resume is not None:
+        if diff := [f"--{k} {resume['args'][k]} there, {getattr(args, k)} now" for k in MODEL
+                    if resume["args"][k] != getattr(args, k)]:
+            raise DataError(f"--resume {ckpt_path}: model flags differ from the checkpoint ({'; '.join(diff)})")
+        vars(args).update({k: resume["args"][k] for k in ("pdg", "val_frac", "seed")})
     path = common.toy_path("lhcb", args.toy_n, 0) if args.data is None else args.data
-    if args.data is None and run.main:
-        print(f"no --data: training on TOY lhcb showers ({path})", flush=True)
-        if not os.path.isfile(path):
+    if args.data is None:
+        print(f"no --data: training on TOY lhcb showers ({path})", flush=True) if run.main else None
+        if not os.path.isfile(path):   # under torchrun each rank writes the same file (unique temporary, rename)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             common.write_toy("lhcb", path, args.toy_n, 0)
-    if args.data is None and run.ddp:
-        dist.barrier()
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise DataError(f"{ckpt_path}: no checkpoint to resume from")
-    resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume else None
-    if resume is not None:
-        vars(args).update({k: resume["args"][k] for k in ("nz", "ch", "aux", "baseline", "pdg", "val_frac", "seed")})
     d, toy = load_mlhep(path)
     toy = toy or args.data is None
-    if args.pdg is not None:
-        keep = d["ParticlePDG"] == args.pdg
-        if not keep.any():
-            raise DataError(f"{path}: no events with ParticlePDG == {args.pdg}")
-        d = {k: v[keep] for k, v in d.items()}
+    if args.pdg is not None and not (keep := d["ParticlePDG"] == args.pdg).any():
+        raise DataError(f"{path}: no events with ParticlePDG == {args.pdg}")
+    d = d if args.pdg is None else {k: v[keep] for k, v in d.items()}
     n_val = max(1, int(round(args.val_frac * (n := len(d["EnergyDeposit"])))))
     if n - n_val < 2:
         raise DataError(f"{path}: only {n} events, too few to hold out a validation split")
@@ -460,6 +455,13 @@ def train_main(args):
     X = (torch.log1p(t32(images) / norm["e0"]) / norm["s"]).unsqueeze(1)
     RAW, C = t32(raw), t32((raw - norm["cond_mean"]) / norm["cond_std"])
     Y, tr = t32((y - norm["aux_mean"]) / norm["aux_std"]), torch.as_tensor(tr_idx, device=dev)
+    # in float32, as trained: with 1e30 cells G's largest energy (t = 1.5; R sums 900 cells) overflows
+    cap = t32(norm["s"] * 1.5).expm1() * norm["e0"] * 900
+    for what, t in (("EnergyDeposit spans too many decades: e0 expm1(1.5 s) x 900 cells", cap),
+                    ("EnergyDeposit as log1p(E / e0) / s", X), ("standardised conditions", C), ("aux targets", Y),
+                    ("shower centre point + 25 p_xy / p_z", RAW[:, 3:5] + 25 * RAW[:, :2] / RAW[:, 2:3])):
+        if not bool(t.isfinite().all()):
+            raise DataError(f"{path}: {what}: not finite in float32")
     random.seed(args.seed + run.rank)
     np.random.seed(args.seed + run.rank)
     torch.manual_seed(args.seed)                      # same initial weights on every rank
@@ -469,24 +471,28 @@ def train_main(args):
     opts = dict(zip("GD", optimisers(args, G, D, R)))
     epoch0, step = 0, 0
     if resume is not None:
-        for part, objs in (("model", nets), ("optim", opts)):
-            for k, o in objs.items():
-                o.load_state_dict(resume[part][k])
-        epoch0, step, rngs = resume["epoch"], resume["step"], resume["rng"]
-        s = rngs[run.rank] if run.rank < len(rngs) else rngs[0]
-        random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
-        if "cuda" in s and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["cuda"])
+        try:
+            for part, objs in (("model", nets), ("optim", opts)):
+                for k, o in objs.items():
+                    o.load_state_dict(resume[part][k])
+            epoch0, step, rngs = resume["epoch"], resume["step"], resume["rng"]
+            s = rngs[run.rank] if run.rank < len(rngs) else rngs[0]
+            random.setstate(s["python"])
+            np.random.set_state(s["numpy"])
+            torch.set_rng_state(s["torch"])
+            torch.cuda.set_rng_state_all(s["cuda"]) if "cuda" in s and torch.cuda.is_available() else None
+        except Exception as e:  # noqa: BLE001 - a checkpoint that does not fit is bad input
+            raise DataError(f"{ckpt_path}: does not fit this model ({type(e).__name__}: {str(e)[:80]})")
+    if run.ddp:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     # training views: DDP-wrapped for D's step; D, R (plain) score G's fakes; all compiled with --compile
     views = [DDP(m) if run.ddp and m is not None else m for m in (G, D, R)] + [D, R]
     views = tuple(torch.compile(m) if args.compile and m is not None else m for m in views)
-    os.makedirs(out, exist_ok=True) if run.main else None
+    common.stamp_run_folder(out, SCRIPT, {k: getattr(args, k) for k in MODEL}) if run.main else None
     log = open(os.path.join(out, "log.txt"), "a") if run.main else None
-
-    def say(msg):
-        if run.main:
-            print(msg, flush=True)
-            print(msg, file=log, flush=True)
+    say = (lambda msg: [print(msg, file=f, flush=True) for f in (sys.stdout, log)]) if run.main else (lambda msg: 0)
     if args.dtype == "bf16" and dev.type != "cuda":
         say("--dtype bf16 is ignored on CPU (autocast is used on CUDA only)")
     b, spe = args.batch_size, max(1, len(tr_idx) // (args.batch_size * run.world))   # spe: steps per epoch
@@ -495,8 +501,6 @@ def train_main(args):
         + " ".join(f"{k} {sum(p.numel() for p in m.parameters())}" for k, m in nets.items()) + " parameters")
     t0, done = time.time(), 0
     for epoch in range(epoch0, args.epochs):
-        for m in nets.values():
-            m.train()
         order = tr[torch.randperm(len(tr), device=dev)]
         for i in range(spe):
             idx = order[(i * b) % len(order):][:b]
@@ -511,14 +515,13 @@ def train_main(args):
         st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
               **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
         rngs = [None] * run.world if run.ddp else [st]
-        if run.ddp:
-            dist.all_gather_object(rngs, st)
-        if run.main and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
-            torch.save({"model": {k: m.state_dict() for k, m in nets.items()},
-                        "optim": {k: o.state_dict() for k, o in opts.items()}, "epoch": epoch + 1, "step": step,
-                        "args": vars(args), "rng": rngs, "norm": norm, "geometry": "lhcb", "toy": toy},
-                       ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+        dist.all_gather_object(rngs, st) if run.ddp else None
+        if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
+            ck = {"model": {k: m.state_dict() for k, m in nets.items()}, "optim": {k: o.state_dict() for k, o in
+                  opts.items()}, "epoch": epoch + 1, "step": step, "args": vars(args), "rng": rngs, "norm": norm,
+                  "geometry": "lhcb", "toy": toy, "script": SCRIPT}
+            common.check_finite(ck, ckpt_path)   # on every rank: a NaN model stops all; the last ckpt is kept
+            common.write_atomic(ckpt_path, lambda tmp: torch.save(ck, tmp)) if run.main else None
     if run.main:
         # generate for the held-out conditions (generated.h5/.npz), metrics, plots
         mom, point, pdg = d["ParticleMomentum"][val_idx], d["ParticlePoint"][val_idx], d["ParticlePDG"][val_idx]
@@ -540,11 +543,9 @@ def train_main(args):
             metrics["aux_rmse_val"] = np.sqrt(((pred - truth) ** 2).mean(0)).tolist()
             metrics["aux_target_std_val"] = truth.std(0).tolist()
         if feats is not None:   # plots: real vs generated
-            import matplotlib
-            matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            plt.switch_backend("Agg")
             (fr, fg), gm, side, lab = feats, gen[:m], ("along", "across"), "TOY " * toy
-            os.makedirs(folder := os.path.join(out, "plots"), exist_ok=True)
             panels = {"mean_image": [(real.mean(0), gm.mean(0), "mean image (x right, y up; colours to the real max)")],
                       "asymmetry": [(fr[:, j], fg[:, j], f"asymmetry, line {side[1 - j]} p_xy") for j in (0, 1)],
                       "width": [(fr[:, 2 + j], fg[:, 2 + j], f"width {side[j]} p_xy [cells]") for j in (0, 1)],
@@ -567,16 +568,14 @@ def train_main(args):
                         a.set(title=lab + title, **({"xscale": "log", "xlabel": "alpha"} if name == "sparsity" else {}))
                         a.legend()
                 fig.tight_layout()
-                fig.savefig(os.path.join(folder, name + ".tmp.png"), dpi=80)
+                common.write_atomic(os.path.join(out, "plots", name + ".png"), lambda tmp: fig.savefig(tmp, dpi=80))
                 plt.close(fig)
-                os.replace(os.path.join(folder, name + ".tmp.png"), os.path.join(folder, name + ".png"))
         metrics.update(script=SCRIPT, toy=toy, data=path, model="baseline" if args.baseline else "sagan_aux",
                        aux=args.aux, aux_weight=args.aux_weight, seed=args.seed, ch=args.ch, n_val=len(val_idx),
                        n_eval=m, val_indices=val_idx.tolist(), epochs=args.epochs, step=step,
                        resumed_from_epoch=epoch0, n_train=len(tr_idx))
-        with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+        common.check_finite(metrics, os.path.join(out, "metrics.json"))
+        common.write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
         say(f"{'TOY ' * toy}PRD-AUC physics {metrics['prd_auc_physics']} images {metrics['prd_auc_images']} "
             f"score {metrics['score']} -> {out}/metrics.json")
         log.close()
@@ -590,9 +589,11 @@ def main(argv=None):
     args = get_args(argv)
     try:
         return (benchmark_main if args.benchmark else train_main if args.generate is None else generate_main)(args)
-    except DataError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, OSError) as e:
+        if int(os.environ.get("RANK", 0)):   # torchrun stops all ranks when one exits: rank 0 prints, all exit 2
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+            time.sleep(10)
+        return common.fail(SCRIPT, e)
 
 
 if __name__ == "__main__":
