@@ -4,7 +4,7 @@ Run (metrics.json follows the MLHEP protocol, common.lhcb_prd):
     python sagan_aux.py                                   # no --data: TOY lhcb showers, CPU-sized
     python sagan_aux.py --baseline --out runs/sagan_base  # the same without attention and regressor
     python sagan_aux.py --data data_train.npz --pdg 22    # MLHEP data (.npz or .h5), photons only
-    python sagan_aux.py --resume --epochs 80              # continue runs/sagan_aux/ckpt.pt
+    python sagan_aux.py --resume --epochs 80              # continue runs/sagan_aux/ckpt.pt (same model flags)
     python sagan_aux.py --generate 10000 --ckpt runs/sagan_aux/ckpt.pt --conditions data_val.npz --out gen.npz
     python sagan_aux.py --benchmark [--device cuda --dtype bf16]   # aux model vs --baseline
     torchrun --nproc_per_node=4 sagan_aux.py --data data_train.npz
@@ -74,7 +74,8 @@ def get_args(argv=None):
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     a("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast on CUDA (ignored on CPU)")
     a("--compile", action="store_true", help="torch.compile the networks for training")
-    a("--resume", action="store_true", help="continue from OUT/ckpt.pt (model, optimisers, epoch, RNG states)")
+    a("--resume", action="store_true", help="continue from OUT/ckpt.pt (model, optimisers, epoch, RNG "
+      "states; --nz, --ch, --aux, --baseline must match it; --pdg, --val-frac, --seed are taken from it)")
     a("--ckpt-every", type=int, default=1, help="save OUT/ckpt.pt every this many epochs")
     a("--log-every", type=int, default=50, help="print a progress line every this many steps")
     a("--generate", type=int, default=None, metavar="N", help="sample N showers from --ckpt and write --out")
@@ -356,9 +357,8 @@ def generate_main(args):
         G.load_state_dict(ck["model"]["G"])
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{args.ckpt}: does not fit {SCRIPT}'s generator ({type(e).__name__})")
-    norm, idx = ck["norm"], np.arange(args.generate) % len(d["ParticleMomentum"])
+    norm, idx, t0 = ck["norm"], np.arange(args.generate) % len(d["ParticleMomentum"]), time.time()
     torch.manual_seed(args.seed)
-    t0 = time.time()
     imgs = sample(G, (conditions(d)[idx] - norm["cond_mean"]) / norm["cond_std"], norm, cargs.nz, run.device)
     write_mlhep(out, imgs, d["ParticleMomentum"][idx], d["ParticlePoint"][idx], d["ParticlePDG"][idx],
                 toy=ck.get("toy", False))
