@@ -14,8 +14,9 @@ weights w_i = (lambda* - (1-beta) r_i)_+ / (N beta) with which the next 2DGAN dr
     torchrun --nproc_per_node=4 adagan.py --data 'EleEscan/*.h5'          # DDP inside each 2DGAN
 
 Out (--out DIR): ensemble.pt, component_<t>/ckpt.pt, generated.h5 (held-out Ep), log.txt, plots/, metrics.json
-(per T = 1..T: sf_max_dev, edge_ratio, ess_frac; see summary()). --resume continues an interrupted component
-with its saved weights and 2dgan.py's --resume (per-rank random streams under torchrun).
+(per T = 1..T: sf_max_dev, edge_ratio, ess_frac; see summary()), run.json (script and net shape: --resume with
+another --width or latent size is refused). --resume continues an interrupted component with its saved weights
+and 2dgan.py's --resume (per-rank random streams under torchrun).
 
 MIXDISC as the original: A:272-413 trains G:151-234, the 2DGAN discriminator (2dgan.py's, at its --width and
 --bn-mode), with G:84-109 (an Adam step on a real batch, one on as many mixture samples), the three-head loss
@@ -35,6 +36,7 @@ the data; the best test-loss epoch kept (A:406-413). Deviations, and why:
 - D clipped to [1e-6, 1-1e-6]; with no lambda*, uniform weights and a warning (A logs it at debug level).
 """
 import argparse
+import glob
 import importlib
 import json
 import math
@@ -60,19 +62,16 @@ N_EVAL = 5000                                # held-out events (at most) in the 
 
 
 def base():
-    """The base learner, 2dgan.py (imported once)."""
-    return importlib.import_module("2dgan")
+    return importlib.import_module("2dgan")        # the base learner, 2dgan.py (imported once)
 
 
-class DataError(Exception):
-    """Bad input: main() prints '<file>: <problem>' on one stderr line and exits 2."""
+DataError = common.InputError                # bad input: main() prints one line on stderr and exits 2
 
 
 # ---------------------------------------------------------------- flags
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description="AdaGAN ensemble of 2DGANs (LCD 25x25x25 ECAL).")
+    p.error = lambda msg: sys.exit(common.fail(PROG, msg))    # one line (rank 0), not argparse's usage block
     a = p.add_argument
     a("--data", help="LCD HDF5 file or glob (ECAL, target); none: TOY showers and 2dgan.py's TOY configuration")
     a("--toy-n", type=int, help="toy showers when --data is not given (default: 2dgan.py's)")
@@ -106,11 +105,11 @@ def get_args(argv=None):
     a.components = (3 if toy else 10) if a.components is None else a.components
     a.mixdisc_epochs = (6 if toy else 20) if a.mixdisc_epochs is None else a.mixdisc_epochs
     try:
-        a.energy_range = tuple(float(v) for v in a.energy.split(":"))
-        assert len(a.energy_range) == 2 and 0 < a.energy_range[0] <= a.energy_range[1]
-    except (ValueError, AssertionError):
-        p.error(f"--energy must be LO:HI with 0 < LO <= HI, got {a.energy!r}")
+        a.energy_range = common.parse_range(a.energy, "--energy")      # finite: 1:inf overflowed later
+    except common.InputError as e:
+        p.error(str(e))
     for ok, msg in [(a.components >= 1, "--components must be >= 1"), (0 < a.beta_const <= 1, "--beta-const in (0, 1]"),
+                    (a.seed >= 0, "--seed must be >= 0"), (0 < a.mixdisc_lr < math.inf, "--mixdisc-lr must be > 0"),
                     (all(0 < f < 1 for f in (a.val_frac, a.gan_val_frac or 0.5, a.mixdisc_test_frac)),
                      "--val-frac, --gan-val-frac and --mixdisc-test-frac must be in (0, 1)"),
                     (min(a.mixdisc_epochs, a.mixdisc_batch, a.mixdisc_folds) >= 1, "MIXDISC sizes must be >= 1"),
@@ -130,12 +129,14 @@ def gan_args(args, t, resume=False):
     for flag in ("toy_n", "epochs", "batch_size", "width"):
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    return base().get_args(argv + shlex.split(args.gan_args), toy_config=True)
+    try:
+        argv += shlex.split(args.gan_args)
+    except ValueError as e:
+        raise DataError(f"--gan-args {args.gan_args!r}: {e}")
+    return base().get_args(argv, toy_config=True)
 
 
 # ---------------------------------------------------------------- AdaGAN weights, betas, mixture
-
-
 def lambda_star(r, beta):
     """(lambda*, k) for ratios r (N,) and beta (A:173-203): r sorted, lambda_k = (beta N + (1-beta) sum_{i<=k} r_i)
     / k for the first k with (1-beta) r_k <= lambda_k <= (1-beta) r_{k+1} (r_{N+1} = inf); (None, None) if none."""
@@ -206,12 +207,11 @@ def sample_mixture(generators, mix_w, ep, rng, generate):
 
 
 # ---------------------------------------------------------------- data
-
-
 def load_data(args, ga, log, rank=0):
     """(ecal, ep, source label, toy flag); toy LCD showers cached under data/ when --data is not given."""
     if args.data is not None:
-        return (*base().load_lcd(args.data), args.data, False)
+        lit = os.path.isfile(args.data)                     # an existing file is literal, '[' and all
+        return (*base().load_lcd(glob.escape(args.data) if lit else args.data), args.data, False)
     path = common.toy_path("lcd", ga.toy_n, args.seed)
     log(f"no --data: training on TOY lcd showers ({path})")
     if rank == 0 and not os.path.exists(path):
@@ -233,8 +233,6 @@ def features(ecal, ep):
 
 
 # ---------------------------------------------------------------- model: MIXDISC = the 2DGAN discriminator
-
-
 def mixdisc_loss(D, x, e, ecal_t, real, ga, flip_g=None):
     """G:124-148 on images x (x xscale), Ep e GeV, Ecal target ecal_t: w_gan BCE (labels 0.9 / 0 = 2dgan.py's
     --label-real/-fake, flipped as G:51-57 with flip_g) + w_ep MAPE(Ep/100) + w_ecal MAPE(Ecal)."""
@@ -288,7 +286,7 @@ def train_mixdisc(gens, mix_w, ecal, ep, fit, args, ga, device, seed, log):
         hist.append({"epoch": epoch + 1, "loss": tot / nb, "test_loss": test, "lr": lr})
         log(f"mixdisc epoch {epoch + 1}/{args.mixdisc_epochs} | loss {tot / nb:.4f} test {test:.4f} | lr {lr:.3g} | "
             f"{len(order) * 2 / (time.time() - t0):.0f} samples/s")
-        if test < best:
+        if test < best or best_state is None:              # a NaN test loss: keep the first epoch, not None
             best, best_epoch, best_state = test, epoch + 1, {k: v.detach().clone() for k, v in D.state_dict().items()}
     D.load_state_dict(best_state)
     return D.eval(), {"best_epoch": best_epoch, "best_test_loss": best, "history": hist}
@@ -317,37 +315,50 @@ def mixdisc_outputs(gens, mix_w, ecal, ep, tr, args, ga, device, seed, log):
 
 
 # ---------------------------------------------------------------- train: the component loop
-
-
 def load_state(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)    # numpy arrays, as 2dgan.py's ckpt
-    except Exception as exc:  # noqa: BLE001  (corrupt or foreign file)
+        st = torch.load(path, map_location="cpu", weights_only=False)    # numpy arrays, as 2dgan.py's ckpt
+    except Exception as exc:  # noqa: BLE001  (truncated or foreign file)
         raise DataError(f"{path}: not a readable adagan ensemble state ({type(exc).__name__})")
+    if not isinstance(st, dict) or st.get("version") != 2 or st.get("script", PROG) != PROG:
+        raise DataError(f"{path}: not an adagan.py ensemble state (version 2)")
+    return st
 
 
 def train(args, log):
-    """The component loop (log: a make_log()); OUT/ensemble.pt saved before and after each component."""
-    m = base()
-    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, device = torch.distributed.get_rank() if ddp else 0, str(base().resolve_device(args.device))
+    """The component loop (log: a make_log()); OUT/ensemble.pt saved before and after each component. Every input
+    is checked first (under torchrun on every rank, before the process group: all ranks exit 2, none hangs)."""
+    m, rank, device = base(), int(os.environ.get("RANK", 0)), str(base().resolve_device(args.device))
     state_path = os.path.join(args.out, "ensemble.pt")
+    for name in ("ensemble.pt", "generated.h5", "metrics.json", "log.txt", "plots"):      # B: nothing in the way
+        common.check_out_path(os.path.join(args.out, name), "--out", folder=name == "plots")
     if args.resume and not os.path.exists(state_path):
         raise DataError(f"{state_path}: no ensemble state to resume from")
     gas = [gan_args(args, t) for t in range(args.components)]   # bad --gan-args fail here, before any output
-    ecal, ep, source, toy = load_data(args, gas[0], log, rank)   # validated before anything is written
+    shape = {"width": gas[0].width, "latent": gas[0].latent}    # L, F: another script's folder, changed nets
+    common.check_run_folder(args.out, PROG, shape, args.resume)
+    ecal, ep, source, toy = load_data(args, gas[0], log, rank)
     old = load_state(state_path) if args.resume else None
-    if old is not None and (old.get("version") != 2 or old["n_events"] != len(ep) or old["source"] != source):
-        raise DataError(f"{state_path}: was trained on {old['source']} ({old['n_events']} events, state version "
-                        f"{old.get('version')}), not {source} ({len(ep)} events, version 2)")
+    if old is not None and (old["n_events"] != len(ep) or old["source"] != source):
+        raise DataError(f"{state_path}: was trained on {old['source']} ({old['n_events']} events), not {source} "
+                        f"({len(ep)} events)")
     n, perm = len(ep), np.random.default_rng(args.seed).permutation(len(ep))     # one split for the ensemble:
     n_va, n_gv = max(1, round(args.val_frac * n)), max(1, round((args.gan_val_frac or gas[0].val_frac) * n))
     if n - n_va - n_gv < 8:
         raise DataError(f"only {n} events: too few to train and hold out {n_va} + {n_gv}")
     tr, gv, va = (old["train_idx"], old["gan_val_idx"], old["val_idx"]) if old else (   # train, 2DGANs', held out
         np.sort(perm[n_va + n_gv:]), np.sort(perm[n_va:n_va + n_gv]), np.sort(perm[:n_va]))
+    gens = [m.load_checkpoint(os.path.join(args.out, c, "ckpt.pt"), device=device)[0] for c in (old or {}).get(
+        "components", [])]
+    pend = os.path.join(args.out, f"component_{len(gens)}", "ckpt.pt")
+    if old and old.get("pending") is not None and os.path.exists(pend):
+        m.load_checkpoint(pend)                             # F: a truncated ckpt.pt is one line, before any write
+    ddp = "RANK" in os.environ
+    if ddp and not torch.distributed.is_initialized():  # 2dgan.py's train() wraps its nets in DDP in a group
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        torch.cuda.set_device(torch.device(device)) if device.startswith("cuda") else None
     if rank == 0:
-        os.makedirs(os.path.join(args.out, "plots"), exist_ok=True)
+        common.stamp_run_folder(args.out, PROG, shape)
         log.path = os.path.join(args.out, "log.txt")
     ev = np.sort(np.random.default_rng(args.seed + 7).permutation(va)[:N_EVAL])     # plots and metrics
     st = old or {"version": 2, "source": source, "toy": toy, "n_events": len(ep), "train_idx": tr, "gan_val_idx": gv,
@@ -356,15 +367,14 @@ def train(args, log):
                      "components", "betas", "mix_weights", "data_weights", "lambdas", "mixdisc", "ess", "saturation",
                      "best_epochs", "eval_comp")}}
     ev = st["eval_idx"]
-    st["args"] = {k: v for k, v in vars(args).items() if k != "energy_range"}
-    gens = [m.load_checkpoint(os.path.join(args.out, c, "ckpt.pt"), device=device)[0] for c in st["components"]]
+    st["args"], st["script"] = {k: v for k, v in vars(args).items() if k != "energy_range"}, PROG
     if old is not None:
         log(f"resuming {state_path}: {len(gens)} component(s) done, continuing to {args.components}")
 
-    def save():
+    def save():                                             # I: never a non-finite state (checked on every rank)
+        common.check_finite({k: v for k, v in st.items() if k != "args"}, state_path)
         if rank == 0:
-            torch.save(st, state_path + ".tmp")
-            os.replace(state_path + ".tmp", state_path)
+            common.write_atomic(state_path, lambda tmp: torch.save(st, tmp))
 
     for t in range(len(gens), args.components):
         t0, cdir, pend = time.time(), f"component_{t}", st.get("pending")
@@ -414,8 +424,6 @@ def train(args, log):
 
 
 # ---------------------------------------------------------------- generate
-
-
 def load_ensemble(ckpt, device):
     """(generators, mixture weights) from an ensemble folder or its ensemble.pt."""
     folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt)
@@ -496,16 +504,14 @@ def write_plots(st, out):
     for name, (fig, axes) in figs.items():
         [a.legend(fontsize=7) for a in axes if a.get_legend_handles_labels()[0]]
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "plots", name + ".tmp.png"), dpi=90)
+        common.write_atomic(os.path.join(out, "plots", name + ".png"), lambda tmp: fig.savefig(tmp, dpi=90))
         plt.close(fig)
-        os.replace(os.path.join(out, "plots", name + ".tmp.png"), os.path.join(out, "plots", name + ".png"))
 
 
 def finish(st, gens, ep, args, device, log):
     """generated.h5 on the held-out Ep, metrics.json (per T = 1..T: sf_max_dev, edge_ratio, ess_frac)."""
     va, dtype = st["val_idx"], args.dtype if device.startswith("cuda") else "fp32"
     gen = ensemble_sample(gens, st["mix_weights"][-1], ep[va], device, args.seed + 99, dtype)[0]
-    base().write_lcd(os.path.join(args.out, "generated.h5"), gen, ep[va])
     per_t = [summary(st, t) for t in range(len(gens))]
     metrics = {"script": PROG, "data": st["source"], "toy": bool(st["toy"]), "components": len(gens),
                "sf_bin_edges_gev": SF_EDGES.tolist(), **{k: [s[k] for s in per_t] for k in per_t[0]},
@@ -513,9 +519,9 @@ def finish(st, gens, ep, args, device, log):
                "mixture_weights": st["mix_weights"][-1].tolist(), "mixdisc_saturation": st["saturation"],
                "mixdisc_best_epochs": [i and [f["best_epoch"] for f in i] for i in st["mixdisc"]],
                "component_best_epochs": st["best_epochs"], "val_indices": va.tolist()}
-    with open(os.path.join(args.out, "metrics.json.tmp"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(f.name, os.path.join(args.out, "metrics.json"))
+    common.check_finite([gen, metrics], os.path.join(args.out, "generated.h5 and metrics.json"))     # I
+    common.write_atomic(os.path.join(args.out, "generated.h5"), lambda tmp: base().write_lcd(tmp, gen, ep[va]))
+    common.write_atomic(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
     log(f"T=1..{len(gens)} | " + " | ".join(f"{k} " + " ".join(f"{v!s:.6}" for v in metrics[k])
                                             for k in ("sf_max_dev", "edge_ratio", "ess_frac")))
 
@@ -538,12 +544,9 @@ def benchmark(args):
             opt.step()
     for n, fn in ((B, lambda: ensemble_sample(gens, [0.5, 0.5], rng.uniform(2, 500, B), device, rng, dtype)),
                   (2 * b, mixdisc_batch)):
-        fn()                                              # warm-up, then 3 timed calls
-        sync()
+        fn(), sync()                                      # warm-up, then 3 timed calls
         t0 = time.perf_counter()
-        for _ in range(3):
-            fn()
-        sync()
+        [fn() for _ in range(3)], sync()
         rates.append(round(3 * n / (time.perf_counter() - t0), 1))
     print(json.dumps({"script": PROG, "device": device if device == "cpu" else torch.cuda.get_device_name(device),
                       "dtype": dtype, "width": ga.width, "components": 2, "gen_batch": B, "gen_showers_per_s": rates[0],
@@ -551,8 +554,6 @@ def benchmark(args):
 
 
 # ---------------------------------------------------------------- main
-
-
 def make_log(rank=0):
     """Progress lines on stdout (rank 0), also appended to log.path (OUT/log.txt) once train() sets it."""
     def log(msg):
@@ -566,11 +567,12 @@ def make_log(rank=0):
 
 def main(argv=None):
     args = get_args(argv)
-    log, errors = make_log(int(os.environ.get("RANK", 0))), (DataError, base().DataError)
+    log = make_log(int(os.environ.get("RANK", 0)))
     try:
         if args.benchmark:
             return benchmark(args) or 0
         device = str(base().resolve_device(args.device))
+        common.check_out_path(args.out, "--out", folder=args.generate is None)    # A, B: before anything is read
         if args.generate is not None:
             if not args.out.endswith((".h5", ".hdf5")) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
                 raise DataError(f"{args.out}: --generate writes an LCD .h5 file into an existing folder")
@@ -578,21 +580,17 @@ def main(argv=None):
             ep = np.random.default_rng(args.seed).uniform(*args.energy_range, args.generate).astype(np.float32)
             t0, dtype = time.time(), args.dtype if device.startswith("cuda") else "fp32"
             gen, comp = ensemble_sample(gens, mix_w, ep, device, args.seed, dtype)
-            base().write_lcd(args.out, gen, ep)
+            common.check_finite(gen, args.out)             # I: e.g. an Ep range too large for float32 showers
+            common.write_atomic(args.out, lambda tmp: base().write_lcd(tmp, gen, ep))     # B, C: unique temporary
             log(f"wrote {args.generate} showers from {len(gens)} components ({np.bincount(comp, minlength=len(gens))}"
                 f" per component) to {args.out} in {time.time() - t0:.1f} s")
             return 0
-        ddp = "RANK" in os.environ
-        if ddp:      # 2dgan.py's train() wraps its nets in DDP when a process group exists
-            torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-            torch.cuda.set_device(torch.device(device)) if device.startswith("cuda") else None
-        train(args, log)
-        if ddp:
+        train(args, log)                                    # under torchrun: it starts the process group
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return 0
-    except errors as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    except (DataError, base().DataError, OSError, MemoryError) as exc:
+        return common.fail(PROG, exc)
 
 
 if __name__ == "__main__":
