@@ -14,9 +14,9 @@ weights w_i = (lambda* - (1-beta) r_i)_+ / (N beta) with which the next 2DGAN dr
     torchrun --nproc_per_node=4 adagan.py --data 'EleEscan/*.h5'          # DDP inside each 2DGAN
 
 Out (--out DIR): ensemble.pt, component_<t>/ckpt.pt, generated.h5 (held-out Ep), log.txt, plots/, metrics.json
-(per T = 1..T: sf_max_dev, edge_ratio, ess_frac; see summary()), run.json (script and net shape: --resume with
-another --width or latent size is refused). --resume continues an interrupted component with its saved weights
-and 2dgan.py's --resume (per-rank random streams under torchrun).
+(per T = 1..T: sf_max_dev, edge_ratio, ess_frac; see summary()), run.json (script, 2DGAN width/latent/xscale:
+--resume with others is refused). --resume continues an interrupted component with its saved weights and
+2dgan.py's --resume (per-rank random streams under torchrun).
 
 MIXDISC as the original: A:272-413 trains G:151-234, the 2DGAN discriminator (2dgan.py's, at its --width and
 --bn-mode), with G:84-109 (an Adam step on a real batch, one on as many mixture samples), the three-head loss
@@ -335,7 +335,7 @@ def train(args, log):
     if args.resume and not os.path.exists(state_path):
         raise DataError(f"{state_path}: no ensemble state to resume from")
     gas = [gan_args(args, t) for t in range(args.components)]   # bad --gan-args fail here, before any output
-    shape = {"width": gas[0].width, "latent": gas[0].latent}    # L, F: another script's folder, changed nets
+    shape = {k: getattr(gas[0], k) for k in ("width", "latent", "xscale")}    # L, F: run.json
     common.check_run_folder(args.out, PROG, shape, args.resume)
     ecal, ep, source, toy = load_data(args, gas[0], log, rank)
     old = load_state(state_path) if args.resume else None
