@@ -22,7 +22,8 @@ ada = importlib.import_module("adagan")
 TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--components", "1",
         "--gan-args=--log-every 1000 --val-min 1", "--device", "cpu"]
 # the fixed temporary names of before (two trainings into one --out collided there)
-OLD_TMP = ["ensemble.pt.tmp", "metrics.json.tmp", "plots/sampling_fraction.tmp.png", "plots/data_weights.tmp.png"]
+OLD_TMP = ["ensemble.pt.tmp", "metrics.json.tmp", "plots/sampling_fraction.tmp.png", "plots/data_weights.tmp.png",
+           "component_0/ckpt.pt.tmp"]
 
 
 def _ada(capsys, *argv):
@@ -79,10 +80,11 @@ def test_bracket_data_long_folder_and_busy_temporaries(run):      # C, K, M
     (["--mixdisc-lr", "nan"], ["--mixdisc-lr"]),
     (["--bogus"], ["--bogus"]),                            # argparse's usage block before the message
     (["--gan-args", "--bn-mode 'batch"], ["--gan-args", "quotation"]),    # shlex's ValueError traceback
+    (["--gan-args=--bogus"], ["--bogus"]),                # 2dgan.py's parser, one line too
 ])
 def test_bad_flags_one_line(run, tmp_path, capsys, monkeypatch, argv, words):
     monkeypatch.chdir(tmp_path)
-    _one_line_exit_2(_ada(capsys, "--data", run.data, "--out", "o", *TINY, *argv), "adagan.py: error:", *words)
+    _one_line_exit_2(_ada(capsys, "--data", run.data, "--out", "o", *TINY, *argv), "error:", *words)
     assert os.listdir(tmp_path) == []
 
 
@@ -211,3 +213,33 @@ def test_torchrun_bad_input_once_every_rank_exits_2(run, tmp_path):      # N
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)     # torchrun ends the ranks still running (-15)
     assert "2" in codes and set(codes) <= {"2", "-15"}, codes
     assert os.listdir(tmp_path) == ["plain"]
+
+
+@pytest.mark.parametrize("key, fn, words", [
+    ("ECAL", lambda a: a.astype("S12"), ["'ECAL' has dtype |S12"]),          # G: a TypeError traceback
+    ("target", lambda a: a.astype(str).astype(object), ["'target' has dtype object"]),
+    ("ECAL", lambda a: a.astype(np.complex64), ["complex64"]),               # H: accepted with a ComplexWarning
+    ("ECAL", lambda a: np.where(a > 0.01, 1e39, a.astype(np.float64)), ["not finite in float32"]),   # I
+    ("target", lambda a: a.astype(np.float64) * 0 + 1e39, ["not finite in float32"]),
+])
+def test_data_in_float32(run, tmp_path, capsys, monkeypatch, key, fn, words):
+    with h5py.File(run.data) as f:
+        arrays = {k: f[k][:] for k in ("ECAL", "target")}
+    arrays[key] = fn(arrays[key])
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        for k, v in arrays.items():
+            f.create_dataset(k, data=v, dtype=h5py.string_dtype() if v.dtype == object else None)
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit_2(_ada(capsys, "--data", "bad.h5", "--out", "o", *TINY), "adagan.py: error:", "bad.h5", *words)
+    assert os.listdir(tmp_path) == ["bad.h5"]
+
+
+def test_glob_with_one_bad_file(run, tmp_path, capsys, monkeypatch):
+    """J: a glob over a good file and a NaN one is refused, naming the bad file, before any run folder exists."""
+    shutil.copy(run.data, tmp_path / "d1.h5")
+    shutil.copy(run.data, tmp_path / "d2.h5")
+    with h5py.File(tmp_path / "d2.h5", "r+") as f:
+        f["ECAL"][0, 0, 0, 0] = np.nan
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit_2(_ada(capsys, "--data", "d*.h5", "--out", "o", *TINY), "adagan.py: error:", "d2.h5")
+    assert sorted(os.listdir(tmp_path)) == ["d1.h5", "d2.h5"]
