@@ -36,7 +36,6 @@ the data; the best test-loss epoch kept (A:406-413). Deviations, and why:
 - D clipped to [1e-6, 1-1e-6]; with no lambda*, uniform weights and a warning (A logs it at debug level).
 """
 import argparse
-import glob
 import importlib
 import json
 import math
@@ -210,8 +209,7 @@ def sample_mixture(generators, mix_w, ep, rng, generate):
 def load_data(args, ga, log, rank=0):
     """(ecal, ep, source label, toy flag); toy LCD showers cached under data/ when --data is not given."""
     if args.data is not None:
-        lit = os.path.isfile(args.data)                     # an existing file is literal, '[' and all
-        return (*base().load_lcd(glob.escape(args.data) if lit else args.data), args.data, False)
+        return (*base().load_lcd(args.data), args.data, False)     # an existing file is literal, '[' and all (K)
     path = common.toy_path("lcd", ga.toy_n, args.seed)
     log(f"no --data: training on TOY lcd showers ({path})")
     if rank == 0 and not os.path.exists(path):
@@ -286,9 +284,9 @@ def train_mixdisc(gens, mix_w, ecal, ep, fit, args, ga, device, seed, log):
         hist.append({"epoch": epoch + 1, "loss": tot / nb, "test_loss": test, "lr": lr})
         log(f"mixdisc epoch {epoch + 1}/{args.mixdisc_epochs} | loss {tot / nb:.4f} test {test:.4f} | lr {lr:.3g} | "
             f"{len(order) * 2 / (time.time() - t0):.0f} samples/s")
-        if test < best or best_state is None:              # a NaN test loss: keep the first epoch, not None
+        if test < best:
             best, best_epoch, best_state = test, epoch + 1, {k: v.detach().clone() for k, v in D.state_dict().items()}
-    D.load_state_dict(best_state)
+    D.load_state_dict(best_state or D.state_dict())          # every test loss NaN: the last epoch
     return D.eval(), {"best_epoch": best_epoch, "best_test_loss": best, "history": hist}
 
 
