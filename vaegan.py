@@ -13,17 +13,16 @@ In: ILD HDF5 (`30x30/energy` (N,1) GeV, `30x30/layers` (N,30,30,30) MeV), reduce
 (0.1 MeV MIP cut per cell, then layers and 3x3 cells summed), or `showers` (N,10,10) MeV already reduced
 (`python common.py toy ild10`). Out: generated.h5, truth.h5 (held out), both `showers` (N,10,10) MeV.
 
-The paper's (reference.md; no code is public): reduction and MIP cut; a VAE-GAN (Larsen et al.:
-discriminator features replace the pixel-wise reconstruction loss) with locally connected layers, label
-smoothing, mini-batch discrimination; 1,000 training showers; ensembles of 3 on one set; per member the
-epoch whose generated distributions agree best with the training set on five observables; the quantile
-JSD (>= 10 truth points per quantile) and the amplification protocol (truth subsets of growing size and
-the generated sample against a disjoint truth reference, vs the number of quantiles; 218k truth, 1M
-generated in the paper). Ours: layer and latent sizes, Adam (betas 0.5/0.999), batch size, loss weights,
-the five observables (common.ild10_observables; not in the text we had); the MIP cut in the training
-path too (mip_cut: the discriminator must not see generated pixels between 0 and the cut, which the
-data never have); log(visible energy) beside the discriminator's features (--disc-energy, for the
-narrow e_vis peak); the held-out truth split half reference, half pool (common.ild10_amplification).
+The paper's (reference.md; no code is public): reduction and MIP cut; a VAE-GAN (Larsen et al.: discriminator features
+replace the pixel-wise reconstruction loss) with locally connected layers, label smoothing, mini-batch discrimination;
+1,000 training showers; ensembles of 3 on one set; per member the epoch whose generated distributions agree best with
+the training set on five observables; the quantile JSD (>= 10 truth points per quantile) and the amplification
+protocol (truth subsets of growing size and the generated sample against a disjoint truth reference, vs the number of
+quantiles; 218k truth, 1M generated in the paper). Ours: layer and latent sizes, Adam (betas 0.5/0.999), batch size,
+loss weights, the five observables (common.ild10_observables; not in the text we had); the MIP cut in the training
+path too (mip_cut: the discriminator must not see generated pixels between 0 and the cut, which the data never have);
+log(visible energy) beside the discriminator's features (--disc-energy, for the narrow e_vis peak); the held-out truth
+split half reference, half pool (common.ild10_amplification).
 """
 import argparse
 import copy
@@ -31,6 +30,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -47,17 +47,15 @@ import common  # noqa: E402
 SCRIPT = "vaegan.py"
 OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel")
 MIP = common.ILD_MIP_CUT_MEV
-
-
-class DataError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
+SHAPE = ("latent", "channels", "mbd_kernels", "disc_energy")      # the flags that set tensor shapes
+DataError = common.InputError       # bad input: one line on stderr, exit status 2
 
 
 # ---------------------------------------------------------------- flags
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="VAE-GAN for ILD showers reduced to 10x10, ensembles, amplification.")
+    p = common._Parser(description="VAE-GAN for ILD showers reduced to 10x10, ensembles, amplification.")
     a = p.add_argument
     a("--data", default=None, help="ILD HDF5 (30x30/energy, layers) or reduced `showers` (N,10,10); default: TOY")
     a("--toy-n", type=int, default=21000, help="toy showers without --data (made once under data/)")
@@ -95,10 +93,11 @@ def get_args(argv=None):
     except (ValueError, AssertionError):
         p.error(f"--channels takes two, --quantiles 1+ positive integers; got {args.channels!r}, {args.quantiles!r}")
     for lo, names in ((10, ("n_train",)), (1, ("toy_n", "epochs", "batch_size", "ensemble", "latent", "select_bins",
-                           "amp_n", "n_gen")), (0, ("lr", "adv_weight", "kl_weight", "mbd_kernels"))):
-        for name in names:
-            if getattr(args, name) is not None and not getattr(args, name) >= lo:
-                p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+                           "amp_n", "n_gen")), (0, ("lr", "adv_weight", "kl_weight", "mbd_kernels", "seed"))):
+        for name in names:     # at most float32's largest (1e39 is inf in training), numpy's seeds < 2**32
+            v, hi = getattr(args, name), 2**32 - 1 if name == "seed" else float(np.finfo(np.float32).max)
+            if v is not None and not lo <= v <= hi:
+                p.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi:.4g}], got {v}")
     if not 0 <= args.label_smooth < 0.5:
         p.error(f"--label-smooth must be in [0, 0.5), got {args.label_smooth}")
     if args.generate is not None and (args.generate < 1 or not args.ckpt or not args.out):
@@ -109,13 +108,16 @@ def get_args(argv=None):
 # ---------------------------------------------------------------- data
 
 
-def _check(path, what, *arrays):
-    """DataError if any of the arrays (None = absent) holds NaN/inf or negative values."""
-    for a in (a for a in arrays if a is not None):
-        if not np.isfinite(a).all() or (a < 0).any():
-            raise DataError(f"{path}: {what}holds " + ("negative energies" if np.isfinite(a).all() else "NaN or inf"))
+def _read(path, g, key, sel=()):
+    """g[key][sel] as float32: a dataset of real numbers, finite in float32 (common.check_real), >= 0."""
+    if not hasattr(g[key], "dtype"):
+        raise DataError(f"{path}: '{g[key].name[1:]}' is a group, not a dataset")
+    if (a := common.check_real(path, g[key].name[1:], g[key][sel])).size and a.min() < 0:
+        raise DataError(f"{path}: '{g[key].name[1:]}' holds negative energies")
+    return a
 
 
+@np.errstate(over="ignore")    # an overflow (reduction, sums) is reported below, not warned
 def load_showers(path):
     """-> (showers (N,10,10) float32 MeV, energy (N,1) GeV or None, is_toy). Raises DataError."""
     import h5py
@@ -125,33 +127,32 @@ def load_showers(path):
         f = h5py.File(path, "r")
     except OSError:
         raise DataError(f"{path}: not an HDF5 file")
-    with f:
+    with f:     # an unreadable dataset (truncated file): OSError, reported by main with its message
         toy, g = bool(f.attrs.get("toy", False)), f
         if isinstance(f.get("30x30"), h5py.Group):
             g = f["30x30"]
             if "energy" not in g or "layers" not in g:
                 raise DataError(f"{path}: missing key 30x30/{'layers' if 'energy' in g else 'energy'}")
             lay = g["layers"]
-            if lay.ndim != 4 or lay.shape[1:] != (30, 30, 30):
-                raise DataError(f"{path}: 30x30/layers has shape {lay.shape}, expected (N,30,30,30)")
+            if getattr(lay, "ndim", 0) != 4 or lay.shape[1:] != (30, 30, 30):
+                raise DataError(f"{path}: 30x30/layers has shape {getattr(lay, 'shape', None)}, expected (N,30,30,30)")
             showers = np.zeros((len(lay), 10, 10), np.float32)
             for s in range(0, len(lay), 1000):                 # reduced block by block: bounded memory
-                block = np.asarray(lay[s:s + 1000], np.float32)
-                _check(path, "30x30/layers ", block)
-                showers[s:s + 1000] = common.reduce_ild(block)
+                showers[s:s + 1000] = common.reduce_ild(_read(path, g, "layers", slice(s, s + 1000)))
         elif "showers" in f:
-            showers = np.asarray(f["showers"][:], np.float32)
+            showers = _read(path, f, "showers")
             showers = showers.reshape(-1, 10, 10) if showers.shape[1:] == (100,) else showers
             if showers.shape[1:] != (10, 10):
                 raise DataError(f"{path}: showers has shape {showers.shape}, expected (N,10,10)")
         else:
             raise DataError(f"{path}: missing key 30x30/layers (ILD layout) or showers (reduced 10x10)")
-        energy = np.asarray(g["energy"][:], np.float32) if "energy" in g else None
+        energy = _read(path, g, "energy") if "energy" in g else None
     if energy is not None and energy.shape not in ((len(showers), 1), (len(showers),)):
         raise DataError(f"{path}: energy has shape {energy.shape}, not ({len(showers)},1): mismatched events")
     if len(showers) == 0:
         raise DataError(f"{path}: empty file (0 showers)")
-    _check(path, "", showers, energy)
+    if not np.isfinite(showers.sum((1, 2))).all():     # the visible energy, an input of the discriminator
+        raise DataError(f"{path}: a shower's summed energy overflows float32")
     return showers, None if energy is None else energy.reshape(-1, 1), toy
 
 
@@ -176,8 +177,7 @@ class LocallyConnected2d(nn.Module):
         fan_in, bound = in_ch * kernel * kernel, 1.0 / math.sqrt(in_ch * kernel * kernel)
         self.weight = nn.Parameter(torch.empty(math.prod(self.out_size), fan_in, out_ch).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(out_ch, *self.out_size).uniform_(-bound, bound))
-        # flat index, into the zero-padded input plane, of every (output position, kernel offset):
-        # one gather instead of F.unfold, whose CPU backward (col2im) loops over tiny copies
+        # flat index into the padded input per (output position, kernel offset): a gather (F.unfold: slow CPU backward)
         rows, cols = (torch.arange(n)[:, None] * stride + torch.arange(kernel) for n in self.out_size)  # (H'|W', k)
         idx = rows[:, None, :, None] * (in_size[1] + 2 * padding) + cols[None, :, None, :]         # (H', W', k, k)
         self.register_buffer("idx", idx.reshape(-1), persistent=False)
@@ -217,10 +217,9 @@ class Decoder(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Two convolutions, a hidden layer (the feature-wise similarity layer), optionally the log of the
-    total visible energy beside it, mini-batch discrimination (Salimans et al. 2016: per kernel b,
-    o_b(x_i) = mean_{j != i} exp(-|M_ib - M_jb|_1), their sum divided by B - 1 so that it does not
-    grow with the batch size), one logit."""
+    """Two convolutions, a hidden layer (the feature-wise similarity layer), optionally the log of the total visible
+    energy beside it, mini-batch discrimination (Salimans et al. 2016: per kernel b, o_b(x_i) = mean_{j != i}
+    exp(-|M_ib - M_jb|_1), their sum divided by B - 1 so that it does not grow with the batch size), one logit."""
 
     def __init__(self, features=64, mbd_kernels=16, size=10, channels=(16, 32), energy_input=True):
         super().__init__()
@@ -267,12 +266,6 @@ def load_decoders(args, bests, device):
 
 
 # ---------------------------------------------------------------- train
-
-
-def from_model(y, scale):
-    """Model space (log(1 + E/MeV) / scale, the training set's scale: largest pixel at 1) -> MeV, cut."""
-    e = torch.expm1(y.squeeze(1).float() * scale)
-    return torch.where(e < MIP, torch.zeros_like(e), e)
 
 
 def mip_cut(y, scale):
@@ -351,43 +344,24 @@ def sample_decoders(decoders, n, latent, scale, gen, device, batch=10000):
         z = torch.randn(min(batch, n - s), latent, generator=gen, device=device)
         for k, dec in enumerate(decoders):
             sel = (who[s:s + len(z)] == k).nonzero().squeeze(1)
-            if len(sel):
-                out[s + sel] = from_model(dec(z[sel]), scale)
+            if len(sel):   # model space log(1 + E/MeV) / scale (the training set's largest pixel at 1) -> MeV, cut
+                e = torch.expm1(dec(z[sel]).squeeze(1).float() * scale)
+                out[s + sel] = torch.where(e < MIP, torch.zeros_like(e), e)
     return out.cpu().numpy()
 
 
 def write_h5(path, showers, energy=None, toy=False):
     import h5py
-    tmp = path + f".tmp{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
-        f["showers"] = showers.astype(np.float32)
-        if energy is not None:
-            f["energy"] = energy.astype(np.float32)
-        f.attrs.update(toy=bool(toy), format="ILD reduced to 10x10 (MIP cut 0.1 MeV, layers, 3x3 cells summed), MeV")
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.update({k: v.astype(np.float32) for k, v in (("showers", showers), ("energy", energy)) if v is not None})
+            f.attrs.update(toy=bool(toy), format="ILD reduced to 10x10 (MIP cut 0.1 MeV, layers, 3x3 cells summed), "
+                                                 "MeV")
+    common.write_atomic(path, write)
 
 
-def plot_amplification(path, title, amp, n_train, n_amp):
-    """The paper's figure, per observable: quantile JSD vs number of quantiles, truth subsets and generated."""
-    import matplotlib.pyplot as plt             # without a display it falls back to Agg
-    fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
-    for a, k in zip(ax.flat, OBS):
-        r = amp[k]
-        for m in sorted({m for m in n_train * np.array([1, 2, 5, 10]) if m in r["sizes"]} | {r["sizes"][-1]}):
-            a.plot(r["n_quantiles"], r["truth_jsd"][:, list(r["sizes"]).index(m)], "o-", ms=3,
-                   label=f"truth, {m} showers" + (" (= training size)" if m == n_train else ""))
-        a.plot(r["n_quantiles"], r["gen_jsd"], "s-", c="r", lw=2, label=f"generated ({n_amp} showers)")
-        a.set(xscale="log", yscale="log", xlabel="number of quantiles", ylabel="quantile JSD vs reference", title=k)
-        a.legend(fontsize=7)
-    ax.flat[5].axis("off")
-    fig.suptitle(f"{title}: amplification (Calomplification protocol), {n_train} training showers")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-
-
-def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
+def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info, ck=None):
     rank, world = dist_info
     A, out, x_np = vars(args), args.out, showers[train_idx]
     ckpt_path = os.path.join(out, "ckpt.pt")
@@ -395,16 +369,12 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
     members = [Member(k, A, device, scale) for k in range(args.ensemble)]
     mine = [mb for mb in members if mb.k % world == rank]
     history, start, step = [], 0, 0
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if len(ck["members"]) != args.ensemble:
-            raise DataError(f"{ckpt_path}: holds {len(ck['members'])} ensemble members, --ensemble is {args.ensemble}")
+    if ck is not None:
         for mb, st in zip(members, ck["members"]):
             mb.load(st)
         start, step, history, scale, rng = ck["epoch"], ck["step"], ck["history"], ck["scale"], ck["rng"]
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state_all(rng["cuda"]) if rng.get("cuda") is not None and torch.cuda.is_available() else None
         log(f"resumed from {ckpt_path} at epoch {start}", out, rank)
     X = torch.log1p(torch.from_numpy(x_np).to(device)).unsqueeze(1) / scale     # model space, on the device
     n, bs = len(X), min(args.batch_size, len(X))
@@ -435,18 +405,19 @@ def train(args, showers, energy, toy, train_idx, held_idx, device, dist_info):
                 for mb in members:
                     if mb not in mine and mb.k in states:
                         mb.load(states[mb.k])
+        ck = {"script": SCRIPT, "members": [mb.state() for mb in members], "epoch": epoch, "step": step, "args": A,
+              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+              "scale": scale, "geometry": "ild10", "history": history, "train_indices": train_idx,
+              "heldout_indices": held_idx}
+        common.check_finite(ck, ckpt_path)   # every rank holds every member: all refuse a NaN model alike, no hang
         if rank == 0:
             ld, lg, kl = np.mean(losses, 0) if losses else (0, 0, 0)
             eta = time.gmtime(max((time.time() - t0) / (epoch - start) * (args.epochs - epoch), 0))
             log(f"epoch {epoch}/{args.epochs} | step {step} | loss_d {ld:.3f} loss_g {lg:.3f} kl {kl:.2f} | "
                 f"{done * world / max(time.time() - t0, 1e-9):.0f} samples/s | ETA {time.strftime('%H:%M:%S', eta)} "
                 "| best JSD " + " ".join(f"m{mb.k}:{mb.best['score']:.4f}@{mb.best['epoch']}" for mb in members), out)
-            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-            torch.save({"members": [mb.state() for mb in members], "epoch": epoch, "step": step, "args": A, "rng": rng,
-                        "scale": scale, "geometry": "ild10", "history": history, "train_indices": train_idx,
-                        "heldout_indices": held_idx}, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+            common.write_atomic(ckpt_path, lambda t: torch.save(ck, t))
     return finish(args, members, scale, showers, energy, toy, train_idx, held_idx, history, device) if rank == 0 else 0
 
 
@@ -456,10 +427,7 @@ def finish(args, members, scale, showers, energy, toy, train_idx, held_idx, hist
     decs = load_decoders(vars(args), [mb.best for mb in members], device)
     g = torch.Generator(device).manual_seed(args.seed + 12345)
     truth, n_gen = showers[held_idx], args.n_gen or len(held_idx)
-    gen = sample_decoders(decs, n_gen, args.latent, scale, g, device)
-    en = None if energy is None else energy[held_idx]
-    write_h5(os.path.join(out, "generated.h5"), gen, None if en is None else en[np.arange(n_gen) % len(en)], toy)
-    write_h5(os.path.join(out, "truth.h5"), truth, en, toy)
+    common.check_finite(gen := sample_decoders(decs, n_gen, args.latent, scale, g, device), f"{out}/generated.h5")
     score, per = selection_score(common.ild10_observables(truth), gen, args.select_bins)
     metrics = {"script": SCRIPT, "data": args.data, "toy": toy, "n_train": n_train, "n_heldout": len(held_idx),
                "n_generated": n_gen, "ensemble": args.ensemble, "best_epochs": [mb.best["epoch"] for mb in members],
@@ -480,16 +448,31 @@ def finish(args, members, scale, showers, energy, toy, train_idx, held_idx, hist
                                  for k, (q, v) in top.items()}, "n_observables_amplified": int(sum(worth.values())),
             "curves": {k: {c: np.asarray(r[c]).tolist() for c in ("n_quantiles", "sizes", "truth_jsd", "gen_jsd")}
                        for k, r in amp.items()}}
-        last = (f"{title}: {args.amp_n} generated showers from {n_train} training showers are worth (truth showers, "
-                "at the most quantiles K): " + ", ".join(f"{k} {v if v in (None, 'inf') else round(v)} (K={q})"
-                                                        for k, (q, v) in top.items())
-                + f"; more than the training set for {sum(worth.values())} of 5")
-        os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-        plot_amplification(os.path.join(out, "plots", "amplification.png"), title, amp, n_train, args.amp_n)
-    path = os.path.join(out, "metrics.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(metrics, fh, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    os.replace(path + ".tmp", path)
+        worth_k = ", ".join(f"{k} {v if v in (None, 'inf') else round(v)} (K={q})" for k, (q, v) in top.items())
+        last = (f"{title}: {args.amp_n} generated showers from {n_train} training showers are worth (truth showers, at "
+                f"the most quantiles K): {worth_k}; more than the training set for {sum(worth.values())} of 5")
+    common.check_finite(metrics, f"{out}/metrics.json")          # before anything of this run's end is written
+    en = None if energy is None else energy[held_idx]
+    write_h5(os.path.join(out, "generated.h5"), gen, None if en is None else en[np.arange(n_gen) % len(en)], toy)
+    write_h5(os.path.join(out, "truth.h5"), truth, en, toy)
+    if amp:   # the paper's figure, per observable: quantile JSD vs number of quantiles, truth subsets and generated
+        import matplotlib.pyplot as plt             # without a display it falls back to Agg
+        fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
+        for a, k in zip(ax.flat, OBS):
+            r = amp[k]
+            for m in sorted({m for m in n_train * np.array([1, 2, 5, 10]) if m in r["sizes"]} | {r["sizes"][-1]}):
+                a.plot(r["n_quantiles"], r["truth_jsd"][:, list(r["sizes"]).index(m)], "o-", ms=3,
+                       label=f"truth, {m} showers" + (" (= training size)" if m == n_train else ""))
+            a.plot(r["n_quantiles"], r["gen_jsd"], "s-", c="r", lw=2, label=f"generated ({args.amp_n} showers)")
+            a.set(xscale="log", yscale="log", xlabel="number of quantiles", ylabel="quantile JSD vs reference", title=k)
+            a.legend(fontsize=7)
+        ax.flat[5].axis("off")
+        fig.suptitle(f"{title}: amplification (Calomplification protocol), {n_train} training showers")
+        fig.tight_layout()
+        common.write_atomic(os.path.join(out, "plots", "amplification.png"), lambda t: fig.savefig(t, dpi=90))
+        plt.close(fig)
+    common.write_atomic(os.path.join(out, "metrics.json"), json.dumps(
+        metrics, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     log(f"wrote {out}/: generated.h5 ({n_gen} showers), truth.h5, metrics.json{', plots/' if amp else ''}\n{last}", out)
     return 0
 
@@ -504,18 +487,33 @@ def log(msg, out, rank=0):
 # ---------------------------------------------------------------- generate
 
 
-def generate(args, device):
-    if not os.path.isfile(args.ckpt):
-        raise DataError(f"{args.ckpt}: no such checkpoint")
+def load_ckpt(path, device, A=None, what="--ckpt"):
+    """A vaegan.py checkpoint and its best decoders; with A (--resume), saved with A's ensemble size and model
+    flags. A missing, truncated or text file, another script's checkpoint or other flags: DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path}: no checkpoint{' to resume from' if A else ''}")
     try:
-        ck = torch.load(args.ckpt, map_location=device, weights_only=False)
-        A, decs = ck["args"], load_decoders(ck["args"], [st["best"] for st in ck["members"]], device)
+        ck = torch.load(path, map_location=device, weights_only=False)
+        made_by = ck.get("script", SCRIPT if ck.get("geometry") == "ild10" else None)   # saved before "script"
+        diff = [k for k in SHAPE + ("ensemble",) if A and ck["args"].get(k, 1) != A[k]] if made_by == SCRIPT else []
+        decs = load_decoders(ck["args"], [st["best"] for st in ck["members"]], device) if made_by == SCRIPT else []
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is bad input
-        raise DataError(f"{args.ckpt}: not a vaegan.py checkpoint ({type(e).__name__})")
+        raise DataError(f"{what} {path}: not a readable {SCRIPT} checkpoint ({type(e).__name__})")
+    if made_by != SCRIPT or diff:
+        raise DataError(f"{what} {path}: " + (f"saved with other model flags ({', '.join(diff)})" if diff else
+                                              f"a checkpoint of {made_by or 'an unknown script'}, not of {SCRIPT}"))
+    return ck, decs
+
+
+def generate(args, device):
+    common.check_out_path(args.out, "--out", folder=False)
+    ck, decs = load_ckpt(args.ckpt, device)
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise DataError(f"{args.out}: folder does not exist")
+        raise DataError(f"--out {args.out}: folder does not exist")
     g = torch.Generator(device).manual_seed(args.seed)
-    write_h5(args.out, sample_decoders(decs, args.generate, A["latent"], ck["scale"], g, device), None, A.get("toy"))
+    common.check_finite(gen := sample_decoders(decs, args.generate, ck["args"]["latent"], ck["scale"], g, device),
+                        args.out)
+    write_h5(args.out, gen, None, ck["args"].get("toy"))
     print(f"wrote {args.generate} showers (reduced 10x10, MeV) from {len(decs)} ensemble members to {args.out}")
     return 0
 
@@ -528,9 +526,8 @@ def benchmark(args, device):
     res = {"script": SCRIPT, "device": device.type, "dtype": args.dtype, "ensemble": args.ensemble}
     for key, fn, n, reps in (("gen_showers_per_s", lambda: sample_decoders(decs, gb, args.latent, 6, g, device), gb, 3),
                              ("train_samples_per_s", lambda: train_step(mb, x, A), args.batch_size, 20)):
-        for r in range(reps + 1):      # call 0 warms up
-            if r == 1:
-                t0 = time.time()
+        for r in range(reps + 1):
+            t0 = time.time() if r <= 1 else t0      # call 0 warms up
             with mb.autocast():
                 fn()
             torch.cuda.synchronize() if device.type == "cuda" else None
@@ -543,54 +540,57 @@ def benchmark(args, device):
 
 
 def main(argv=None):
+    """Every input is checked, on every rank, before anything is written or a process group is made."""
     args = get_args(argv)
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        print(f"{SCRIPT}: error: --device cuda: CUDA is not available", file=sys.stderr)
-        return 2
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if args.dtype == "bf16" and not cuda and rank == 0:
-        print(f"{SCRIPT}: --dtype bf16 is ignored on CPU (fp32)", file=sys.stderr)
-    torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
+    if ddp:   # torchrun stops every rank once one exits: rank 0 checks on to print the error (once), the others exit 2
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if rank == 0 else lambda *_: sys.exit(2))
     try:
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        if cuda and not torch.cuda.is_available():
+            raise DataError("--device cuda: CUDA is not available")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+        torch.cuda.set_device(device) if cuda else None
+        if args.dtype == "bf16" and not cuda and rank == 0:
+            print(f"{SCRIPT}: --dtype bf16 is ignored on CPU (fp32)", file=sys.stderr)
+        torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
         if args.benchmark or args.generate is not None:
             return benchmark(args, device) if args.benchmark else generate(args, device)
         args.out = args.out or os.path.join("runs", "vaegan")
         args.amplify = args.data is None if args.amplify is None else args.amplify
-        if args.data is None:
+        for name in ("ckpt.pt", "generated.h5", "truth.h5", "metrics.json", "log.txt", "run.json", "plots",
+                     "plots/amplification.png"):        # no folder where a file goes, nor a file for a folder
+            common.check_out_path(os.path.join(args.out, name), folder=name == "plots")
+        shape = {k: vars(args)[k] for k in SHAPE}
+        common.check_run_folder(args.out, SCRIPT, shape, args.resume)
+        if args.data is None:     # every rank makes the same toy file (atomic): no process group needed yet
             args.data = common.toy_path("ild10", args.toy_n, args.seed)
-            if rank == 0:
-                print(f"no --data: training on TOY ild10 showers ({args.data})", flush=True)
-                if not os.path.exists(args.data):
-                    os.makedirs(os.path.dirname(args.data), exist_ok=True)
-                    common.write_toy("ild10", args.data, args.toy_n, args.seed, workers=1)
-        if ddp and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            print(f"no --data: training on TOY ild10 showers ({args.data})", flush=True) if rank == 0 else None
+            if not os.path.exists(args.data):
+                common.check_out_path(args.data, "toy data", folder=False)
+                os.makedirs(os.path.dirname(args.data), exist_ok=True)
+                common.write_toy("ild10", args.data, args.toy_n, args.seed, workers=1)
         showers, energy, toy = load_showers(args.data)
         n_held = len(showers) - args.n_train
         if n_held < 1:
             raise DataError(f"{args.data}: {len(showers)} showers, need more than --n-train {args.n_train}")
         if args.amplify and n_held // 2 < 10 * min(args.quantiles):
             raise DataError(f"{args.data}: {n_held} held-out showers, --amplify needs {20 * min(args.quantiles)}")
-        if args.resume and not os.path.isfile(os.path.join(args.out, "ckpt.pt")):
-            raise DataError(f"{os.path.join(args.out, 'ckpt.pt')}: no checkpoint to resume from")
+        ck = load_ckpt(os.path.join(args.out, "ckpt.pt"), device, vars(args), "--resume")[0] if args.resume else None
         args.toy = toy
         perm = np.random.default_rng(args.seed).permutation(len(showers))
         train_idx, held_idx = np.sort(perm[:args.n_train]), np.sort(perm[args.n_train:])
-        if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-        if ddp:
-            dist.barrier()
+        if ddp and not dist.is_initialized():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            dist.init_process_group("nccl" if cuda else "gloo")
+        if rank == 0:          # only now, with every input checked, is anything written
+            common.stamp_run_folder(args.out, SCRIPT, shape)
         log(f"{len(showers)} showers from {args.data}{' (TOY)' if toy else ''}: {len(train_idx)} train, "
             f"{len(held_idx)} held out; ensemble of {args.ensemble} on {device}", args.out, rank)
-        return train(args, showers, energy, toy, train_idx, held_idx, device, (rank, world))
-    except DataError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
+        return train(args, showers, energy, toy, train_idx, held_idx, device, (rank, world), ck)
+    except (DataError, OSError) as e:
+        return common.fail(SCRIPT, e)
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
