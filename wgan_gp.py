@@ -47,7 +47,6 @@ import h5py
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import common
 
@@ -117,23 +116,26 @@ def get_args(argv=None):
 # ---------------------------------------------------------------- data
 
 DataError = common.InputError           # bad input: one line on stderr, exit status 2, nothing written
+FORMATS = {"atlas": ("cells", "energy", (89, 247)), "calochallenge": ("showers", "incident_energies", (368,))}
+E_MAX_MEV = 300_000.0    # PreProcessing.py lines 18-24: clusters above 300 GeV (total before noise cuts) removed
+
+
+def need(ok, msg):
+    """Refuse bad input before anything is written: main prints msg as one line on stderr, exit status 2."""
+    if not ok:
+        raise DataError(msg)
 
 
 def read_showers(path):
-    """Read and validate a file of either format -> dict(fmt, geom, cells (N,C) MeV, energy (N,) MeV, toy)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+    """Read and validate a file of either format -> dict(fmt, geom, cells (N,C) MeV, energy (N,) MeV, toy, path)."""
+    need(os.path.isfile(path), f"{path}: no such file")
     try:
         with h5py.File(path, "r") as f:
-            if "cells" in f or "energy" in f:
-                fmt, ck, ek = "atlas", "cells", "energy"
-            elif "showers" in f or "incident_energies" in f:
-                fmt, ck, ek = "calochallenge", "showers", "incident_energies"
-            else:
-                raise DataError(f"{path}: missing key 'cells' (ATLAS) or 'showers' (CaloChallenge)")
+            fmt = next((k for k, keys in FORMATS.items() if keys[0] in f or keys[1] in f), None)
+            need(fmt, f"{path}: missing key 'cells' (ATLAS) or 'showers' (CaloChallenge)")
+            ck, ek, allowed = FORMATS[fmt]
             for key in (ck, ek):
-                if key not in f or not isinstance(f[key], h5py.Dataset):
-                    raise DataError(f"{path}: missing key '{key}'")
+                need(key in f and isinstance(f[key], h5py.Dataset), f"{path}: missing key '{key}'")
             cells, energy = f[ck][()], f[ek][()]
             per_cell = {k: f[k][()] for k in ("cell_layer", "cell_eta", "cell_phi") if k in f}
             toy = bool(f.attrs.get("toy", False))
@@ -141,26 +143,20 @@ def read_showers(path):
         raise DataError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]})")
     cells = common.check_real(path, ck, cells)           # float32, the training dtype: 1e39 is inf there
     common.check_real(path, ek, energy)
-    if cells.ndim != 2 or cells.shape[0] == 0:
-        raise DataError(f"{path}: '{ck}' must be (N, n_cells) with N > 0, got shape {cells.shape}")
+    need(cells.ndim == 2 and len(cells), f"{path}: '{ck}' must be (N, n_cells) with N > 0, got shape {cells.shape}")
     n, c = cells.shape
-    allowed = {"atlas": (89, 247), "calochallenge": (368,)}[fmt]
-    if c not in allowed:
-        raise DataError(f"{path}: '{ck}' has {c} cells, expected {' or '.join(map(str, allowed))}")
-    if energy.shape not in ((n,), (n, 1)):
-        raise DataError(f"{path}: '{ek}' has shape {energy.shape}, expected ({n},) to match {n} events of '{ck}'")
-    if np.abs(cells.sum(1, dtype=np.float64)).max() > np.finfo(np.float32).max:
-        raise DataError(f"{path}: a shower's total of '{ck}' overflows float32")
-    if np.any(energy <= 0):
-        raise DataError(f"{path}: '{ek}' has non-positive energies")
-    if fmt == "calochallenge" and np.any(cells < 0):
-        raise DataError(f"{path}: '{ck}' has negative energies")
+    need(c in allowed, f"{path}: '{ck}' has {c} cells, expected {' or '.join(map(str, allowed))}")
+    need(energy.shape in ((n,), (n, 1)),
+         f"{path}: '{ek}' has shape {energy.shape}, expected ({n},) to match {n} events of '{ck}'")
+    need(np.abs(cells.sum(1, dtype=np.float64)).max() <= np.finfo(np.float32).max,
+         f"{path}: a shower's total of '{ck}' overflows float32")
+    need(np.all(energy > 0), f"{path}: '{ek}' has non-positive energies")
+    need(fmt == "atlas" or np.all(cells >= 0), f"{path}: '{ck}' has negative energies")
     geom = common.geometry({89: "atlas89", 247: "atlas247", 368: "calochallenge1"}[c])
     for key, arr in per_cell.items():
-        if arr.shape != (c,):
-            raise DataError(f"{path}: '{key}' has shape {arr.shape}, expected ({c},)")
-    if "cell_layer" in per_cell and not np.array_equal(per_cell["cell_layer"], geom.layer):
-        raise DataError(f"{path}: 'cell_layer' differs from the {geom.name} cell order of common.py")
+        need(arr.shape == (c,), f"{path}: '{key}' has shape {arr.shape}, expected ({c},)")
+    need(np.array_equal(per_cell.get("cell_layer", geom.layer), geom.layer),
+         f"{path}: 'cell_layer' differs from the {geom.name} cell order of common.py")
     return dict(fmt=fmt, geom=geom, cells=cells, energy=energy.reshape(n).astype(np.float64), toy=toy, path=path)
 
 
@@ -169,23 +165,18 @@ def noise_cut(cells, geom):
     return np.where(cells >= geom.noise_cut, cells, 0.0).astype(np.float32)
 
 
-E_MAX_MEV = 300_000.0    # PreProcessing.py lines 18-24: clusters above 300 GeV (total before noise cuts) removed
-
-
 def prepare(d, seed, val_frac):
     """300 GeV cut (ATLAS), noise cuts, fractions of the cluster total, conditions, seeded split."""
     atlas = d["fmt"] == "atlas"
-    over = (d["cells"].sum(1, dtype=np.float64) > E_MAX_MEV) if atlas else np.zeros(len(d["cells"]), bool)
+    over = (d["cells"].sum(1, dtype=np.float64) > E_MAX_MEV) & atlas
     cells = noise_cut(d["cells"], d["geom"])
     total = cells.sum(1, dtype=np.float64)
     keep = np.flatnonzero((total > 0) & ~over)
-    if len(keep) < 2:
-        raise DataError(f"{d['path']}: fewer than 2 showers with energy left after the 300 GeV and noise cuts")
+    need(len(keep) >= 2, f"{d['path']}: fewer than 2 showers with energy left after the 300 GeV and noise cuts")
     perm = np.random.default_rng(seed).permutation(keep)
     n_val = max(1, int(round(val_frac * len(keep))))
     val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    if len(train) == 0:
-        raise DataError(f"{d['path']}: no training events left after the validation split")
+    need(len(train), f"{d['path']}: no training events left after the validation split")
     cond_e = total if atlas else d["energy"]            # ATLAS: cluster total; ds1: incident energy
     log_e, safe = np.log(cond_e), np.where(total > 0, total, 1.0)
     norm = {"mu_e": float(log_e[train].mean()), "sd_e": float(log_e[train].std() + 1e-6)}
@@ -195,7 +186,7 @@ def prepare(d, seed, val_frac):
         norm.update(mu_r=float(log_r[train].mean()), sd_r=float(log_r[train].std() + 1e-6))
         x.append(((log_r - norm["mu_r"]) / norm["sd_r"])[:, None].astype(np.float32))
     c = ((log_e - norm["mu_e"]) / norm["sd_e"])[:, None].astype(np.float32)
-    return dict(x=np.concatenate(x, 1), c=c, cells=cells, total=total, cond_e=cond_e, train=train, val=val, norm=norm,
+    return dict(x=np.concatenate(x, 1), c=c, cells=cells, cond_e=cond_e, train=train, val=val, norm=norm,
                 n_over=int(over.sum()), n_dropped=int(((total <= 0) & ~over).sum()))
 
 
@@ -217,14 +208,14 @@ SLOPE = 0.3     # keras.layers.LeakyReLU() default alpha, as training.py uses it
 lrelu_bwd = torch.ops.aten.leaky_relu_backward
 
 
-class Dense(nn.Module):
+class Dense(torch.nn.Module):
     """K independent dense networks (one per seed), layer l of member k: h[k] @ W_l[k] + b_l[k], LeakyReLU
     between; all weights in ONE flat parameter (K, P): one tensor per network for the optimiser and DDP."""
 
     def __init__(self, sizes, k=1):
         super().__init__()
         self.sizes, self.k = list(sizes), k
-        self.flat = nn.Parameter(torch.zeros(k, sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))))
+        self.flat = torch.nn.Parameter(torch.zeros(k, sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))))
 
     def layers(self, t=None):
         """[(W (K,in,out), b (K,1,out))] as views of the flat parameter (or of a tensor shaped like it)."""
@@ -244,25 +235,27 @@ class Dense(nn.Module):
                 W[k].copy_(torch.rand(W.shape[1:], generator=g, device=g.device) * (2 * lim) - lim)
 
 
-def forward(layers, h, slope, keep=False):
-    """(K,B,in) -> (K,B,out); with keep, also each layer's input and each hidden pre-activation."""
+def build(hp, n_x, ratio_head, k=1):
+    w, L = hp["width"], hp["layers"]
+    return Dense([hp["latent"] + 1] + [w] * L + [n_x], k), Dense([n_x + 1] + [w] * L + [1], k)
+
+
+def forward(layers, h, slope):
+    """(K,B,in) -> (K,B,out), each layer's input and each hidden pre-activation (for the backward by hand)."""
     hs, pre = [h], []
     for W, b in layers[:-1]:
-        a = torch.baddbmm(b, h, W)
-        h = torch.nn.functional.leaky_relu(a, slope)
-        if keep:
-            hs.append(h)
-            pre.append(a)
-    return torch.baddbmm(layers[-1][1], h, layers[-1][0]), hs, pre
+        pre.append(torch.baddbmm(b, hs[-1], W))
+        hs.append(torch.nn.functional.leaky_relu(pre[-1], slope))
+    return torch.baddbmm(layers[-1][1], hs[-1], layers[-1][0]), hs, pre
 
 
-def deltas(layers, pre, dy, slope):
+def deltas(layers, pre, dy):
     """Backward through the hidden layers: d loss / d pre-activation of each hidden layer, first first."""
     ds = []
     for (W, _), a in zip(reversed(layers[1:]), reversed(pre)):
-        dy = lrelu_bwd(torch.bmm(dy, W.transpose(1, 2)), a, slope, False)
-        ds.append(dy)
-    return ds[::-1]
+        dy = lrelu_bwd(torch.bmm(dy, W.transpose(1, 2)), a, SLOPE, False)
+        ds.insert(0, dy)
+    return ds
 
 
 def flat_grad(lefts, ds, n_bias_rows):
@@ -273,9 +266,9 @@ def flat_grad(lefts, ds, n_bias_rows):
     return torch.cat(out, 1)
 
 
-def generator_out(gl, gin, n_cells, keep=False):
+def generator_out(gl, gin, n_cells):
     """(noise | condition) -> (x = softmax cell fractions [+ ratio head], logits, forward cache)."""
-    out, hs, pre = forward(gl, gin, SLOPE, keep)
+    out, hs, pre = forward(gl, gin, SLOPE)
     logits = out[..., :n_cells]
     p = torch.softmax(logits, -1)                       # fp32 under autocast
     x = p if out.shape[-1] == n_cells else torch.cat([p, out[..., n_cells:].to(p.dtype)], -1)
@@ -287,13 +280,11 @@ def critic_grads(cl, h, B, nx, gp_weight):
     h (K, 3B, n_in): real, fake, interpolate rows (+ condition), overwritten. One forward and one backward give the
     interpolates' input gradient g; the penalty's gradient through g is (LeakyReLU'' = 0) a forward pass of dGP/dg
     through the network linearised at the interpolates. -> (flat gradient (K,P), loss (K,), W estimate (K,))."""
-    K = h.shape[0]
-    y, hs, pre = forward(cl, h, SLOPE, keep=True)
-    dy = torch.full((1, 3 * B, 1), 1.0 / B, dtype=y.dtype, device=y.device)
-    dy[:, :B] = -1.0 / B                                        # dL/dD: real -1/B, fake +1/B,
-    dy[:, 2 * B:] = 1.0                                         # interpolates: input-gradient seed
-    dy = dy.expand(K, -1, -1)
-    ds = deltas(cl, pre, dy, SLOPE)
+    y, hs, pre = forward(cl, h, SLOPE)
+    # dL/dD: real -1/B, fake +1/B; interpolates 1, the seed of their input gradient
+    dy = torch.tensor([-1.0 / B, 1.0 / B, 1.0], dtype=y.dtype, device=y.device).repeat_interleave(B)
+    dy = dy[None, :, None].expand(h.shape[0], -1, -1)
+    ds = deltas(cl, pre, dy)
     W0 = cl[0][0][:, :nx]
     g = torch.bmm(ds[0][:, 2 * B:], W0.transpose(1, 2))        # grad_x D at the interpolates
     norm = g.norm(dim=2, keepdim=True)
@@ -306,18 +297,16 @@ def critic_grads(cl, h, B, nx, gp_weight):
             e = torch.bmm(hs[l][:, 2 * B:], cl[l][0])
     hs[0][:, 2 * B:, :nx] = G
     hs[0][:, 2 * B:, nx:] = 0                                   # the condition is not penalised
-    grad = flat_grad(hs, ds + [dy], 2 * B)
     wd = (y[:, :B] - y[:, B:2 * B]).mean((1, 2))
-    return grad, -wd + gp_weight * gp, wd
+    return flat_grad(hs, ds + [dy], 2 * B), -wd + gp_weight * gp, wd
 
 
 def generator_grads(gl, cl, gin, n_cells, l1):
     """Generator loss -mean D(G(z, c)) (+ l1 * |logits|) and its parameter gradient, by hand."""
     B = gin.shape[1]
-    x, logits, (hs, pre_g, p) = generator_out(gl, gin, n_cells, keep=True)
-    y, _, pre_c = forward(cl, torch.cat([x, gin[..., -1:]], -1), SLOPE, keep=True)
-    dy = torch.full_like(y, -1.0 / B)
-    dx = torch.bmm(deltas(cl, pre_c, dy, SLOPE)[0], cl[0][0][:, :x.shape[-1]].transpose(1, 2))
+    x, logits, (hs, pre_g, p) = generator_out(gl, gin, n_cells)
+    y, _, pre_c = forward(cl, torch.cat([x, gin[..., -1:]], -1), SLOPE)
+    dx = torch.bmm(deltas(cl, pre_c, torch.full_like(y, -1.0 / B))[0], cl[0][0][:, :x.shape[-1]].transpose(1, 2))
     dxp = dx[..., :n_cells]
     dout = p * (dxp - (p * dxp).sum(-1, keepdim=True))          # through the softmax
     loss = -y.mean((1, 2))
@@ -326,54 +315,59 @@ def generator_grads(gl, cl, gin, n_cells, l1):
         loss = loss + l1 * logits.abs().sum(-1).mean(-1)
     if x.shape[-1] > n_cells:
         dout = torch.cat([dout, dx[..., n_cells:]], -1)         # ratio head (CaloChallenge)
-    return flat_grad(hs, deltas(gl, pre_g, dout, SLOPE) + [dout], B), loss
-
-
-def build(hp, n_x, ratio_head, k=1):
-    w, L = hp["width"], hp["layers"]
-    return Dense([hp["latent"] + 1] + [w] * L + [n_x], k), Dense([n_x + 1] + [w] * L + [1], k)
+    return flat_grad(hs, deltas(gl, pre_g, dout) + [dout], B), loss
 
 # ---------------------------------------------------------------- train
 
 
 class Adam:
     """Adam as Keras 2 computes it (training.py lines 191, 222: Adam(5e-5, 0.5, 0.5), epsilon 1e-7):
-    lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), p -= lr_t m / (sqrt(v) + eps). Elementwise: K members as K runs."""
+    lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), p -= lr_t m / (sqrt(v) + eps). Elementwise: K members as K runs.
+    state {t, m, v} is what the checkpoint stores (and gives back on --resume)."""
 
-    def __init__(self, p, lr, betas, eps=1e-7):
-        self.p, self.lr, (self.b1, self.b2), self.eps, self.t = p, lr, betas, eps, 0
-        self.m, self.v = torch.zeros_like(p), torch.zeros_like(p)
+    def __init__(self, p, lr, betas, state=None, eps=1e-7):
+        self.p, self.lr, (self.b1, self.b2), self.eps = p, lr, betas, eps
+        self.state = state or {"t": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
 
     @torch.no_grad()
     def step(self, g):
-        self.t += 1
-        self.m.lerp_(g, 1 - self.b1)
-        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-        lr_t = self.lr * math.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
-        self.p.addcdiv_(self.m, self.v.sqrt().add_(self.eps), value=-lr_t)
-
-    def state_dict(self):
-        return {"t": self.t, "m": self.m, "v": self.v}
-
-    def load_state_dict(self, s):
-        self.t, _, _ = s["t"], self.m.copy_(s["m"]), self.v.copy_(s["v"])
+        s = self.state
+        s["t"] += 1
+        s["m"].lerp_(g, 1 - self.b1)
+        s["v"].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        lr_t = self.lr * math.sqrt(1 - self.b2 ** s["t"]) / (1 - self.b1 ** s["t"])
+        self.p.addcdiv_(s["m"], s["v"].sqrt().add_(self.eps), value=-lr_t)
 
 
 def member_generators(seeds, device, offset=0):
     return [torch.Generator(device).manual_seed(s + offset) for s in seeds]
 
 
-def epoch_draws(gens, n, n_iter, n_critic, bs, latent, device):
+def init_nets(hp, n_x, ratio_head, seeds, device, lr, betas, optim=None):
+    """Generator and critic of K = len(seeds) members, member k Keras-initialised from torch.Generator seeds[k]
+    (returned: it goes on to draw member k's minibatches), and their Adams (optim: state from a checkpoint)."""
+    nets = dict(zip(("generator", "critic"), (m.to(device) for m in build(hp, n_x, ratio_head, len(seeds)))))
+    gens = member_generators(seeds, device)
+    for m in nets.values():
+        m.glorot_(gens)
+    return nets, {n: Adam(m.flat, lr, betas, (optim or {}).get(n)) for n, m in nets.items()}, gens
+
+
+def epoch_batches(gens, x, c, tr, n_iter, n_critic, bs, latent):
     """One epoch's randomness, member by member from its own generator (K batched seeds draw what K single-seed
     runs draw): critic minibatches (consecutive slices of a permutation, training.py lines 251-257), generator-step
-    conditions (line 262), interpolation weights, noise -> tensors (K, n_iter, ...)."""
-    def perms(need, g):         # `need` indices from back-to-back random permutations of range(n)
-        return torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-need // n))])[:need]
-    out = [(perms(n_iter * n_critic * bs, g).view(n_iter, n_critic, bs), perms(n_iter * bs, g).view(n_iter, bs),
-            torch.rand(n_iter, n_critic, bs, 1, generator=g, device=device),
-            torch.randn(n_iter, n_critic * bs, latent, generator=g, device=device),
-            torch.randn(n_iter, bs, latent, generator=g, device=device)) for g in gens]
-    return [torch.stack(t) for t in zip(*out)]
+    conditions (line 262), interpolation weights, noise -> (real, cond, eps, gin_c, gin_g), each (K, n_iter, ...)."""
+    n, device = len(tr), x.device
+
+    def perms(m, g):            # m indices from back-to-back random permutations of range(n)
+        return torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-m // n))])[:m]
+    draws = [(perms(n_iter * n_critic * bs, g).view(n_iter, n_critic, bs), perms(n_iter * bs, g).view(n_iter, bs),
+              torch.rand(n_iter, n_critic, bs, 1, generator=g, device=device),
+              torch.randn(n_iter, n_critic * bs, latent, generator=g, device=device),
+              torch.randn(n_iter, bs, latent, generator=g, device=device)) for g in gens]
+    idx_c, idx_g, eps, z_c, z_g = (torch.stack(t) for t in zip(*draws))
+    real, cond = x[tr[idx_c]], c[tr[idx_c]]
+    return real, cond, eps, torch.cat([z_c, cond.flatten(2, 3)], -1), torch.cat([z_g, c[tr[idx_g]]], -1)
 
 
 def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1, reduce=torch.Tensor.float):
@@ -382,49 +376,40 @@ def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1,
     latent+1); buf (K, n_critic, 3B, n_x+1) scratch. The critic steps' fakes come from one generator pass."""
     K, nc, B, nx = real.shape
     fake = generator_out(gl, gin_c, n_cells)[0].view(K, nc, B, nx)
-    buf[:, :, :B, :nx] = real
-    buf[:, :, B:2 * B, :nx] = fake
-    buf[:, :, 2 * B:, :nx] = torch.lerp(fake, real, eps)
+    for i, rows in enumerate((real, fake, torch.lerp(fake, real, eps))):     # critic rows: real, fake, interpolates
+        buf[:, :, i * B:(i + 1) * B, :nx] = rows
     buf[..., nx:].unflatten(2, (3, B)).copy_(cond[:, :, None])
     sums = torch.zeros(3, K, device=buf.device)
     for j in range(nc):
         grad, loss, wd = critic_grads(cl, buf[:, j], B, nx, gp)
-        opts[1].step(reduce(grad))
-        sums[0] += loss
-        sums[1] += wd
+        opts["critic"].step(reduce(grad))
+        sums[:2] += torch.stack([loss, wd])
     grad, loss = generator_grads(gl, cl, gin_g, n_cells, l1)
-    opts[0].step(reduce(grad))
+    opts["generator"].step(reduce(grad))
     sums[2] += loss
     return sums
 
 
 def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
     """Train the seeds as ONE batched model; returns (generator, {seed: history})."""
-    rank, size = world
-    K = len(seeds)
+    (rank, size), K, hp = world, len(seeds), {k: getattr(args, k) for k in HP}
     x, c, tr = (torch.as_tensor(data[k], device=device) for k in ("x", "c", "train"))   # whole dataset on device
-    hp = {k: getattr(args, k) for k in HP}
-    gen, crit = (m.to(device) for m in build(hp, x.shape[1], data["ratio_head"], K))
-    gens = member_generators(seeds, device)
-    gen.glorot_(gens)
-    crit.glorot_(gens)
-    opts = [Adam(m.flat, args.lr, args.betas) for m in (gen, crit)]
+    ck = load_ckpt(ckpt_path, device) if args.resume else {}     # checked against the flags in train_main
+    nets, opts, gens = init_nets(hp, x.shape[1], data["ratio_head"], seeds, device, args.lr, args.betas,
+                                 ck.get("optim"))
     start, step, history = 0, 0, {s: [] for s in seeds}
-    if args.resume:                     # checked against the flags before anything was written (setup)
-        ck = load_ckpt(ckpt_path, device)
-        for m, o, name in ((gen, opts[0], "generator"), (crit, opts[1], "critic")):
+    if args.resume:
+        for name, m in nets.items():
             m.load_state_dict(ck["model"][name])
-            o.load_state_dict(ck["optim"][name])
         start, step, history = ck["epoch"], ck["step"], {int(s): h for s, h in ck["history"].items()}
         for g, st in zip(gens, ck["rng"]):
             g.set_state(st.cpu())
         log(f"resumed from {ckpt_path} at epoch {start}, step {step}")
     if rank:
         gens = member_generators(seeds, device, 1000 * rank + start)  # each rank its own minibatches
-    n_cells = x.shape[1] - int(data["ratio_head"])
-    bs = min(args.batch_size, len(tr))
+    n_cells, bs = x.shape[1] - int(data["ratio_head"]), min(args.batch_size, len(tr))
     n_iter = max(1, len(tr) // (bs * args.n_critic * size))       # training.py line 251
-    gl, cl = gen.layers(), crit.layers()
+    gl, cl = nets["generator"].layers(), nets["critic"].layers()
     buf = torch.zeros(K, args.n_critic, 3 * bs, x.shape[1] + 1, device=device)
     step_fn = torch.compile(iteration) if args.compile else iteration
 
@@ -433,38 +418,34 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
         return grad / size
     t0, seen = time.time(), 0
     for epoch in range(start, args.epochs):
-        idx_c, idx_g, eps, z_c, z_g = epoch_draws(gens, len(tr), n_iter, args.n_critic, bs, args.latent, device)
-        real, cond = x[tr[idx_c]], c[tr[idx_c]]
-        gin_c = torch.cat([z_c, cond.flatten(2, 3)], -1)
-        gin_g = torch.cat([z_g, c[tr[idx_g]]], -1)
+        batches = epoch_batches(gens, x, c, tr, n_iter, args.n_critic, bs, args.latent)
         sums = torch.zeros(3, K, device=device)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
             for it in range(n_iter):
-                sums += step_fn(gl, cl, opts, buf, real[:, it], cond[:, it], eps[:, it], gin_c[:, it], gin_g[:, it],
-                                n_cells, args.gp, args.l1, reduce if size > 1 else torch.Tensor.float)
-        step += n_iter
-        seen += n_iter * args.n_critic * bs
+                sums += step_fn(gl, cl, opts, buf, *(b[:, it] for b in batches), n_cells, args.gp, args.l1,
+                                reduce if size > 1 else torch.Tensor.float)
+        step, seen, done = step + n_iter, seen + n_iter * args.n_critic * bs, epoch + 1
         s = (sums / torch.tensor([n_iter * args.n_critic] * 2 + [n_iter], device=device)[:, None]).tolist()
         for k, sd in enumerate(seeds):
-            history[sd].append({"epoch": epoch + 1, "loss_d": s[0][k], "wdist": s[1][k], "loss_g": s[2][k]})
-        done = epoch + 1
-        if rank == 0 and (done % args.log_every == 0 or done == args.epochs):
+            history[sd].append({"epoch": done, "loss_d": s[0][k], "wdist": s[1][k], "loss_g": s[2][k]})
+        if rank:
+            continue
+        if done % args.log_every == 0 or done == args.epochs:
             el = time.time() - t0
-            eta = el / (done - start) * (args.epochs - done)
+            eta = datetime.timedelta(seconds=int(el / (done - start) * (args.epochs - done)))
             log(f"epoch {done}/{args.epochs} | step {step} | loss_d {np.mean(s[0]):.4f} loss_g {np.mean(s[2]):.4f} "
-                f"W {np.mean(s[1]):.4f} | {seen * size / max(el, 1e-9):.0f} samples/s | "
-                f"ETA {datetime.timedelta(seconds=int(eta))}" + (f" | mean of {K} seeds" if K > 1 else ""))
-        if rank == 0 and args.eval_every and done % args.eval_every == 0 and done < args.epochs:
-            log(f"epoch {done}: " + summary(validate(gen, data, seeds, device)[0]))
-        if rank == 0 and (done % args.ckpt_every == 0 or done == args.epochs):
-            ck = {"script": SCRIPT, "model": {"generator": gen.state_dict(), "critic": crit.state_dict()},
-                  "optim": {"generator": opts[0].state_dict(), "critic": opts[1].state_dict()},
-                  "epoch": done, "step": step, "args": vars(args), "rng": [g.get_state() for g in gens],
-                  "history": history, "seeds": seeds, "norm": data["norm"], "geometry": data["geom"].name,
-                  "format": data["fmt"], "toy": data["toy"], "hp": hp}
+                f"W {np.mean(s[1]):.4f} | {seen * size / max(el, 1e-9):.0f} samples/s | ETA {eta}"
+                + (f" | mean of {K} seeds" if K > 1 else ""))
+        if args.eval_every and done % args.eval_every == 0 and done < args.epochs:
+            log(f"epoch {done}: " + summary(validate(nets["generator"], data, seeds, device)[0]))
+        if done % args.ckpt_every == 0 or done == args.epochs:
+            ck = {"script": SCRIPT, "model": {n: m.state_dict() for n, m in nets.items()},
+                  "optim": {n: o.state for n, o in opts.items()}, "epoch": done, "step": step, "args": vars(args),
+                  "rng": [g.get_state() for g in gens], "history": history, "seeds": seeds, "norm": data["norm"],
+                  "geometry": data["geom"].name, "format": data["fmt"], "toy": data["toy"], "hp": hp}
             common.check_finite(ck, ckpt_path)      # a diverged model is refused; the last checkpoint stays
             common.write_atomic(ckpt_path, lambda t: torch.save(ck, t))
-    return gen, history
+    return nets["generator"], history
 
 # ---------------------------------------------------------------- generate
 
@@ -472,16 +453,14 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
 @torch.no_grad()
 def sample(gen, cond_e, norm, gens, batch=10000):
     """Showers in MeV for conditioning energies cond_e (K, n) MeV, member k from gens[k] -> (K, n, C)."""
-    device, out = gen.flat.device, []
-    n_cells = gen.sizes[-1] - int("mu_r" in norm)
+    device, out, ratio = gen.flat.device, [], "mu_r" in norm
+    n_cells = gen.sizes[-1] - int(ratio)
     for s in range(0, cond_e.shape[1], batch):
         e = torch.as_tensor(cond_e[:, s:s + batch], dtype=torch.float64, device=device)
         c = ((torch.log(e) - norm["mu_e"]) / norm["sd_e"]).float()[..., None]
         z = torch.stack([torch.randn(e.shape[1], gen.sizes[0] - 1, generator=g, device=device) for g in gens])
         x = generator_out(gen.layers(), torch.cat([z, c], -1), n_cells)[0].double()
-        total = e
-        if "mu_r" in norm:                                   # ds1: total = E_inc * exp(log ratio)
-            total = e * torch.exp(norm["mu_r"] + norm["sd_r"] * x[..., -1])
+        total = e * torch.exp(norm["mu_r"] + norm["sd_r"] * x[..., -1]) if ratio else e   # ds1: E_inc x total/E_inc
         out.append((x[..., :n_cells] * total[..., None]).float().cpu().numpy())
     out = np.concatenate(out, 1)
     common.check_finite(out, "generated showers")          # before the noise cut would hide a NaN as 0
@@ -510,16 +489,15 @@ def validate(gen, data, seeds, device):
 
 def load_ckpt(path, device="cpu"):
     """A wgan_gp.py checkpoint; missing, truncated, text or another script's: one line, exit status 2."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such checkpoint")
+    need(os.path.isfile(path), f"{path}: no such checkpoint")
     try:                                # weights_only: plain containers and tensors, no code from the file
         ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:              # truncated zip: RuntimeError; text: UnpicklingError; ...
         raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})")
     keys = {"model", "optim", "epoch", "step", "rng", "history", "seeds", "norm", "geometry", "format", "toy", "hp"}
-    if not isinstance(ck, dict) or ck.get("script", SCRIPT) != SCRIPT or not keys <= set(ck):
-        who = ck.get("script") if isinstance(ck, dict) else None
-        raise DataError(f"{path}: not a {SCRIPT} checkpoint" + (f" (made by {who})" if who else ""))
+    who = ck.get("script") if isinstance(ck, dict) else None
+    need(isinstance(ck, dict) and ck.get("script", SCRIPT) == SCRIPT and keys <= set(ck),
+         f"{path}: not a {SCRIPT} checkpoint" + (f" (made by {who})" if who else ""))
     return ck
 
 
@@ -528,7 +506,8 @@ def generate_main(args, device):
     ck = load_ckpt(args.ckpt, device)
     try:
         fmt, geom = ck["format"], common.geometry(ck["geometry"])
-        gen, _ = build(ck["hp"], geom.n_cells + int(fmt != "atlas"), fmt != "atlas", len(ck["seeds"]))
+        atlas = fmt == "atlas"
+        gen, _ = build(ck["hp"], geom.n_cells + int(not atlas), not atlas, len(ck["seeds"]))
         gen.load_state_dict(ck["model"]["generator"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise DataError(f"{args.ckpt}: not a wgan_gp.py checkpoint ({type(e).__name__})")
@@ -536,19 +515,18 @@ def generate_main(args, device):
     gen = gen.to(device)
     if args.energy_file:
         d = read_showers(args.energy_file)
-        if d["fmt"] != fmt or d["geom"].name != geom.name:
-            raise DataError(f"{args.energy_file}: {d['geom'].name} showers, the checkpoint is {geom.name}")
+        need(d["fmt"] == fmt and d["geom"].name == geom.name,
+             f"{args.energy_file}: {d['geom'].name} showers, the checkpoint is {geom.name}")
         total = noise_cut(d["cells"], geom).sum(1, dtype=np.float64)
-        ok = np.flatnonzero(total > 0) if fmt == "atlas" else np.arange(len(total))
-        if len(ok) == 0:
-            raise DataError(f"{args.energy_file}: no shower with energy after the noise cuts")
+        ok = np.flatnonzero(total > 0) if atlas else np.arange(len(total))
+        need(len(ok), f"{args.energy_file}: no shower with energy after the noise cuts")
         pick = np.resize(ok, args.generate)                          # in order, cycled if N > events
-        cond_e, true_e = (total[pick] if fmt == "atlas" else d["energy"][pick]), d["energy"][pick]
-        energy_is = "true energy (from --energy-file)" if fmt == "atlas" else "incident energy"
+        cond_e, true_e = (total if atlas else d["energy"])[pick], d["energy"][pick]
+        energy_is = "true energy (from --energy-file)" if atlas else "incident energy"
     else:
         lo, hi = args.energy
         cond_e = 1000.0 * np.exp(np.random.default_rng(args.seed).uniform(np.log(lo), np.log(hi), args.generate))
-        true_e, energy_is = cond_e, "conditioning cluster total" if fmt == "atlas" else "incident energy"
+        true_e, energy_is = cond_e, "conditioning cluster total" if atlas else "incident energy"
     K = gen.k                                                        # event i from seed member i % K
     cond = np.resize(cond_e, -(-args.generate // K) * K).reshape(-1, K).T
     cells = sample(gen, cond, ck["norm"], member_generators(range(K), device, args.seed))
@@ -560,40 +538,35 @@ def generate_main(args, device):
 
 
 def benchmark(args, device, amp):
-    """Generation showers/s and the time of one training iteration (n_critic critic + one generator step)
-    for 1 and --seeds K batched members, alternated, medians."""
-    C, B, nc, n = 89, args.batch_size, args.n_critic, 4096
+    """One JSON line: generation showers/s, and the time of a training iteration (n_critic critic + one generator
+    step) on random atlas89-sized data for 1 and --seeds K batched members: blocks of 20 iterations drawn as train()
+    draws them, alternated, medians of 8."""
+    C, B, nc, n, reps = 89, args.batch_size, args.n_critic, 4096, 20
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    real, cond = torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device)
-    nets = {}
-    for K in sorted({1, args.seeds}):
-        gen, crit = (m.to(device) for m in build({k: getattr(args, k) for k in HP}, C, False, K))
-        for m in (gen, crit):
-            m.glorot_(member_generators(range(K), device))
-        nets[K] = (gen, crit, [Adam(m.flat, args.lr, args.betas) for m in (gen, crit)],
-                   torch.zeros(K, nc, 3 * B, C + 1, device=device))
+    x, c = torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device)
+    hp, tr = {k: getattr(args, k) for k in HP}, torch.arange(n, device=device)
+    nets = {K: init_nets(hp, C, False, range(K), device, args.lr, args.betas) for K in sorted({1, args.seeds})}
+    bufs = {K: torch.zeros(K, nc, 3 * B, C + 1, device=device) for K in nets}
 
-    def run_iteration(K):
-        gen, crit, opts, buf = nets[K]
-        i = torch.randint(0, n, (K, nc + 1, B), device=device)
-        gin = torch.cat([torch.randn(K, (nc + 1) * B, args.latent, device=device), cond[i].flatten(1, 2)], -1)
+    def block(K):
+        (net, opts, gens), batches = nets[K], epoch_batches(nets[K][2], x, c, tr, reps, nc, B, args.latent)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            iteration(gen.layers(), crit.layers(), opts, buf, real[i[:, :nc]], cond[i[:, :nc]],
-                      torch.rand(K, nc, B, 1, device=device), gin[:, :nc * B], gin[:, nc * B:], C, args.gp, args.l1)
+            for it in range(reps):
+                iteration(net["generator"].layers(), net["critic"].layers(), opts, bufs[K],
+                          *(b[:, it] for b in batches), C, args.gp, args.l1)
 
-    def timed(fn, reps=20):
+    def timed(fn, calls):               # seconds per call
         sync()
         t = time.perf_counter()
-        for _ in range(reps):
+        for _ in range(calls):
             fn()
         sync()
-        return (time.perf_counter() - t) / reps
+        return (time.perf_counter() - t) / calls
     for K in nets:
-        run_iteration(K)                                                 # warm-up
-    rounds = [[timed(lambda: run_iteration(K)) for K in nets] for _ in range(8)]
-    med = dict(zip(nets, np.median(rounds, axis=0).tolist()))
-    gens, e = member_generators([0], device), np.full((1, 10000), 5e4)
-    t_gen = timed(lambda: sample(nets[1][0], e, {"mu_e": math.log(5e4), "sd_e": 1.0}, gens), 3)
+        block(K)                                                 # warm-up
+    med = dict(zip(nets, np.median([[timed(lambda: block(K), 1) / reps for K in nets] for _ in range(8)], 0).tolist()))
+    gen, gens = nets[1][0]["generator"], nets[1][2]
+    t_gen = timed(lambda: sample(gen, np.full((1, 10000), 5e4), {"mu_e": math.log(5e4), "sd_e": 1.0}, gens), 3)
     out = {"script": SCRIPT, "device": str(device), "dtype": args.dtype if amp else "fp32",
            "threads": torch.get_num_threads(), "gen_batch": 10000, "gen_showers_per_s": round(1e4 / t_gen),
            "train_batch": B, "n_critic": nc, "train_iter_ms": round(1e3 * med[1], 3),
@@ -636,27 +609,31 @@ def layer_image(geom, lay, vec):
 
 
 def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
+    """Klein's figures, real (grey) against generated (red), one PNG each in folder."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
     names, L = geom.layer_names, geom.n_layers
 
-    def save(fig, name, title, adjust=True, **kw):  # fixed margins: layout engines cost seconds per figure on a CPU
+    def grid(rows, cols, size, **margins):     # fixed margins: layout engines cost seconds per figure on a CPU
+        fig, axs = plt.subplots(rows, cols, figsize=size, squeeze=False)
+        fig.subplots_adjust(**{"left": 0.07, "right": 0.97, "bottom": 0.16, "top": 0.82, "wspace": 0.3,
+                               "hspace": 0.45, **margins})
+        return fig, axs
+
+    def save(fig, name, title):
         fig.suptitle(f"{'TOY ' if toy else ''}{geom.name}: {title}", fontsize=10)
-        if adjust:
-            fig.subplots_adjust(**{"left": 0.07, "right": 0.97, "bottom": 0.16, "top": 0.82, "wspace": 0.3,
-                                   "hspace": 0.45, **kw})
         common.write_atomic(os.path.join(folder, name + ".png"), lambda t: fig.savefig(t, dpi=90))
         plt.close(fig)
 
     def one_axes(name, title, xlabel, ylabel, curves, size=(6, 3.5), left=0.16, log=False):
-        fig, ax = plt.subplots(figsize=size)
+        fig, ((ax,),) = grid(1, 1, size, left=left, bottom=0.15, top=0.88)
         for fn, *a, kw in curves:
             getattr(ax, fn)(*a, **kw)
         ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear")
         ax.legend(fontsize=8)
-        save(fig, name, title, left=left, bottom=0.15, top=0.88)
+        save(fig, name, title)
 
     ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
     labels = {f"{w}_{a}_per_layer": (f"{t} in {n} per layer", n) for w, t in (("centre", "energy-weighted centre"),
@@ -667,7 +644,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
         title, xlabel = labels[k]
         a, b, logx, sps = fr[k], ff[k], k == "energy_per_layer", metrics["separation_power"][k]
         cols = names if a.shape[1] == L else ["Middle"]
-        fig, axs = plt.subplots(1, a.shape[1], figsize=(3.2 * a.shape[1], 3), squeeze=False)
+        fig, axs = grid(1, a.shape[1], (3.2 * a.shape[1], 3))
         for i, ax in enumerate(axs[0]):
             both = np.r_[a[:, i], b[:, i]]
             pos = both[both > 0]
@@ -690,8 +667,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
                            dict(fmt="o-", color=col, label=lab, ms=3)))
         one_axes("middle_width_vs_energy", "Middle-layer width in phi vs energy", "cluster energy [GeV]",
                  "Middle width in phi", curves, size=(5, 3.5), log=True)
-    fig, axs = plt.subplots(2, L, figsize=(3.4 * L, 5.5), squeeze=False)            # mean shower per layer
-    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.1, top=0.88, wspace=0.45, hspace=0.45)
+    fig, axs = grid(2, L, (3.4 * L, 5.5), left=0.05, bottom=0.1, top=0.88, wspace=0.45)   # mean shower per layer
     for lay in range(L):
         (im_r, xl, yl), (im_f, _, _) = (layer_image(geom, lay, v.mean(0)) for v in (real, fake))
         pos = np.r_[im_r.ravel(), im_f.ravel()]
@@ -702,14 +678,13 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
             ax.set_title(f"{who} {names[lay]}", fontsize=9)
             ax.set(xlabel=xl, ylabel=yl)
         fig.colorbar(h, ax=axs[:, lay].tolist(), label="mean MeV")
-    save(fig, "mean_shower", "mean shower per layer", adjust=False)
+    save(fig, "mean_shower", "mean shower per layer")
     cr, cf = common.correlation_matrix(real), common.correlation_matrix(fake)
-    fig, axs = plt.subplots(1, 3, figsize=(14, 4.3))
-    for ax, m, t in zip(axs, (cr, cf, cf - cr), ("real", "generated", "generated - real")):
+    fig, axs = grid(1, 3, (14, 4.3), left=0.03, bottom=0.06, top=0.85, wspace=0.15)
+    for ax, m, t in zip(axs[0], (cr, cf, cf - cr), ("real", "generated", "generated - real")):
         fig.colorbar(ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r"), ax=ax)
         ax.set_title(t, fontsize=9)
-    save(fig, "correlation", f"Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}", left=0.03,
-         bottom=0.06, top=0.85, wspace=0.15)
+    save(fig, "correlation", f"Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}")
     one_axes("cell_variance", "variance per cell", "cell index (file order)", "variance [MeV^2]",
              [("semilogy", common.cell_variance(real), ".", dict(color="grey", label="real")),
               ("semilogy", common.cell_variance(fake), ".", dict(color="C3", ms=3, label="generated"))]
@@ -721,14 +696,12 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     k = min(5, len(nf))
     idx, dist_ = common.nearest_neighbours(nr[q], nf, k=k)
     lay = int(np.argmax(fr["fraction_per_layer"].mean(0)))
-    fig, axs = plt.subplots(len(q), k + 1, figsize=(2.2 * (k + 1), 2.2 * len(q)), squeeze=False)
-    for r, qi in enumerate(q):
-        for j, ax in enumerate(axs[r]):
-            ax.imshow(layer_image(geom, lay, nr[qi] if j == 0 else nf[idx[r, j - 1]])[0], aspect="auto", origin="lower")
-            ax.set(xticks=[], yticks=[])
-            ax.set_title("real" if j == 0 else f"NN{j} d={dist_[r, j - 1]:.3f}", fontsize=8)
-    save(fig, "nearest_neighbours", f"5 nearest generated showers (layer {names[lay]}, fractions)", left=0.02,
-         right=0.98, bottom=0.03, top=0.85)
+    fig, axs = grid(len(q), k + 1, (2.2 * (k + 1), 2.2 * len(q)), left=0.02, right=0.98, bottom=0.03, top=0.85)
+    for (r, j), ax in np.ndenumerate(axs):
+        ax.imshow(layer_image(geom, lay, nr[q[r]] if j == 0 else nf[idx[r, j - 1]])[0], aspect="auto", origin="lower")
+        ax.set(xticks=[], yticks=[])
+        ax.set_title("real" if j == 0 else f"NN{j} d={dist_[r, j - 1]:.3f}", fontsize=8)
+    save(fig, "nearest_neighbours", f"5 nearest generated showers (layer {names[lay]}, fractions)")
     one_axes("training", "training", "epoch", "critic's Wasserstein estimate",
              [("plot", [e["epoch"] for e in h], [e["wdist"] for e in h], dict(label=f"seed {s}"))
               for s, h in histories.items()])
@@ -736,17 +709,17 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
 # ---------------------------------------------------------------- main
 
 
-def setup(args, log):
-    """Every input checked before anything is written, on every rank before the process group: the --out paths,
-    the run folder, the data, the checkpoint to resume. -> (data, seeds, model shape)."""
+def train_main(args, device, amp, ddp, log):
+    """Every input checked before anything is written, on every rank before the process group (all ranks exit 2
+    alike, none hangs): the --out paths, the run folder, the data, the checkpoint to resume. Then train (DDP over
+    the ranks), and on rank 0 write generated.h5 (the held-out events' conditions), metrics.json and plots/."""
     for name in ("", "plots", *OUT_FILES):
         common.check_out_path(os.path.join(args.out, name) if name else args.out, "--out", name in ("", "plots"))
     common.check_run_folder(args.out, SCRIPT)
     ckpt = os.path.join(args.out, "ckpt.pt")
-    if args.resume and not os.path.exists(ckpt):
-        raise DataError(f"{ckpt}: no checkpoint to resume from")
-    no_data = args.data is None
-    if no_data:
+    need(os.path.exists(ckpt) or not args.resume, f"{ckpt}: no checkpoint to resume from")
+    toy = args.data is None
+    if toy:
         args.data = common.toy_path("atlas89", args.toy_n, 0)
         log(f"no --data: training on TOY atlas89 showers ({args.data})")
         if int(os.environ.get("RANK", 0)) == 0 and not os.path.exists(args.data):
@@ -756,24 +729,19 @@ def setup(args, log):
             time.sleep(1)
     d = read_showers(args.data)
     data = prepare(d, args.seed, args.val_frac)
-    data.update(geom=d["geom"], fmt=d["fmt"], toy=d["toy"] or no_data, ratio_head=d["fmt"] != "atlas", d=d)
-    if args.epochs is None:
-        args.epochs = TOY_EPOCHS if no_data else 1000
+    data.update(geom=d["geom"], fmt=d["fmt"], toy=d["toy"] or toy, ratio_head=d["fmt"] != "atlas")
+    args.epochs = args.epochs or (TOY_EPOCHS if toy else 1000)
     seeds = list(range(args.seed, args.seed + args.seeds))
     model = {"geometry": d["geom"].name, "seeds": seeds, **{k: getattr(args, k) for k in HP}}
     common.check_run_folder(args.out, SCRIPT, model, args.resume)
     if args.resume:
         ck = load_ckpt(ckpt)
         diff = [k for k, v in {"geometry": ck["geometry"], "seeds": ck["seeds"], **ck["hp"]}.items() if model[k] != v]
-        if diff:
-            raise DataError(f"--resume {ckpt}: the checkpoint's {', '.join(diff)} differ from this run's; resume with "
-                            "the same flags and data, or choose another --out")
-    return data, seeds, model
-
-
-def run(args, data, seeds, model, device, amp, world, log):
-    rank = world[0]
-    d, val = data["d"], data["val"]
+        need(not diff, f"--resume {ckpt}: the checkpoint's {', '.join(diff)} differ from this run's; resume with "
+                       "the same flags and data, or choose another --out")
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, val = int(os.environ.get("RANK", 0)), data["val"]
     if rank == 0:
         common.stamp_run_folder(args.out, SCRIPT, model)
         log.path = os.path.join(args.out, "log.txt")
@@ -781,22 +749,21 @@ def run(args, data, seeds, model, device, amp, world, log):
             + (f"; {data['n_over']} clusters above 300 GeV removed" if d["fmt"] == "atlas" else "")
             + (f"; {data['n_dropped']} empty after the noise cuts dropped" if data["n_dropped"] else "")
             + f"; {args.epochs} epochs, {len(seeds)} seed(s), device {device}")
-    gen, histories = train(args, seeds, data, device, os.path.join(args.out, "ckpt.pt"), log, amp, world)
+    gen, histories = train(args, seeds, data, device, ckpt, log, amp, (rank, dist.get_world_size() if ddp else 1))
     if rank:
         return 0
     metrics, fake, feats = validate(gen, data, seeds, device)
-    real = data["cells"][val]
     write_h5(os.path.join(args.out, "generated.h5"), d["fmt"], d["geom"], fake, np.tile(d["energy"][val], len(seeds)),
              {"generated": True, "model": "wgan_gp", "toy": data["toy"], "seeds": seeds,
               "energy_is": "held-out real event's " + ("true energy" if d["fmt"] == "atlas" else "incident energy")})
     metrics.update(data=args.data, geometry=d["geom"].name, seeds=seeds, epochs=args.epochs, n_train=len(data["train"]),
                    n_val=len(val), n_generated=len(fake), n_over_300GeV=data["n_over"], val_indices=val.tolist(),
                    final_wdist={s: h[-1]["wdist"] if h else None for s, h in histories.items()})
-    mpath = os.path.join(args.out, "metrics.json")
-    common.check_finite(metrics, mpath)
+    common.check_finite(metrics, mpath := os.path.join(args.out, "metrics.json"))
     common.write_atomic(mpath, json.dumps(metrics, indent=1))
     if not args.no_plots:
-        plots(os.path.join(args.out, "plots"), real, fake, d["geom"], data["toy"], metrics, histories, *feats)
+        plots(os.path.join(args.out, "plots"), data["cells"][val], fake, d["geom"], data["toy"], metrics, histories,
+              *feats)
     log(f"wrote {args.out}/: ckpt.pt, generated.h5, metrics.json" + ("" if args.no_plots else ", plots/"))
     log(f"validation, {len(val)} held-out real vs {len(fake)} generated: " + summary(metrics))
     return 0
@@ -820,23 +787,17 @@ def main(argv=None):
                 f.write("\n".join(lines) + "\n")
             lines.clear()
     try:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise DataError("--device cuda but CUDA is not available")
+        need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but CUDA is not available")
         use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) if ddp else 0}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-        amp = args.dtype == "bf16" and device.type == "cuda"
+        amp = args.dtype == "bf16" and use_cuda
         if args.dtype == "bf16" and not amp and rank == 0:
             print(f"{SCRIPT}: --dtype bf16 is ignored on CPU (fp32)", file=sys.stderr)
         if args.benchmark:
             return benchmark(args, device, amp)
-        if args.generate is not None:
-            return generate_main(args, device)
-        job = setup(args, log)          # every rank, before the process group: all exit 2 alike, no hang
-        if ddp:
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        return run(args, *job, device, amp, (rank, dist.get_world_size() if ddp else 1), log)
+        return generate_main(args, device) if args.generate is not None else train_main(args, device, amp, ddp, log)
     except (DataError, OSError) as e:
         return common.fail(SCRIPT, e)
     finally:
