@@ -172,6 +172,19 @@ def test_resume_refused(trained, tmp_path, capsys, how, flags, words):
     assert _snapshot(tmp_path) == before                 # log.txt not appended, ckpt.pt as it was
 
 
+def test_resume_legacy_folder_works(trained, tmp_path, capsys):
+    """A run folder and checkpoint from before run.json and the "script" key resume as before."""
+    run = tmp_path / "run"
+    shutil.copytree(trained.out, run)
+    os.remove(run / "run.json")
+    ck = torch.load(run / "ckpt.pt", weights_only=False)
+    del ck["script"]
+    torch.save(ck, run / "ckpt.pt")
+    r = _sagan(capsys, *TINY, "--n-eval", "4", "--data", trained.data, "--epochs", "2", "--resume", "--out", run)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(run / "ckpt.pt", weights_only=False)["epoch"] == 2 and (run / "run.json").exists()
+
+
 @pytest.mark.parametrize("how", ["truncated", "text", "other script"])
 def test_generate_bad_checkpoint(trained, tmp_path, capsys, how):   # E
     shutil.copy(trained.out / "ckpt.pt", tmp_path / "ckpt.pt")
