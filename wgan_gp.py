@@ -18,15 +18,14 @@ polklin/CERN_project: Keras Dense init, LeakyReLU 0.3, Adam(5e-5, 0.5, 0.5) as K
 over consecutive minibatches (training.py 245-265), GP weight 10, 300 GeV cut (PreProcessing.py 18-24); critic
 loss and exact gradient by hand (critic_grads, no double backward).
 Out (--out): ckpt.pt, generated.h5 (input format, one shower per held-out event and seed), metrics.json, log.txt,
-run.json (script and model shape: another script's folder, or changed model flags on --resume, are refused), and
-Klein's figures in plots/, binned as evaluate.py: energy_per_layer, fraction_per_layer, centre_x/y_per_layer,
-width_x/y_per_layer, middle_core_fraction and middle_width_vs_energy (ATLAS), mean_shower, correlation,
-cell_variance, nearest_neighbours (memorisation check), training. Bad input: one line on stderr, exit status 2.
+run.json (another script's folder, or changed model flags on --resume, are refused), plots/: Klein's figures binned
+as evaluate.py (per-layer energy, fraction, centres, widths; Middle core fraction and width vs energy (ATLAS); mean
+shower, correlations, cell variance, nearest neighbours, training). Bad input: one line on stderr, exit status 2.
 
 Deviations from the original:
 - per-sample gradient penalty (training.py:112-116 takes one norm over the whole batch).
-- seeded random split --val-frac (training.py:168-175: first 35000); log E standardised on the training
-  events (PreProcessing.py:58-60: all).
+- seeded random split --val-frac (training.py:168-175: the first 35000 events).
+- log E standardised on the training events (PreProcessing.py:58-60: on all events).
 - critic scores real high (training.py: +1 real / -1 fake labels): a mirror image.
 - --l1 acts on the logits (training.py:131 put it on the softmax output, a constant).
 - default epochs 1000 with --data (config.py:16 1001), TOY_EPOCHS on TOY data.
@@ -505,8 +504,7 @@ def generate_main(args, device):
     common.check_out_path(args.out, "--out", folder=False)
     ck = load_ckpt(args.ckpt, device)
     try:
-        fmt, geom = ck["format"], common.geometry(ck["geometry"])
-        atlas = fmt == "atlas"
+        fmt, geom, atlas = ck["format"], common.geometry(ck["geometry"]), ck["format"] == "atlas"
         gen, _ = build(ck["hp"], geom.n_cells + int(not atlas), not atlas, len(ck["seeds"]))
         gen.load_state_dict(ck["model"]["generator"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
@@ -545,14 +543,15 @@ def benchmark(args, device, amp):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x, c = torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device)
     hp, tr = {k: getattr(args, k) for k in HP}, torch.arange(n, device=device)
-    nets = {K: init_nets(hp, C, False, range(K), device, args.lr, args.betas) for K in sorted({1, args.seeds})}
-    bufs = {K: torch.zeros(K, nc, 3 * B, C + 1, device=device) for K in nets}
+    nets = {K: (*init_nets(hp, C, False, range(K), device, args.lr, args.betas),
+                torch.zeros(K, nc, 3 * B, C + 1, device=device)) for K in sorted({1, args.seeds})}
 
-    def block(K):
-        (net, opts, gens), batches = nets[K], epoch_batches(nets[K][2], x, c, tr, reps, nc, B, args.latent)
+    def block(K):                       # reps training iterations on one epoch's draws, as train() runs them
+        net, opts, gens, buf = nets[K]
+        batches = epoch_batches(gens, x, c, tr, reps, nc, B, args.latent)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
             for it in range(reps):
-                iteration(net["generator"].layers(), net["critic"].layers(), opts, bufs[K],
+                iteration(net["generator"].layers(), net["critic"].layers(), opts, buf,
                           *(b[:, it] for b in batches), C, args.gp, args.l1)
 
     def timed(fn, calls):               # seconds per call
