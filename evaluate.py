@@ -3,57 +3,51 @@
     python common.py toy calochallenge1 -n 2000 -o real.h5 --seed 0    # or your real data file
     python common.py toy calochallenge1 -n 2000 -o gen.h5 --seed 1     # or a script's generated.h5
     python evaluate.py real.h5 gen.h5 --out report/                    # CaloChallenge protocol (auto here)
-    python evaluate.py real.h5 gen.h5 --protocol native --out report/  # this project's observables instead
     python evaluate.py real.h5 runs/a/generated.h5 runs/b/generated.h5 --labels a,b --out report/
     python evaluate.py ild_real.h5 runs/vaegan/generated.h5 --amplification --out report/
     python evaluate.py ds3_real.h5 ds3_gen.h5 --device cuda --cls-calochallenge   # the challenge's classifier
 
-The first file is the reference ("real"), every further file a generated sample (own colour, own report.md
-row). Formats, recognised from keys and shapes: LCD (`ECAL` 25x25x25 or 51x51x25 centre-cropped, Ep =
-`target[:,1]` or `energy`, GeV), ATLAS (`cells` 89/247 + `energy`, MeV), CaloChallenge (`incident_energies`,
-`showers` of 368/6480/40500 voxels = dataset 1 photons/2/3, MeV), LHCb (`EnergyDeposit` 30x30 +
-`ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers` MeV reduced by
-common.reduce_ild, or reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Outputs in --out:
-metrics.json, report.md, plots/*.png and *.pdf, each written under a unique temporary name and renamed. Bad input
-(a file, a flag, an unusable --out; strings, complex numbers, values beyond float32, an overflow in the features or
-the classifier) is one line on stderr and exit status 2, nothing half-written. Datasets 2 and 3 (up to 100k x 40500
-float32, 16 GB a file) are never held in memory: features are computed block by block from the file, the
-classifier reads only its subsample (at most 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events).
-Two hand-made 20000-shower ds3 files (6.5 GB): peak RSS 2.4 GB (1.6 GB of it the classifier's subsample), 97 s on
-one CPU thread with --cls-epochs 1.
+The first file is the reference ("real"), every further file a generated sample. Formats, from keys and shapes:
+LCD (`ECAL` 25x25x25 or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS (`cells` 89/247 +
+`energy`, MeV), CaloChallenge (`incident_energies`, `showers` of 368/6480/40500 voxels = dataset 1/2/3, MeV), LHCb
+(`EnergyDeposit` 30x30 + `ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers`
+MeV reduced by common.reduce_ild, or reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Bad input (file,
+flag, --out; strings, complex, values beyond float32, overflow in features or classifier): one line on stderr,
+exit status 2, nothing written. Datasets 2 and 3 (16 GB a file) are read block by block; the classifier reads
+only its subsample (<= 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events): two 20000-shower ds3
+files (6.5 GB) take 2.4 GB peak RSS and 97 s on one CPU thread with --cls-epochs 1.
 
---protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py:
-voxels below its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
-HighLevelFeatures.CalculateFeatures, with its expressions and dtypes (common.calochallenge_features); separation
-power = _separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms binned as its
-plot_Etot_Einc, plot_E_layers, plot_ECEtas/ECPhis, plot_ECWidthEtas/WidthPhis, plot_ECR, plot_ECWidthR,
-plot_sparsity and plot_cell_dist bin them (common.calochallenge_edges; entries outside the range dropped).
-report.md gives AUC, JSD and the mean separation power per feature group, as the challenge's results do. Not
-reproduced: Etot/Einc per discrete energy, its high-level and ResNet classifiers, FPD/KPD, PRDC. Check: run
-`python evaluate.py -i gen.h5 -r real.h5 -m hist-chi -d 1-photons --output_dir cc/` in its code/ (needs sklearn,
-LaTeX) and compare cc/histogram_chi2_1-photons.txt with our metrics.json separation_power; for sparsity, EC r and
-width r call its plot_sparsity, plot_ECR, plot_ECWidthR (defined, not called there) on its HighLevelFeatures of
-the cut showers. Done on toy ds1 (2 x 2000) and random ds2, ds3 files (2 x 300): every separation power equal
-(30, 362, 362), every feature bit-identical.
---protocol native: per detector the original authors' validation (reference.md) and the field's yardsticks in
-our binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x,
-tails clipped into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell
+Out (--out): report.md (a row and verdict per generated file), plots/*.png and *.pdf, metrics.json: detector,
+protocol, voxel_cut (MeV), geometry, toy, features (observables compared), dropped_features (constant in the real
+sample), real {path, n_events, toy, n_empty}, bins (native), plots, settings (the flags); per generated file in
+`generated`: n_events, n_empty (showers with no energy left after the cut), separation_power per observable and
+its statistical floor separation_power_noise, flagged, separation_power_mean, frechet_distance, classifier {auc,
+jsd, bce, split sizes, best_epoch, epochs_run, calibration, device}, calochallenge (mean separation power per
+feature group and of the voxels), lcd / atlas / lhcb / ild (the detector's yardsticks below), memorisation
+(ATLAS), verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE = AUC <= 0.75 and at most a fifth flagged; FAIL.
+
+--protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py: voxels
+below its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
+HighLevelFeatures.CalculateFeatures, its expressions and dtypes; separation power = its _separation_power of
+plt.hist(density=True) histograms binned as its plot_* functions (entries outside the range dropped). Not
+reproduced: Etot/Einc per discrete energy, its high-level and ResNet classifiers, FPD/KPD, PRDC. Checked against
+its `-m hist-chi` and plot_sparsity/ECR/ECWidthR on ds1 (2 x 2000 TOY), random ds2, ds3: every value equal.
+--protocol native: per detector the original authors' validation (reference.md) and the field's yardsticks in our
+binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails
+clipped into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell
 variance, nearest-neighbour memorisation (generated vs held-out real distance to real half A; << 1 = copies);
-LHCb: MLHEP protocol (common.lhcb_prd: PRD on the 24 physics features of score.py and on raw images, equal
-sizes, 100 clusters), score = min; ILD: quantile JSD of E_vis, hits, centre of gravity x/y, pixel spectrum
-(reference.md: unconfirmed which five), --amplification on two disjoint real halves.
-Both: observables constant in the real sample are dropped and listed. Empty showers (no energy left after the
-cut) are counted and reported; the challenge gives their centres and widths 0 (kept); native makes centres,
-widths, fractions and LHCb asymmetries undefined (NaN, as MLHEP; LHCb sparsity 1) and leaves them out of the
-histograms and of the Frechet distance (features standardised with the real mean and std; ~ D/N for one
-distribution). Flagged: separation power > max(0.01, 3 x the floor B (1/n1 + 1/n2) / 4 of B occupied bins).
-Classifier (all detectors): voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 train/validation/
-test split of the same shower indices in both files, Adam; AUC and JSD = (ln2 - BCE)/ln2 on the test split after
-calibration on the validation split. Default (CPU-sized): 2 x 256 hidden, LeakyReLU 0.2, standardised inputs,
-early stopping on the validation loss, Platt scaling. --cls-calochallenge: its DNN as its code builds it
-(num_layer=2 = input layer + 2 hidden: 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam 2e-4, batch
-1000, 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's IsotonicRegression, clip,
-y in [1e-6, 1-1e-6], here without sklearn), AUC of the calibrated output; kept different: float32, our split.
+LHCb: MLHEP (common.lhcb_prd: PRD on the 24 physics features of score.py and on raw images, equal sizes),
+score = min; ILD: quantile JSD of E_vis, hits, centre of gravity x/y, pixel spectrum, --amplification on two
+disjoint real halves. Empty showers: the challenge gives their centres and widths 0; native makes centres,
+widths, fractions, LHCb asymmetries undefined (NaN, as MLHEP; LHCb sparsity 1), left out of histograms and of the
+Frechet distance (of the observables standardised with the real mean and std; ~ D/N for one distribution).
+Flagged: separation power > max(0.01, 3 x its floor B(1/n1 + 1/n2)/4, B bins).
+Classifier: voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 split of the same shower indices
+in both files, Adam; AUC and JSD = (ln2 - BCE)/ln2 on the test split, calibrated on the validation split. Default
+(CPU-sized): 2 x 256 hidden, LeakyReLU 0.2, standardised inputs, early stopping on the validation loss, Platt
+scaling. --cls-calochallenge: its DNN (num_layer=2 = 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam
+2e-4, batch 1000, 50 epochs, the best validation accuracy, isotonic calibration (as sklearn, y in [1e-6, 1-1e-6]);
+kept different: float32, our split.
 """
 import argparse
 import json
@@ -70,8 +64,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # ---------------------------------------------------------------- flags
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Physics validation of generated vs real calorimeter showers.")
     p.error = lambda msg: p.exit(2, f"evaluate.py: error: {msg}\n")   # one line, not argparse's usage block
@@ -79,17 +71,15 @@ def get_args(argv=None):
     p.add_argument("--out", default="report", help="output folder: metrics.json, report.md, plots/")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per generated file")
     p.add_argument("--protocol", default="auto", choices=["auto", "calochallenge", "native"],
-                   help="calochallenge: the challenge's cut, features, binning; native: ours; auto: calochallenge "
-                        "for CaloChallenge files, else native")
+                   help="calochallenge: the challenge's cut, features, binning; native: ours; auto: by the file")
     p.add_argument("--amplification", action="store_true", help="ILD only: VAE-GAN amplification study")
     p.add_argument("--max-events", type=int, default=None, help="read at most the first N showers of each file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the classifier")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, classifier, k-means and subsampling")
     p.add_argument("--bins", type=int, default=0, help="native: histogram bins (0 = sqrt(N) within 10..50)")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier two-sample test")
-    p.add_argument("--cls-calochallenge", action="store_true",
-                   help="the challenge's classifier for each --cls flag left at its default (3 x 2048, LeakyReLU "
-                        "0.01, raw inputs, lr 2e-4, batch 1000, 50 epochs, best accuracy, isotonic)")
+    p.add_argument("--cls-calochallenge", action="store_true", help="the challenge's classifier for each --cls flag "
+                   "left at its default (3 x 2048, LeakyReLU 0.01, raw, lr 2e-4, batch 1000, 50 epochs, isotonic)")
     p.add_argument("--cls-hidden", type=int, default=256, help="classifier hidden units per layer")
     p.add_argument("--cls-layers", type=int, default=2, help="classifier hidden layers")
     p.add_argument("--cls-epochs", type=int, default=30, help="classifier maximum epochs")
@@ -111,31 +101,23 @@ def get_args(argv=None):
                          calibration="isotonic", cls_patience=None).items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, args.cls_epochs if k == "cls_patience" else v)
-    for name in ("max_events", "cls_hidden", "cls_layers", "cls_epochs", "cls_batch", "cls_max_events",
-                 "quantiles", "prd_runs", "prd_max", "nn_queries"):
-        v = getattr(args, name)
-        if v is not None and v <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    for k in ("max_events", "cls_hidden", "cls_layers", "cls_epochs", "cls_batch", "cls_max_events", "quantiles",
+              "prd_runs", "prd_max", "nn_queries"):
+        if getattr(args, k) is not None and getattr(args, k) <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     if args.bins < 0 or args.cls_patience < 0 or not args.cls_lr > 0:
         p.error("--bins and --cls-patience must be >= 0 and --cls-lr > 0")
-    n_gen = len(args.files) - 1
-    if args.labels is not None:
+    n_gen, stems = len(args.files) - 1, [os.path.splitext(os.path.basename(f))[0] for f in args.files[1:]]
+    if args.labels is None:
+        args.labels = stems if len(set(stems)) == n_gen else [f"gen{i + 1}:{s}" for i, s in enumerate(stems)]
+    else:
         args.labels = [s.strip() for s in args.labels.split(",")]
         if len(args.labels) != n_gen or not all(args.labels):
             p.error(f"--labels needs {n_gen} non-empty comma-separated names, got {len(args.labels)}")
-    else:
-        args.labels = [os.path.splitext(os.path.basename(f))[0] for f in args.files[1:]]
-        if len(set(args.labels)) < n_gen:
-            args.labels = [f"gen{i + 1}:{s}" for i, s in enumerate(args.labels)]
     return args
 
 # ---------------------------------------------------------------- data
-
-
-class DataError(Exception):
-    """Bad input file: one line for the user, exit status 2."""
-
-
+DataError = common.InputError   # bad input: one line on stderr, exit status 2 (main)
 DETECTOR_TITLE = {"lcd": "LCD ECAL 25x25x25", "atlas89": "ATLAS 89-cell cluster", "atlas247": "ATLAS 247-cell cluster",
                   "calochallenge1": "CaloChallenge ds1 photons", "calochallenge2": "CaloChallenge ds2 electrons",
                   "calochallenge3": "CaloChallenge ds3 electrons", "lhcb": "LHCb ECAL 30x30", "ild": "ILD ECAL (10x10)"}
@@ -143,53 +125,52 @@ CC_VOXELS = {368: "calochallenge1", 6480: "calochallenge2", 40500: "calochalleng
 LAZY = ("calochallenge2", "calochallenge3")  # read from the file block by block whenever needed, never whole
 BLOCK = 1000  # showers read, checked and reduced at a time
 
-
 def _open(path):
     """(dict key -> array-like, toy flag, close function); every dataset of an HDF5 file by full path."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    if path.endswith(".npz"):
-        try:
-            z = np.load(path, allow_pickle=False)
-            return {k: z[k] for k in z.files}, bool(z["toy"]) if "toy" in z.files else False, z.close
-        except Exception as e:
-            raise DataError(f"{path}: cannot read as .npz ({type(e).__name__})")
     import h5py
     try:
+        if path.endswith(".npz"):
+            z = np.load(path, allow_pickle=False)
+            return {k: z[k] for k in z.files}, bool(z["toy"]) if "toy" in z.files else False, z.close
         f = h5py.File(path, "r")
-    except Exception:
-        raise DataError(f"{path}: not a readable HDF5 file")
+    except Exception as e:
+        raise DataError(f"{path}: " + (f"cannot read as .npz ({type(e).__name__})" if path.endswith(".npz") else
+                                       "not a readable HDF5 file"))
     keys = {}
     f.visititems(lambda name, obj: keys.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
     return keys, bool(f.attrs.get("toy", False)), f.close
 
-
 def _detect(path, keys):
+    """(detector, showers' key, their shape after N, incident energy's key) from the keys and shapes."""
     shp = {k: tuple(v.shape) for k, v in keys.items()}
     if "ECAL" in keys:
-        return "lcd"
+        return "lcd", "ECAL", [(25, 25, 25), (51, 51, 25)], "target" if "target" in keys else "energy"
     if "cells" in keys:
         if shp["cells"][1:] not in ((89,), (247,)):
             raise DataError(f"{path}: 'cells' has shape {shp['cells']}, expected (N, 89) or (N, 247)")
-        return f"atlas{shp['cells'][1]}"
+        return f"atlas{shp['cells'][1]}", "cells", None, "energy"
     if "EnergyDeposit" in keys:
-        return "lhcb"
-    if "30x30/layers" in keys or "showers" in keys and shp["showers"][1:] in ((10, 10), (100,)):
-        return "ild"
+        return "lhcb", "EnergyDeposit", [(30, 30)], None
+    if "30x30/layers" in keys:   # full 30x30x30 layers, reduced to 10x10
+        return "ild", "30x30/layers", [(30, 30, 30)], "30x30/energy"
+    if "showers" in keys and shp["showers"][1:] in ((10, 10), (100,)):   # reduced; 50 GeV without an energy key
+        return "ild", "showers", [(10, 10), (100,)], next((k for k in ("energy", "30x30/energy") if k in keys), None)
     if "showers" in keys or "incident_energies" in keys:
         nv = shp.get("showers", (0, 368))[1:]
         if len(nv) != 1 or nv[0] not in CC_VOXELS:
             raise DataError(f"{path}: 'showers' has shape {shp['showers']}, expected (N, 368), (N, 6480) or (N, 40500)")
-        return CC_VOXELS[nv[0]]
+        return CC_VOXELS[nv[0]], "showers", None, "incident_energies"
     raise DataError(f"{path}: unknown format (keys {sorted(keys)[:6]}); expected ECAL (LCD), cells (ATLAS), "
                     "incident_energies+showers (CaloChallenge), EnergyDeposit (LHCb) or 30x30/layers (ILD)")
 
-
 def _need(path, keys, key, tail=None, n=None):
+    """keys[key] once its dtype (real numbers: strings and complex cast silently), size and shape are checked."""
     if key not in keys:
         raise DataError(f"{path}: missing key '{key}'")
     shape, dt = tuple(keys[key].shape), keys[key].dtype
-    if dt.kind not in "biuf":   # strings parse as numbers and complex loses its imaginary part on the cast
+    if dt.kind not in "biuf":
         raise DataError(f"{path}: '{key}' has dtype {dt}, expected real numbers")
     if len(shape) == 0 or shape[0] == 0:
         raise DataError(f"{path}: '{key}' is empty")
@@ -199,81 +180,54 @@ def _need(path, keys, key, tail=None, n=None):
         raise DataError(f"{path}: '{key}' has {shape[0]} events but the showers have {n}")
     return keys[key]
 
-
-def _f32(a):
-    """a as float32, the dtype values are used in: 1e39 passes a float64 check and is inf here."""
-    with np.errstate(over="ignore", under="ignore"):
-        return np.asarray(a, np.float32)
-
-
 def load(path, max_events=None, protocol="auto"):
     """One file as a dict: detector, protocol, geom, cells (N, n_cells) in the geometry's unit, cut applied
     (None for ds2/ds3: see blocks), e_inc (N,) float64 in that unit, toy flag, LHCb momentum and point."""
     keys, toy, close = _open(path)
     try:
-        det = _detect(path, keys)
-        cc = det.startswith("calochallenge")
-        proto = protocol if protocol != "auto" else ("calochallenge" if cc else "native")
-        if proto == "calochallenge" and not cc:
+        det, ckey, tail, ekey = _detect(path, keys)
+        proto = protocol if protocol != "auto" else ("calochallenge" if det in CC_VOXELS.values() else "native")
+        if proto == "calochallenge" and det not in CC_VOXELS.values():
             raise DataError(f"{path}: --protocol calochallenge needs CaloChallenge files; this file is {det}")
-        extra, e, ekey, transform = {}, None, None, None
-        if det == "lcd":
-            ckey, ekey = "ECAL", "target" if "target" in keys else "energy"
-            ds = _need(path, keys, ckey, [(25, 25, 25), (51, 51, 25)])
-            if ds.shape[1] == 51:
-                transform = lambda a: a[:, 13:38, 13:38, :]  # noqa: E731
-            if ekey not in keys:
-                raise DataError(f"{path}: missing key 'target' (or 'energy'): the primary energy Ep")
-            e = _need(path, keys, ekey, None, ds.shape[0])
-            if ekey == "target" and (len(e.shape) != 2 or e.shape[1] < 2):
-                raise DataError(f"{path}: 'target' has shape {e.shape}, expected (N, >=2) with Ep in column 1")
-        elif det.startswith("atlas") or cc:
-            ckey, ekey = ("cells", "energy") if det.startswith("atlas") else ("showers", "incident_energies")
-            ds = _need(path, keys, ckey)
-            e = _need(path, keys, ekey, [(), (1,)], ds.shape[0])
-        elif det == "lhcb":
-            ckey = "EnergyDeposit"
-            ds = _need(path, keys, ckey, [(30, 30)])
-            mom = _need(path, keys, "ParticleMomentum", [(3,)], ds.shape[0])
-            pt = _need(path, keys, "ParticlePoint", [(3,), (2,)], ds.shape[0])
-        elif "30x30/layers" in keys:  # ild, full 30x30x30 layers reduced to 10x10
-            ckey, ekey, transform = "30x30/layers", "30x30/energy", common.reduce_ild
-            ds = _need(path, keys, ckey, [(30, 30, 30)])
-            e = _need(path, keys, ekey, [(), (1,)], ds.shape[0])
-        else:  # ild, already reduced; 50 GeV without an energy key
-            ckey, ekey = "showers", next((k for k in ("energy", "30x30/energy") if k in keys), None)
-            ds = _need(path, keys, ckey, [(10, 10), (100,)])
-            e = None if ekey is None else _need(path, keys, ekey, [(), (1,)], ds.shape[0])
+        ds = _need(path, keys, ckey, tail)
+        if det == "lcd" and ekey not in keys:
+            raise DataError(f"{path}: missing key 'target' (or 'energy'): the primary energy Ep")
+        e = None if ekey is None else _need(path, keys, ekey, None if det == "lcd" else [(), (1,)], ds.shape[0])
+        if ekey == "target" and (len(e.shape) != 2 or e.shape[1] < 2):
+            raise DataError(f"{path}: 'target' has shape {e.shape}, expected (N, >=2) with Ep in column 1")
         n = min(ds.shape[0], max_events or ds.shape[0])
+        crop = common.reduce_ild if ckey == "30x30/layers" else (lambda a: a[:, 13:38, 13:38, :]) \
+            if ds.shape[1:] == (51, 51, 25) else None
         # the challenge computes in the file's dtype: float64 files stay float64 under its protocol
         dtype = np.float64 if proto == "calochallenge" and ds.dtype == np.float64 else np.float32
         if det == "lhcb":
-            extra["momentum"], p = np.asarray(mom[:n], np.float64), np.asarray(pt[:n], np.float64)
-            extra["point"] = np.c_[p, np.zeros(n)] if p.shape[1] == 2 else p
-            for k, key in (("momentum", "ParticleMomentum"), ("point", "ParticlePoint")):
-                if not np.isfinite(_f32(extra[k])).all():
-                    raise DataError(f"{path}: '{key}' has NaN or inf values in float32")
-            if (extra["momentum"][:, 2] <= 0).any():
+            mom, pt = (np.asarray(_need(path, keys, k, t, ds.shape[0])[:n], np.float64) for k, t in
+                       (("ParticleMomentum", [(3,)]), ("ParticlePoint", [(3,), (2,)])))
+            for k, a in (("ParticleMomentum", mom), ("ParticlePoint", pt)):
+                common.check_real(path, k, a)   # finite in float32
+            if (mom[:, 2] <= 0).any():
                 raise DataError(f"{path}: 'ParticleMomentum' has p_z <= 0")
-            e_inc = np.linalg.norm(extra["momentum"], axis=1)
+            extra = {"momentum": mom, "point": np.c_[pt, np.zeros(n)] if pt.shape[1] == 2 else pt}
+            e_inc = np.linalg.norm(mom, axis=1)
         else:
             e_inc = np.full(n, 50.0) if e is None else np.asarray(e[:n], np.float64)
             e_inc = e_inc[:, 1] if ekey == "target" else e_inc.reshape(n, -1)[:, 0] * (1000.0 if det == "ild" else 1.0)
-            extra["e_file"] = None if e is None else np.asarray(e[:n]).reshape(n, -1)[:, -1]  # in the file's dtype
-        if not (np.isfinite(e32 := _f32(e_inc)) & (e32 > 0)).all():
+            extra = {"e_file": None if e is None else np.asarray(e[:n]).reshape(n, -1)[:, -1]}  # in the file's dtype
+        with np.errstate(over="ignore"):   # in float32, the dtype it is used in: 1e39 passes a float64 check
+            e32 = e_inc.astype(np.float32)
+        if not (np.isfinite(e32) & (e32 > 0)).all():
             raise DataError(f"{path}: the incident energy has NaN, inf or non-positive values in float32")
     finally:
         close()
     d = {"path": path, "detector": det, "protocol": proto, "geom": common.geometry("ild10" if det == "ild" else det),
-         "key": ckey, "transform": transform, "cut": common.CALOCHALLENGE_MIN_ENERGY[det] if proto != "native" else 0.0,
+         "key": ckey, "transform": crop, "cut": common.CALOCHALLENGE_MIN_ENERGY[det] if proto != "native" else 0.0,
          "dtype": dtype, "cells": None, "e_inc": e_inc, "toy": toy, "n": n, **extra}
     if det not in LAZY:
         cells = np.empty((n, d["geom"].n_cells), dtype)
-        for sl, a in blocks(d):
+        for sl, a in blocks(d):   # d["cells"] still None: read from the file
             cells[sl] = a
         d["cells"] = cells
     return d
-
 
 def blocks(d, rows=None):
     """(positions, cells) of a sample block by block, cut applied: all showers in order, or the sorted `rows`.
@@ -284,16 +238,15 @@ def blocks(d, rows=None):
         return
     keys, _, close = _open(d["path"])
     try:
-        path, key, ds = d["path"], d["key"], keys[d["key"]]
         for s in range(0, d["n"], BLOCK):
             e = min(d["n"], s + BLOCK)
             lo, hi = (s, e) if rows is None else np.searchsorted(rows, [s, e])
             if hi > lo:
                 with np.errstate(over="ignore"):
-                    a = np.asarray(ds[s:e], d["dtype"])
+                    a = np.asarray(keys[d["key"]][s:e], d["dtype"])
                 if not np.isfinite(a).all() or (a < 0).any():
-                    raise DataError(f"{path}: '{key}' has " + (f"NaN or inf values in {a.dtype}" if (a < 0).sum() == 0
-                                                              else "negative values"))
+                    raise DataError(f"{d['path']}: '{d['key']}' has " + (
+                        f"NaN or inf values in {a.dtype}" if (a < 0).sum() == 0 else "negative values"))
                 a = (d["transform"](a) if d["transform"] else a).reshape(len(a), -1)
                 a[a < d["cut"]] = 0.0
                 yield slice(lo, hi), a if rows is None else a[rows[lo:hi] - s]
@@ -301,8 +254,6 @@ def blocks(d, rows=None):
         close()
 
 # ---------------------------------------------------------------- observables
-
-
 CC_GROUPS = {"Etot_Einc": "E_tot / E_inc", "E_layer": "energy per layer [MeV]", "EC_eta": "centre in eta [mm]",
              "EC_phi": "centre in phi [mm]", "width_eta": "width in eta [mm]", "width_phi": "width in phi [mm]",
              "EC_r": "centre in r [mm]", "width_r": "width in r [mm]", "sparsity": "sparsity (empty voxel fraction)"}
@@ -311,7 +262,7 @@ UNDEFINED_WHEN_EMPTY = ("centre_", "width_", "frac_", "cog_", "asym_", "middle_c
 LHCB_ALPHAS = np.logspace(-5, -1, 20)
 LABEL = {"e_vis": "visible energy E_vis", "e_ratio": "E_vis / E_inc (sampling fraction, response)",
          "n_hits": "number of hit cells"}
-
+ILD_OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel_spectrum")
 
 def features(d):
     """High-level observables of one sample, block by block: dict name -> (N,), and plot groups.
@@ -326,7 +277,6 @@ def features(d):
     if bad:
         raise DataError(f"{d['path']}: observable {bad[0]} overflows {d['dtype'].__name__} (values too large)")
     return f, parts[0][1]
-
 
 def block_features(d, cells, sl):
     g, n = d["geom"], len(cells)
@@ -367,59 +317,33 @@ def block_features(d, cells, sl):
         sp[f["_empty"]] = 1.0  # MLHEP: every cell of an empty image is >= alpha * 0
         f.update({f"sparsity_{LHCB_ALPHAS[j]:.0e}": sp[:, j] for j in (5, 10, 15)}, _spcurve=sp)
         groups.append(("MLHEP physics metrics", [k for k in f if k[0] != "_" and k not in groups[0][1]]))
-    else:  # ild10
+    else:  # ild10: centre of gravity and width of the single layer
         cw = common.centre_width_per_layer(cells, g)
-        f.update(cog_x=cw["centre_x"][:, 0], cog_y=cw["centre_y"][:, 0], width_x=cw["width_x"][:, 0],
-                 width_y=cw["width_y"][:, 0])
+        f.update({f"{k}_{a}": cw[f"{'centre' if k == 'cog' else k}_{a}"][:, 0] for k in ("cog", "width") for a in "xy"})
         groups.append(("Centre of gravity and width (mm)", ["cog_x", "cog_y", "width_x", "width_y"]))
-    for k in f:
-        if k.startswith(UNDEFINED_WHEN_EMPTY):
-            f[k][f["_empty"]] = np.nan
+    for k in (k for k in f if k.startswith(UNDEFINED_WHEN_EMPTY)):
+        f[k][f["_empty"]] = np.nan
     return f, groups
 
-
 def _fin(v):
-    v = np.asarray(v)
-    return v[np.isfinite(v)]
+    return np.asarray(v)[np.isfinite(v)]
 
-
-def sep_stats(real, gen, edges, clip=True):
-    """Separation power and statistical floor of two samples (finite values only); clip=True (native) counts
-    entries outside the edges in the end bins, clip=False (the challenge) drops them."""
+def sep_power(real, gen, edges, clip=True, floor=False):
+    """Separation power (and, if floor, its statistical floor) of two samples, finite values only; clip=True
+    (native) counts entries outside the edges in the end bins, clip=False (the challenge) drops them."""
     if edges is None:
-        return math.nan, math.nan
+        return (math.nan, math.nan) if floor else math.nan
     h = [np.histogram(np.clip(v, edges[0], edges[-1]) if clip else v, edges)[0] for v in (_fin(real), _fin(gen))]
-    return common.calochallenge_separation(*h, edges)
-
-
-def sep_power(real, gen, edges, clip=True):
-    return sep_stats(real, gen, edges, clip)[0]
-
+    sp = common.calochallenge_separation(*h, edges)
+    return sp if floor else sp[0]
 
 def standardised(feat_real, feat):
-    """(N', D) features standardised with the real sample's mean and std (std 0 -> 1); showers with an
-    undefined (NaN) feature left out."""
+    """(N', D) features standardised with the real mean and std (std 0 -> 1), showers with a NaN one left out."""
     r, x = (np.stack([f[k] for k in feat_real], 1) for f in (feat_real, feat))
     r, x = r[np.isfinite(r).all(1)], x[np.isfinite(x).all(1)]
-    mu, sd = r.mean(0), r.std(0)
-    return (x - mu) / np.where(sd == 0, 1.0, sd)
+    return (x - r.mean(0)) / np.where(r.std(0) == 0, 1.0, r.std(0))
 
 # ---------------------------------------------------------------- model: classifier two-sample test
-
-
-class Classifier(nn.Module):
-    """MLP real-vs-generated classifier; returns logits."""
-
-    def __init__(self, n_in, hidden, layers, slope=0.2):
-        super().__init__()
-        sizes = [n_in] + [hidden] * layers
-        self.net = nn.Sequential(*[m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.LeakyReLU(slope))],
-                                 nn.Linear(sizes[-1], 1))
-
-    def forward(self, x):
-        return self.net(x).squeeze(-1)
-
-
 def classifier_inputs(d, idx, out):
     """Rows idx (sorted) of a sample into out: a plain (N, D) array as is; showers as the challenge's
     low-level input, voxels / E_inc (cut applied) and log10(E_inc / MeV)."""
@@ -433,37 +357,35 @@ def classifier_inputs(d, idx, out):
     if not np.isfinite(out).all():
         raise DataError(f"{d['path']}: voxels / incident energy overflow float32 (incident energies too small)")
 
-
 def two_sample_test(real, gen, args, device, log, tag):
-    """Train the classifier real (1) vs generated (0); calibrated test AUC, BCE and JSD.
+    """Train an MLP real (1) vs generated (0); calibrated test AUC, BCE and JSD.
     real, gen: samples of load() (only the subsampled showers are read) or (N, D) arrays."""
-    rng = np.random.default_rng(args.seed)
-    torch.manual_seed(args.seed)
+    rng, _ = np.random.default_rng(args.seed), torch.manual_seed(args.seed)
     n_r, n_g = (s["n"] if isinstance(s, dict) else len(s) for s in (real, gen))
     n_in = real["geom"].n_cells + 1 if isinstance(real, dict) else real.shape[1]
     m = min(n_r, n_g, args.cls_max_events or int(min(50000, (5e8 if device.type == "cuda" else 2e8) / n_in)))
     if m < 10:
         return {"skipped": f"too few showers ({m}) per class"}
-    # the same shower indices from both files: a generated file conditioned on the real file event by
-    # event keeps each (real i, generated i) pair in one split, so conditions cannot leak across splits
+    # the same shower indices in both files: each (real i, generated i) pair of a file generated event by event
+    # from the real one stays in one split, so its conditions cannot leak across splits
     idx, pos, (a, b) = np.sort(rng.permutation(min(n_r, n_g))[:m]), rng.permutation(m), (int(0.6 * m), int(0.8 * m))
     x = np.empty((2 * m, n_in), np.float32)   # the only copy: splits are row indices into it
     step = int(np.clip(2 ** 23 // n_in, 64, 4096))   # rows per chunk: temporaries of at most ~64 MB
-    classifier_inputs(real, idx, x[:m])
-    classifier_inputs(gen, idx, x[m:])
+    for d, part in ((real, x[:m]), (gen, x[m:])):
+        classifier_inputs(d, idx, part)
     rows = {k: np.r_[p, p + m] for k, p in (("train", pos[:a]), ("val", pos[a:b]), ("test", pos[b:]))}
-    raw = args.cls_calochallenge   # the challenge feeds the inputs as they are
+    raw, tr = args.cls_calochallenge, rows["train"]   # the challenge feeds the inputs as they are
     if not raw:  # standardised on the training rows; a floor on the std keeps never-hit voxels from blowing up
-        s1, s2, tr = np.zeros(n_in), np.zeros(n_in), rows["train"]
-        for c in range(0, len(tr), step):
-            xc = x[tr[c:c + step]].astype(np.float64)
-            s1, s2 = s1 + xc.sum(0), s2 + (xc * xc).sum(0)
-        sd = np.sqrt(np.maximum(s2 / len(tr) - (s1 / len(tr)) ** 2, 0.0))
-        x -= (s1 / len(tr)).astype(np.float32)
+        mean, sq = sum(np.stack([(xc := x[tr[c:c + step]].astype(np.float64)).sum(0), (xc * xc).sum(0)])
+                       for c in range(0, len(tr), step)) / len(tr)
+        sd = np.sqrt(np.maximum(sq - mean ** 2, 0.0))
+        x -= mean.astype(np.float32)
         x /= np.maximum(sd, 1e-3 * sd.max() + 1e-12).astype(np.float32)
     X, Y = torch.from_numpy(x).to(device), torch.cat([torch.ones(m), torch.zeros(m)]).to(device)
     rows = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
-    model = Classifier(n_in, args.cls_hidden, args.cls_layers, 0.01 if raw else 0.2).to(device)
+    sizes, slope = [n_in] + [args.cls_hidden] * args.cls_layers, 0.01 if raw else 0.2
+    model = nn.Sequential(*[f for i, o in zip(sizes, sizes[1:]) for f in (nn.Linear(i, o), nn.LeakyReLU(slope))],
+                          nn.Linear(sizes[-1], 1), nn.Flatten(0)).to(device)   # logits (N,)
     opt, bce = torch.optim.Adam(model.parameters(), lr=args.cls_lr), nn.BCEWithLogitsLoss()
 
     def logits(name):
@@ -473,7 +395,7 @@ def two_sample_test(real, gen, args, device, log, tag):
         model.train()
         return z, Y[rows[name]]
 
-    best, best_state, best_epoch, n_train, t0 = math.inf, None, 0, len(rows["train"]), time.time()
+    best, best_state, best_epoch, n_train, t0 = math.inf, None, 0, len(tr), time.time()
     for epoch in range(1, args.cls_epochs + 1):
         for i in rows["train"][torch.randperm(n_train, device=device)].split(args.cls_batch):
             loss = bce(model(X[i]), Y[i])
@@ -517,9 +439,7 @@ def two_sample_test(real, gen, args, device, log, tag):
             "epochs_run": epoch, "calibration": cal, "device": str(device)}
 
 # ---------------------------------------------------------------- train: detector-specific validation (native)
-
-
-def lcd_extra(real, gen, plot):
+def lcd_extra(real, gen, fr, fg, args, plot):
     """Sampling fraction per 10 GeV bin (and its ratio), profiles (2DGAN validation)."""
     edges = np.arange(0.0, 10.0 * math.ceil(real["e_inc"].max() / 10.0) + 10.0, 10.0)
     sf = [common.binned_stat(d["e_inc"], d["cells"].sum(1, dtype=np.float64) / d["e_inc"], edges) for d in (real, gen)]
@@ -532,16 +452,14 @@ def lcd_extra(real, gen, plot):
             "profile_rel_l1_error": {ax: float(np.sum(np.abs(prof[1][a] - prof[0][a])) / np.sum(prof[0][a]))
                                      for a, ax in enumerate("xyz")}}
 
-
-def atlas_extra(real, gen, args, plot):
+def atlas_extra(real, gen, fr, fg, args, plot):
     """Correlation MSE, variance per cell, nearest-neighbour memorisation check (Klein's validation)."""
     rng, half = np.random.default_rng(args.seed), real["n"] // 2
     cr, cg = (d["cells"][rng.permutation(d["n"])[:min(real["n"], gen["n"], 20000)]] for d in (real, gen))
+    vr, vg = plot["variance"] = common.cell_variance(real["cells"]), common.cell_variance(gen["cells"])
     out = {"correlation_mse": common.correlation_mse(cr, cg),
-           "correlation_mse_real_halves": common.correlation_mse(real["cells"][:half], real["cells"][half:])}
-    vr, vg = common.cell_variance(real["cells"]), common.cell_variance(gen["cells"])
-    out["cell_variance_mean_abs_rel_diff"] = _num(np.mean(np.abs(vg[vr > 0] - vr[vr > 0]) / vr[vr > 0]))
-    plot["variance"] = (vr, vg)
+           "correlation_mse_real_halves": common.correlation_mse(real["cells"][:half], real["cells"][half:]),
+           "cell_variance_mean_abs_rel_diff": _num(np.mean(np.abs(vg[vr > 0] - vr[vr > 0]) / vr[vr > 0]))}
     # memorisation: generated vs held-out real distances to the nearest real shower of half A
     norm = [d["cells"] / np.maximum(d["cells"].sum(1, keepdims=True), 1e-30) for d in (real, gen)]
     perm = rng.permutation(real["n"])
@@ -551,7 +469,6 @@ def atlas_extra(real, gen, args, plot):
         dg, db = (float(np.median(common.nearest_neighbours(q, pool, k=5)[1][:, 0])) for q in (qg, qb))
         out.update(nn_median_dist_gen=dg, nn_median_dist_real=db, nn_ratio=_num(dg / db) if db > 0 else None)
     return out
-
 
 def lhcb_extra(real, gen, fr, fg, args, plot):
     """MLHEP protocol (common.lhcb_prd): PRD-AUC on the 24 physics features and the raw images, equal sizes."""
@@ -565,37 +482,33 @@ def lhcb_extra(real, gen, fr, fg, args, plot):
             "prd_auc_score": r["score"], "sparsity_curve_alphas": LHCB_ALPHAS.tolist(),
             "sparsity_curve_real": _list(real["sparsity_curve"]), "sparsity_curve_gen": _list(gen["sparsity_curve"])}
 
-
-ILD_OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel_spectrum")
-
-
 def ild_extra(real, gen, fr, fg, args, plot):
     """Quantile JSD of the five observables (Calomplification), amplification if asked."""
     orr, og = ({**{k: _fin(f[k]) for k in ILD_OBS[:4]}, "pixel_spectrum": d["cells"][d["cells"] > 0].astype(np.float64)}
                for d, f in ((real, fr), (gen, fg)))
-    out = {"quantile_jsd": {}, "quantile_jsd_bins": min(args.quantiles, real["n"] // 10)}
-    for k in ILD_OBS:
-        nb = min(args.quantiles, len(orr[k]) // 10)
-        out["quantile_jsd"][k] = common.quantile_jsd(orr[k], og[k], nb) if nb >= 1 and len(og[k]) else None
     plot["pixels"] = (orr["pixel_spectrum"], og["pixel_spectrum"])
+    out = {"quantile_jsd": {k: common.quantile_jsd(orr[k], og[k], nb) if nb >= 1 and len(og[k]) else None
+                            for k in ILD_OBS for nb in [min(args.quantiles, len(orr[k]) // 10)]},
+           "quantile_jsd_bins": min(args.quantiles, real["n"] // 10)}
     if args.amplification:
         perm = np.random.default_rng(args.seed).permutation(real["n"])
         ref, pool = perm[: real["n"] // 2], perm[real["n"] // 2:]
-        nb, amp = min(args.quantiles, len(ref) // 10), {}
-        for k in ILD_OBS[:4]:
-            r = common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb, seed=args.seed)
-            amp[k] = {kk: (_list(x) if isinstance(x, np.ndarray) else _num(x)) for kk, x in r.items()}
+        nb = min(args.quantiles, len(ref) // 10)
+        amp = plot["amplification"] = {k: {kk: _list(x) if isinstance(x, np.ndarray) else _num(x) for kk, x in
+                                           common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb,
+                                                                seed=args.seed).items()} for k in ILD_OBS[:4]}
         out["amplification"] = {"n_bins": nb, "n_reference": len(ref), "n_truth_pool": len(pool), "observables": amp}
-        plot["amplification"] = amp
     return out
 
+EXTRAS = {"lcd": lcd_extra, "atlas": atlas_extra, "lhcb": lhcb_extra, "ild": ild_extra}   # native, per detector
+
 # ---------------------------------------------------------------- generate: plots and report
-
-
 def _num(v):
     """JSON-safe float (NaN -> None, inf kept as a string)."""
     return None if v is None or math.isnan(float(v)) else ("inf" if math.isinf(float(v)) else float(v))
 
+def _list(a):
+    return [_num(v) for v in np.asarray(a, np.float64).ravel()]
 
 def _clean(obj):
     """Valid JSON: numpy scalars to Python, NaN -> null, inf -> "inf", recursively."""
@@ -607,229 +520,142 @@ def _clean(obj):
         return obj.item() if isinstance(obj, np.generic) else obj
     return _num(obj) if isinstance(obj, (float, np.floating)) else obj
 
-
-def _list(a):
-    return [_num(v) for v in np.asarray(a, np.float64).ravel()]
-
-
-class Plotter:
-    def __init__(self, folder, title, labels):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        self.plt, self.folder, self.title, self.labels = plt, folder, title, labels
-        self.colors, self.written = [plt.get_cmap("tab10")(i % 10) for i in range(len(labels))], []
-
-    def _grid(self, n, ratio=True):
-        """Figure with n panels, 4 per row; each panel a (histogram, ratio) pair of axes if ratio."""
-        ncols, nrows = min(4, n), math.ceil(n / min(4, n))
-        fig = self.plt.figure(figsize=(4.4 * ncols, (4.2 if ratio else 3.4) * nrows + 0.6))
-        gs = fig.add_gridspec(nrows, ncols, hspace=0.35, wspace=0.35, left=0.07, right=0.98,
-                              bottom=0.55 / fig.get_figheight(), top=1 - 0.6 / fig.get_figheight())
-        axes = []
-        for i in range(n):
-            if ratio:
-                inner = gs[divmod(i, ncols)].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
-                top = fig.add_subplot(inner[0])
-                axes.append((top, fig.add_subplot(inner[1], sharex=top)))
-            else:
-                axes.append(fig.add_subplot(gs[divmod(i, ncols)]))
-        return fig, axes
-
-    def _finish(self, fig, name, subtitle):
-        fig.suptitle(f"{self.title}: {subtitle}")
-        for ext in ("png", "pdf"):
-            write_atomic(os.path.join(self.folder, f"{name}.{ext}"),
-                         lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110 if ext == "png" else None))
-        self.plt.close(fig)
-        self.written.append(name)
-
-    def _panel(self, top, bot, ylabel, xlabel, logx, x, ref, vals, step):
-        """Labels of a (top, bottom) panel; the bottom one shows gen / real (steps for histograms)."""
-        top.set_ylabel(ylabel)
-        top.legend(fontsize=7)
-        top.tick_params(labelbottom=False)
-        bot.axhline(1.0, color="k", lw=0.8)
-        for v, c in zip(vals, self.colors):
-            r = np.divide(v, ref, out=np.full(len(ref), np.nan), where=ref > 0)
-            (bot.step(x, np.r_[r, r[-1:]], where="post", color=c) if step else bot.plot(x, r, color=c, marker="."))
-        bot.set(ylim=(0.5, 1.5), ylabel="gen / real", xlabel=xlabel, xscale="log" if logx else "linear")
-
-    def hists(self, name, subtitle, keys, fr, fgs, edges, labels=None, clip=True):
-        """Histograms of real and generated values in bins edges[k] (clip: tails counted in the end bins)."""
-        fig, axes = self._grid(len(keys))
-        for k, (top, bot) in zip(keys, axes):
-            e, vals = edges[k], [_fin(v[k]) for v in [fr] + fgs]
-            h = [np.histogram(np.clip(v, e[0], e[-1]) if clip else v, e)[0] / max(1, len(v)) for v in vals]
-            top.stairs(h[0], e, fill=True, color="0.8", label="real")
-            top.stairs(h[0], e, color="0.4")
-            for hg, c, lab in zip(h[1:], self.colors, self.labels):
-                top.stairs(hg, e, color=c, lw=1.4, label=lab)
-            pos = np.concatenate([x[x > 0] for x in h])
-            top.set_yscale("log" if len(pos) and pos.max() / pos.min() > 100 else "linear")
-            self._panel(top, bot, "fraction of showers", (labels or LABEL).get(k, k), e[0] > 0 and e[-1] / e[0] > 100,
-                        e, h[0], h[1:], step=True)
-        self._finish(fig, name, subtitle)
-
-    def curves(self, name, subtitle, xs, real_curves, gen_curves, xlabels, ylabel, logy=True, logx=False):
-        """One panel per curve (profiles, per-bin means); gen_curves[i_gen][i_panel]."""
-        fig, axes = self._grid(len(real_curves))
-        for i, (top, bot) in enumerate(axes):
-            top.plot(xs[i], real_curves[i], color="k", lw=2, label="real")
-            for gc, c, lab in zip(gen_curves, self.colors, self.labels):
-                top.plot(xs[i], gc[i], color=c, marker=".", label=lab)
-            top.set_yscale("log" if logy and np.nanmin(real_curves[i]) > 0 else "linear")
-            self._panel(top, bot, ylabel, xlabels[i], logx, xs[i], np.asarray(real_curves[i]),
-                        [np.asarray(gc[i]) for gc in gen_curves], step=False)
-        self._finish(fig, name, subtitle)
-
-
-def verdict(row, n_feat):
-    auc, nflag = row.get("auc"), len(row["flagged"])
-    if (auc is None or auc <= 0.55) and nflag == 0:
-        v = "PASS: indistinguishable at this sample size" + (" (observables only)" if auc is None else "")
-    elif (auc is None or auc <= 0.75) and nflag <= max(1, n_feat // 5):
-        v = "CLOSE: small differences (see flagged observables)"
-    else:
-        v = "FAIL: distinguishable"
-    return v + ("; WARNING: memorisation suspected" if row.get("memorisation") else "")
-
-
-def write_atomic(path, write):
-    """write(tmp), or the text `write`, to a temporary name unique per process and call (common.tmp_name) in path's
-    folder (made if missing), then rename; nothing stays behind; a folder in the way or an OS error: DataError."""
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a folder, not a file")
-    tmp = common.tmp_name(path)
-    try:
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        if callable(write):
-            write(tmp)
-        else:
-            with open(tmp, "w") as fh:
-                fh.write(write)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise DataError(f"{path}: cannot write ({e.strerror or e})")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def check_out(out, plots):
-    """Refuse an --out that cannot hold the report before anything is read or written."""
-    if any(len(os.fsencode(c)) > 255 for c in out.split(os.sep)):
-        raise DataError(f"--out {out}: a path component is longer than 255 bytes")
-    top = os.path.normpath(out)
-    while top and not os.path.exists(top):
-        top = os.path.dirname(top)
-    if top and not os.path.isdir(top):
-        raise DataError(f"--out {out}: {top} is a file, not a folder")
-    for name, folder in [("metrics.json", False), ("report.md", False)] + [("plots", True)] * plots:
-        p = os.path.join(out, name)
-        if os.path.exists(p) and os.path.isdir(p) != folder:
-            raise DataError(f"{p}: is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
-
-# ---------------------------------------------------------------- main
-
-
-def run(args, log=print):
-    check_out(args.out, not args.no_plots)
-    data = [load(p, args.max_events, args.protocol) for p in args.files]
-    other = next((d for d in data if d["detector"] != data[0]["detector"]), None)
-    if other:
-        raise DataError(f"{other['path']}: detector {other['detector']} differs from the real file's "
-                        f"{data[0]['detector']}; all files must be of the same detector")
-    (real, *gens), det, cc = data, data[0]["detector"], data[0]["protocol"] == "calochallenge"
-    if args.amplification and det != "ild":
-        raise DataError(f"{args.files[0]}: --amplification is the ILD (VAE-GAN) study; this file is {det}")
-    if args.amplification and real["n"] < 40:
-        raise DataError(f"{args.files[0]}: --amplification needs >= 40 real showers, got {real['n']}")
-    toy = any(d["toy"] for d in data)
-    title = DETECTOR_TITLE[det] + (" [TOY]" if toy else "")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: CUDA is not available")
-    (fr, groups), *fgs = [features(d) for d in data]   # reads (and checks) ds2/ds3 files before anything is written
-    fgs = [f for f, _ in fgs]
-    dead = [k for k in fr if not (len(_fin(fr[k])) and np.ptp(_fin(fr[k])) > 0)]   # constant in the real sample
-    for f, k in ((f, k) for f in [fr] + fgs for k in dead):
-        f.pop(k)
-    groups = [(t, [k for k in ks if k in fr]) for t, ks in groups if set(ks) - set(dead)]
-    log(f"{title}: real {real['n']} showers ({real['path']}), generated "
-        + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, gens)) + f"; protocol {real['protocol']}"
-        + (f", voxels < {real['cut']:.4g} MeV set to 0" if cc else "") + f"; {len(dead)} constant observables dropped")
-    bins = args.bins or common.auto_bins(*(d["n"] for d in data))
-    native_edges = lambda k, gs: common.native_edges(_fin(fr[k]), [_fin(g[k]) for g in gs], bins)[0]  # noqa: E731
-    edges = {k: common.calochallenge_edges(k, _fin(fr[k]).max(), det) if cc else native_edges(k, fgs) for k in fr}
-    vox_edges = common.calochallenge_edges("voxels", real["max_cell"], det) if cc else None
-    # plot_cell_dist: every voxel; zeros lie below the first edge (the cut), so only the others are binned
-    vox = [None if vox_edges is None else sum(np.histogram(c[c > 0], vox_edges)[0] for _, c in blocks(d)) for d in data]
-    rows, plot_extra = [], []
-    for g, fg, lab, vc in zip(gens, fgs, args.labels, vox[1:]):
-        st = {k: sep_stats(fr[k], fg[k], edges[k] if cc else native_edges(k, [fg]), not cc) for k in fr}
-        sp = {k: v[0] for k, v in st.items()}
-        flagged = sorted((k for k in sp if sp[k] > max(0.01, 3 * st[k][1])), key=lambda k: -sp[k])
-        row = {"label": lab, "path": g["path"], "n_events": g["n"], "toy": g["toy"], "n_empty": g["n_empty"],
-               "separation_power": sp, "separation_power_noise": {k: v[1] for k, v in st.items()},
-               "flagged": flagged, "separation_power_mean": float(np.nanmean(list(sp.values()))),
-               "frechet_distance": float(np.maximum(0.0, common.frechet_distance(standardised(fr, fr),
-                                                                                   standardised(fr, fg))))}
-        if cc:  # mean separation power per feature group and of all voxels, as the challenge's results show them
-            row["calochallenge"] = {"voxels": common.calochallenge_separation(vox[0], vc, vox_edges)[0],
-                                    **{CC_PREFIX[t]: float(np.nanmean([sp[k] for k in ks])) for t, ks in groups}}
-        if not args.no_classifier:
-            row["classifier"] = two_sample_test(real, g, args, device, log, lab)
-            row["auc"] = row["classifier"].get("auc")
-        pe = {}
-        if det == "lcd":
-            row["lcd"] = lcd_extra(real, g, pe)
-        elif det.startswith("atlas"):
-            row["atlas"] = atlas_extra(real, g, args, pe)
-            row["memorisation"] = row["atlas"].get("nn_ratio") is not None and row["atlas"]["nn_ratio"] < 0.5
-        elif det == "lhcb":
-            row["lhcb"] = lhcb_extra(real, g, fr, fg, args, pe)
-        elif det == "ild":
-            row["ild"] = ild_extra(real, g, fr, fg, args, pe)
-        row["verdict"] = verdict(row, len(fr))
-        rows.append(row)
-        plot_extra.append(pe)
-        log(f"{lab}: AUC {_fmt(row.get('auc'))} | Frechet {row['frechet_distance']:.4g} | mean separation "
-            f"{row['separation_power_mean']:.4f} | flagged {len(flagged)}: {', '.join(flagged[:5]) or 'none'}"
-            f"{', ...' if len(flagged) > 5 else ''} | empty showers {g['n_empty']} | {row['verdict']}")
-    bad = [f"{r['label']} {k}" for r in rows for k, v in (("Frechet distance", r["frechet_distance"]), ("AUC", r.get(
-        "auc")), ("JSD", r.get("classifier", {}).get("jsd"))) if v is not None and not math.isfinite(v)]
-    if bad:   # nothing non-finite is written
-        raise DataError(f"non-finite {', '.join(bad)} (input values too large for float32?); nothing written")
-    plots = [] if args.no_plots else make_plots(args, title, real, gens, fr, groups, fgs, plot_extra, edges)
-    metrics = {"script": "evaluate.py", "detector": det, "protocol": real["protocol"], "voxel_cut": real["cut"],
-               "geometry": real["geom"].name, "toy": toy, "features": list(fr), "dropped_features": dead,
-               "real": {"path": real["path"], "n_events": real["n"], "toy": real["toy"], "n_empty": real["n_empty"]},
-               "bins": None if cc else bins, "generated": rows, "plots": plots, "settings": vars(args)}
-    write_atomic(os.path.join(args.out, "metrics.json"), json.dumps(_clean(metrics), indent=1) + "\n")
-    write_atomic(os.path.join(args.out, "report.md"), report_md(metrics, title, groups))
-    log(f"wrote {os.path.join(args.out, 'metrics.json')}, report.md and {len(plots)} plots in {args.out}/plots")
-    return metrics
-
-
 def _fmt(v, f="{:.3f}"):
     return "-" if v is None or v != v else f.format(v)
-
 
 def _eq(v):
     """Equivalent truth size as text: a number, 'inf' (beats the pool) or None (worse than any subset)."""
     return f"{v:.0f}" if isinstance(v, float) else str(v)
 
+class Plotter:
+    """Figures in plots/ (.png and .pdf): real in black or grey, each generated sample in its own colour."""
+
+    def __init__(self, folder, title, labels):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        self.plt, self.folder, self.title, self.labels, self.written = plt, folder, title, labels, []
+        self.colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(labels))]
+
+    def grid(self, n, ratio=True):
+        """Figure with n panels, 4 per row; each panel a (main, gen / real) pair of axes if ratio."""
+        ncols, nrows = min(4, n), math.ceil(n / min(4, n))
+        fig = self.plt.figure(figsize=(4.4 * ncols, (4.2 if ratio else 3.4) * nrows + 0.6))
+        h = fig.get_figheight()
+        gs = fig.add_gridspec(nrows, ncols, hspace=0.35, wspace=0.35, left=0.07, right=0.98, bottom=0.55 / h,
+                              top=1 - 0.6 / h)
+        if not ratio:
+            return fig, [fig.add_subplot(gs[divmod(i, ncols)]) for i in range(n)]
+        pairs = [gs[divmod(i, ncols)].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05) for i in range(n)]
+        return fig, [(top := fig.add_subplot(p[0]), fig.add_subplot(p[1], sharex=top)) for p in pairs]
+
+    def save(self, fig, name, subtitle):
+        fig.suptitle(f"{self.title}: {subtitle}")
+        for ext in ("png", "pdf"):
+            common.write_atomic(os.path.join(self.folder, f"{name}.{ext}"),
+                                lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110 if ext == "png" else None))
+        self.plt.close(fig)
+        self.written.append(name)
+
+    def compare(self, name, subtitle, panels, ylabel=None, logx=False, logy=True):
+        """A (main, gen / real) pair of axes per panel (x, real, [generated], xlabel): histograms normalised per
+        sample (ylabel None; x = edges; log axes where the values span > 100x) or curves (x = points)."""
+        fig, axes = self.grid(len(panels))
+        for (x, ref, gens, xlabel), (top, bot) in zip(panels, axes):
+            if ylabel is None:
+                top.stairs(ref, x, fill=True, color="0.8", label="real")
+                top.stairs(ref, x, color="0.4")
+                pos = np.concatenate([v[v > 0] for v in [ref, *gens]])
+                ylog, xlog = len(pos) and pos.max() / pos.min() > 100, x[0] > 0 and x[-1] / x[0] > 100
+            else:
+                top.plot(x, ref, color="k", lw=2, label="real")
+                ylog, xlog = logy and np.nanmin(ref) > 0, logx
+            for g, c, lb in zip(gens, self.colors, self.labels):
+                top.plot(x, g, color=c, marker=".", label=lb) if ylabel else top.stairs(g, x, color=c, lw=1.4, label=lb)
+            top.set_yscale("log" if ylog else "linear")
+            top.set_ylabel(ylabel or "fraction of showers")
+            top.legend(fontsize=7)
+            top.tick_params(labelbottom=False)
+            bot.axhline(1.0, color="k", lw=0.8)
+            for g, c in zip(gens, self.colors):
+                r = np.divide(g, ref, out=np.full(len(ref), np.nan), where=ref > 0)
+                bot.plot(x, r, color=c, marker=".") if ylabel else bot.step(x, np.r_[r, r[-1:]], where="post", color=c)
+            bot.set(ylim=(0.5, 1.5), ylabel="gen / real", xlabel=xlabel, xscale="log" if xlog else "linear")
+        self.save(fig, name, subtitle)
+
+    def lines(self, name, subtitle, panels, **style):
+        """A pair of axes per panel (reference line (x, y) or None, [(x, y) per generated sample], axes settings)."""
+        fig, axes = self.grid(len(panels), ratio=False)
+        for ax, (ref, gens, settings) in zip(axes, panels):
+            if ref is not None:
+                ax.plot(*ref, color="k", ls="-", marker="o", ms=3, label="truth subsets")
+            for (x, y), c, lab in zip(gens, self.colors, self.labels):
+                ax.plot(x, y, color=c, label=lab, **style)
+            ax.set(**settings)
+            ax.legend(fontsize=7)
+        self.save(fig, name, subtitle)
+
+def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
+    P, det = Plotter(os.path.join(args.out, "plots"), title, args.labels), real["detector"]
+    cc = real["protocol"] == "calochallenge"
+    xlabels = {**LABEL, "e_vis": f"visible energy [{real['geom'].unit}]"}
+
+    def hist(vals, e, xlabel, clip=True):   # a histogram panel; clip: tails counted in the end bins
+        h = [np.histogram(np.clip(v, e[0], e[-1]) if clip else v, e)[0] / max(1, len(v)) for v in map(_fin, vals)]
+        return e, h[0], h[1:], xlabel
+
+    def spectrum(name, vals, xlabel):
+        P.compare(name, xlabel, [hist(vals, common.native_edges(vals[0], vals[1:], 50)[0], xlabel)])
+
+    few = lambda k: real["geom"].n_layers <= 5 or not k[-1].isdigit() or int(k.rpartition("_")[2]) % 5 == 0  # noqa
+    for sub, keys in groups:   # ds2/ds3: every 5th layer
+        keys = [k for k in keys if edges[k] is not None and (few(k) or not cc)]
+        slug = "".join(c if c.isalnum() else "_" for c in sub.split("(")[0].split("[")[0].strip().lower())
+        if keys:
+            P.compare(f"hist_{slug}", sub, [hist([f[k] for f in [fr] + fgs], edges[k], xlabels.get(k, k), not cc)
+                                            for k in keys])
+    if det == "lcd":
+        e, sf = pe[0]["sf_bins"]
+        P.compare("sampling_fraction_vs_ep", "mean sampling fraction per 10 GeV bin", [(0.5 * (e[1:] + e[:-1]),
+                  sf[0][0], [p["sf_bins"][1][1][0] for p in pe], "Ep [GeV]")], "mean E_vis / Ep", logy=False)
+        P.compare("profiles", "mean energy profiles (log)", [(np.arange(25), pe[0]["profiles"][0][a], [
+            p["profiles"][1][a] for p in pe], x) for a, x in enumerate(["x [cell]", "y [cell]", "z (depth) [layer]"])],
+            "mean deposit [GeV]")
+        spectrum("cell_spectrum", [d["cells"][:2000][d["cells"][:2000] > 0] for d in [real] + gens],
+                 "cell energy [GeV] (first 2000 showers)")
+    elif det.startswith("atlas"):
+        vr = pe[0]["variance"][0]
+        P.compare("cell_variance", "variance per cell", [(np.arange(len(vr)), vr, [p["variance"][1] for p in pe],
+                                                          "cell index")], "variance [MeV^2]")
+        e = np.geomspace(max(real["e_inc"].min(), 1e-3), real["e_inc"].max() * 1.0001, 9)
+        w = [common.binned_stat(d["e_inc"][ok], f["width_phi_Middle"][ok], e)[0]
+             for d, f in zip([real] + gens, [fr] + fgs) for ok in [np.isfinite(f["width_phi_Middle"])]]
+        P.compare("width_phi_middle_vs_energy", "mean width in phi of Middle vs energy",
+                  [(np.sqrt(e[1:] * e[:-1]), w[0], w[1:], "E_true [MeV]")], "mean width phi", logx=True, logy=False)
+    elif det == "lhcb":
+        P.compare("sparsity_curve", "mean sparsity vs alpha", [(LHCB_ALPHAS, pe[0]["sparsity"][0], [p["sparsity"][1]
+                  for p in pe], "alpha")], "fraction of cells >= alpha E_tot", logx=True)
+        P.lines("prd", "precision-recall for distributions", [(None, [p["prd"][j][::-1] for p in pe], dict(
+            xlabel="recall", ylabel="precision", title=f"PRD on {name}", xlim=(0, 1), ylim=(0, 1.02)))
+            for j, name in enumerate(("raw images", "physics features"))])
+    elif det == "ild":
+        spectrum("pixel_spectrum", [pe[0]["pixels"][0]] + [p["pixels"][1] for p in pe], "pixel energy [MeV]")
+        amp = [p.get("amplification", {}) for p in pe]
+        if amp[0]:
+            P.lines("amplification", "JSD vs sample size (crossing = equivalent truth size)", [(
+                (amp[0][k]["truth_sizes"], amp[0][k]["truth_jsd"]), [(a[k]["gen_sizes"], a[k]["gen_jsd"]) for a in amp],
+                dict(xscale="log", yscale="log", xlabel="number of showers", ylabel="quantile JSD", title=f"{k} "
+                     f"(equivalent truth size: {', '.join(_eq(a[k]['equivalent_size']) for a in amp)})"))
+                for k in amp[0]], ls="-", marker="s", ms=3)
+    return P.written
 
 def report_md(m, title, groups):
-    det, cc, gen = m["detector"], m["protocol"] == "calochallenge", m["generated"]
+    det, cc, gen, rl = m["detector"], m["protocol"] == "calochallenge", m["generated"], m["real"]
     mse = ("corr. MSE", lambda r: r["atlas"]["correlation_mse"])
     head, col = {"lcd": ("max abs SF ratio - 1", lambda r: r["lcd"]["sampling_fraction_max_abs_ratio_minus_1"]),
                  "atlas89": mse, "atlas247": mse, "lhcb": ("PRD-AUC score", lambda r: r["lhcb"]["prd_auc_score"]),
                  "ild": ("mean quantile JSD", lambda r: np.mean([v for v in r["ild"]["quantile_jsd"].values()
                                                                  if v is not None]))}.get(det, (None, None))
-    rl = m["real"]
     lines = [f"# Validation report: {title}", "", f"Protocol {m['protocol']}" + (
              f" (CaloChallenge code/evaluate.py: voxels below {m['voxel_cut']:.4g} MeV set to 0, its high-level "
              "features and histogram binning)" if cc else "") + f". Real: `{rl['path']}` ({rl['n_events']} showers"
@@ -855,89 +681,111 @@ def report_md(m, title, groups):
     lines += [f"- {r['label']}: " + (", ".join(f"{k} {r['separation_power'][k]:.3f}" for k in r["flagged"]) or "none")
               for r in gen]
     amps = [r for r in gen if r.get("ild", {}).get("amplification")]
-    if amps:
-        lines += ["", "Amplification: number of real showers the generated sample is worth, per observable "
-                  "(inf = better than the whole truth pool, None = worse than the smallest subset):", ""]
+    lines += ["", "Amplification: number of real showers the generated sample is worth, per observable (inf = better "
+              "than the whole truth pool, None = worse than the smallest subset):", ""] if amps else []
     lines += [f"- {r['label']}: " + ", ".join(f"{k} {_eq(v['equivalent_size'])}" for k, v in
                                               r["ild"]["amplification"]["observables"].items())
               + f" (truth pool {r['ild']['amplification']['n_truth_pool']}, generated {r['n_events']})" for r in amps]
-    lines += ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable (best published "
-              "CaloChallenge: ds1 photons ~0.63, ds2 0.53, ds3 0.56). JSD = (ln2 - BCE)/ln2 of the calibrated "
-              "classifier on its test split. Empty = showers with no energy left" + (" after the cut; the challenge "
-              "gives their centres and widths 0." if cc else "; their shape observables are undefined, left out.")
-              + " Details: metrics.json; plots: plots/.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable (best "
+                              "published CaloChallenge: ds1 photons ~0.63, ds2 0.53, ds3 0.56). JSD = (ln2 - BCE)/ln2 "
+                              "of the calibrated classifier on its test split. Empty = showers with no energy left" + (
+                                  " after the cut; the challenge gives their centres and widths 0." if cc else
+                                  "; their shape observables are undefined, left out.")
+                              + " Details: metrics.json; plots: plots/.", ""])
 
+def verdict(row, n_feat):
+    auc, nflag = row.get("auc"), len(row["flagged"])
+    if (auc is None or auc <= 0.55) and nflag == 0:
+        v = "PASS: indistinguishable at this sample size" + (" (observables only)" if auc is None else "")
+    elif (auc is None or auc <= 0.75) and nflag <= max(1, n_feat // 5):
+        v = "CLOSE: small differences (see flagged observables)"
+    else:
+        v = "FAIL: distinguishable"
+    return v + ("; WARNING: memorisation suspected" if row.get("memorisation") else "")
 
-def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
-    P, det = Plotter(os.path.join(args.out, "plots"), title, args.labels), real["detector"]
-    cc = real["protocol"] == "calochallenge"
-    few = lambda k: real["geom"].n_layers <= 5 or not k[-1].isdigit() or int(k.rpartition("_")[2]) % 5 == 0  # noqa
-    for sub, keys in groups:   # ds2/ds3: every 5th layer
-        keys = [k for k in keys if edges[k] is not None and (few(k) or not cc)]
-        slug = "".join(c if c.isalnum() else "_" for c in sub.split("(")[0].split("[")[0].strip().lower())
-        if keys:
-            P.hists(f"hist_{slug}", sub, keys, fr, fgs, edges,
-                    {**LABEL, "e_vis": f"visible energy [{real['geom'].unit}]"}, clip=not cc)
-    spectrum = lambda name, key, vals, xlabel: P.hists(  # noqa: E731
-        name, xlabel, [key], {key: vals[0]}, [{key: v} for v in vals[1:]], {key: common.native_edges(vals[0], vals[1:], 50)[0]},
-        {key: xlabel})
-    if det == "lcd":
-        e, sf = pe[0]["sf_bins"]
-        P.curves("sampling_fraction_vs_ep", "mean sampling fraction per 10 GeV bin", [0.5 * (e[1:] + e[:-1])],
-                 [sf[0][0]], [[p["sf_bins"][1][1][0]] for p in pe], ["Ep [GeV]"], "mean E_vis / Ep", logy=False)
-        P.curves("profiles", "mean energy profiles (log)", [np.arange(25)] * 3, pe[0]["profiles"][0],
-                 [p["profiles"][1] for p in pe], ["x [cell]", "y [cell]", "z (depth) [layer]"], "mean deposit [GeV]")
-        spectrum("cell_spectrum", "cell_energy", [d["cells"][:2000][d["cells"][:2000] > 0] for d in [real] + gens],
-                 "cell energy [GeV] (first 2000 showers)")
-    elif det.startswith("atlas"):
-        vr = pe[0]["variance"][0]
-        P.curves("cell_variance", "variance per cell", [np.arange(len(vr))], [vr],
-                 [[p["variance"][1]] for p in pe], ["cell index"], "variance [MeV^2]")
-        e_edges = np.geomspace(max(real["e_inc"].min(), 1e-3), real["e_inc"].max() * 1.0001, 9)
-        w = [common.binned_stat(d["e_inc"][ok], f["width_phi_Middle"][ok], e_edges)[0]
-             for d, f in zip([real] + gens, [fr] + fgs) for ok in [np.isfinite(f["width_phi_Middle"])]]
-        P.curves("width_phi_middle_vs_energy", "mean width in phi of Middle vs energy",
-                 [np.sqrt(e_edges[1:] * e_edges[:-1])], w[:1], [[x] for x in w[1:]], ["E_true [MeV]"],
-                 "mean width phi", logy=False, logx=True)
-    elif det == "lhcb":
-        P.curves("sparsity_curve", "mean sparsity vs alpha", [LHCB_ALPHAS], [pe[0]["sparsity"][0]],
-                 [[p["sparsity"][1]] for p in pe], ["alpha"], "fraction of cells >= alpha E_tot", logx=True)
-        fig, axes = P._grid(2, ratio=False)
-        for j, name in enumerate(("raw images", "physics features")):
-            for p, c, lab in zip(pe, P.colors, args.labels):
-                axes[j].plot(p["prd"][j][1], p["prd"][j][0], color=c, label=lab)
-            axes[j].set(xlabel="recall", ylabel="precision", title=f"PRD on {name}", xlim=(0, 1), ylim=(0, 1.02))
-            axes[j].legend(fontsize=7)
-        P._finish(fig, "prd", "precision-recall for distributions")
-    elif det == "ild":
-        spectrum("pixel_spectrum", "pixel", [pe[0]["pixels"][0]] + [p["pixels"][1] for p in pe], "pixel energy [MeV]")
-        if "amplification" in pe[0]:
-            keys = list(pe[0]["amplification"])
-            fig, axes = P._grid(len(keys), ratio=False)
-            for ax, k in zip(axes, keys):
-                a0 = pe[0]["amplification"][k]
-                ax.plot(a0["truth_sizes"], a0["truth_jsd"], "k-o", ms=3, label="truth subsets")
-                for p, c, lab in zip(pe, P.colors, args.labels):
-                    ax.plot(p["amplification"][k]["gen_sizes"], p["amplification"][k]["gen_jsd"], "-s", ms=3, color=c,
-                            label=lab)
-                eq = ", ".join(_eq(p["amplification"][k]["equivalent_size"]) for p in pe)
-                ax.set(xscale="log", yscale="log", xlabel="number of showers", ylabel="quantile JSD",
-                       title=f"{k} (equivalent truth size: {eq})")
-                ax.legend(fontsize=7)
-            P._finish(fig, "amplification", "JSD vs sample size (crossing = equivalent truth size)")
-    return P.written
-
+# ---------------------------------------------------------------- main
+def run(args, log=print):
+    # --out refused before anything is read or written; a long name in full (common.check_out_path shortens it)
+    if any(len(os.fsencode(c)) > 255 for c in args.out.split(os.sep)):
+        raise DataError(f"--out {args.out}: a path component is longer than 255 bytes")
+    for name, folder in [("metrics.json", False), ("report.md", False)] + [("plots", True)] * (not args.no_plots):
+        common.check_out_path(os.path.join(args.out, name), "--out", folder)
+    data = [load(p, args.max_events, args.protocol) for p in args.files]
+    (real, *gens), det, cc = data, data[0]["detector"], data[0]["protocol"] == "calochallenge"
+    for d in (d for d in gens if d["detector"] != det):
+        raise DataError(f"{d['path']}: detector {d['detector']} differs from the real file's {det}; all files must "
+                        "be of the same detector")
+    if args.amplification and det != "ild":
+        raise DataError(f"{args.files[0]}: --amplification is the ILD (VAE-GAN) study; this file is {det}")
+    if args.amplification and real["n"] < 40:
+        raise DataError(f"{args.files[0]}: --amplification needs >= 40 real showers, got {real['n']}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: CUDA is not available")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    toy = any(d["toy"] for d in data)
+    title = DETECTOR_TITLE[det] + " [TOY]" * toy
+    (fr, groups), *fgs = [features(d) for d in data]   # reads (and checks) ds2/ds3 files before anything is written
+    fgs = [f for f, _ in fgs]
+    dead = [k for k in fr if not (len(_fin(fr[k])) and np.ptp(_fin(fr[k])) > 0)]   # constant in the real sample
+    for f, k in ((f, k) for f in [fr] + fgs for k in dead):
+        f.pop(k)
+    groups = [(t, [k for k in ks if k in fr]) for t, ks in groups if set(ks) - set(dead)]
+    log(f"{title}: real {real['n']} showers ({real['path']}), generated "
+        + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, gens)) + f"; protocol {real['protocol']}"
+        + (f", voxels < {real['cut']:.4g} MeV set to 0" if cc else "") + f"; {len(dead)} constant observables dropped")
+    bins = args.bins or common.auto_bins(*(d["n"] for d in data))
+    native_edges = lambda k, gs: common.native_edges(_fin(fr[k]), [_fin(g[k]) for g in gs], bins)[0]  # noqa: E731
+    edges = {k: common.calochallenge_edges(k, _fin(fr[k]).max(), det) if cc else native_edges(k, fgs) for k in fr}
+    vox_edges = common.calochallenge_edges("voxels", real["max_cell"], det) if cc else None
+    # plot_cell_dist: every voxel; zeros lie below the first edge (the cut), so only the others are binned
+    vox = [None if vox_edges is None else sum(np.histogram(c[c > 0], vox_edges)[0] for _, c in blocks(d)) for d in data]
+    rows, plot_extra, name = [], [], "atlas" if det.startswith("atlas") else det
+    for g, fg, lab, vc in zip(gens, fgs, args.labels, vox[1:]):
+        st = {k: sep_power(fr[k], fg[k], edges[k] if cc else native_edges(k, [fg]), not cc, floor=True) for k in fr}
+        sp = {k: v[0] for k, v in st.items()}
+        flagged = sorted((k for k in sp if sp[k] > max(0.01, 3 * st[k][1])), key=lambda k: -sp[k])
+        row = {"label": lab, "path": g["path"], "n_events": g["n"], "toy": g["toy"], "n_empty": g["n_empty"],
+               "separation_power": sp, "separation_power_noise": {k: v[1] for k, v in st.items()},
+               "flagged": flagged, "separation_power_mean": float(np.nanmean(list(sp.values()))),
+               "frechet_distance": float(np.maximum(0.0, common.frechet_distance(standardised(fr, fr),
+                                                                                   standardised(fr, fg))))}
+        if cc:  # mean separation power per feature group and of all voxels, as the challenge's results show them
+            row["calochallenge"] = {"voxels": common.calochallenge_separation(vox[0], vc, vox_edges)[0],
+                                    **{CC_PREFIX[t]: float(np.nanmean([sp[k] for k in ks])) for t, ks in groups}}
+        if not args.no_classifier:
+            row["classifier"] = two_sample_test(real, g, args, device, log, lab)
+            row["auc"] = row["classifier"].get("auc")
+        plot_extra.append({})
+        if name in EXTRAS:
+            row[name] = EXTRAS[name](real, g, fr, fg, args, plot_extra[-1])
+        if name == "atlas":
+            row["memorisation"] = row["atlas"].get("nn_ratio") is not None and row["atlas"]["nn_ratio"] < 0.5
+        row["verdict"] = verdict(row, len(fr))
+        rows.append(row)
+        log(f"{lab}: AUC {_fmt(row.get('auc'))} | Frechet {row['frechet_distance']:.4g} | mean separation "
+            f"{row['separation_power_mean']:.4f} | flagged {len(flagged)}: {', '.join(flagged[:5]) or 'none'}"
+            f"{', ...' if len(flagged) > 5 else ''} | empty showers {g['n_empty']} | {row['verdict']}")
+    bad = [f"{r['label']} {k}" for r in rows for k, v in (("Frechet distance", r["frechet_distance"]), ("AUC", r.get(
+        "auc")), ("JSD", r.get("classifier", {}).get("jsd"))) if v is not None and not math.isfinite(v)]
+    if bad:   # nothing non-finite is written
+        raise DataError(f"non-finite {', '.join(bad)} (input values too large for float32?); nothing written")
+    plots = [] if args.no_plots else make_plots(args, title, real, gens, fr, groups, fgs, plot_extra, edges)
+    metrics = {"script": "evaluate.py", "detector": det, "protocol": real["protocol"], "voxel_cut": real["cut"],
+               "geometry": real["geom"].name, "toy": toy, "features": list(fr), "dropped_features": dead,
+               "real": {"path": real["path"], "n_events": real["n"], "toy": real["toy"], "n_empty": real["n_empty"]},
+               "bins": None if cc else bins, "generated": rows, "plots": plots, "settings": vars(args)}
+    common.write_atomic(os.path.join(args.out, "metrics.json"), json.dumps(_clean(metrics), indent=1) + "\n")
+    common.write_atomic(os.path.join(args.out, "report.md"), report_md(metrics, title, groups))
+    log(f"wrote {os.path.join(args.out, 'metrics.json')}, report.md and {len(plots)} plots in {args.out}/plots")
+    return metrics
 
 def main(argv=None):
     args = get_args(argv)
     try:
         run(args)
     except DataError as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
+        return common.fail("evaluate.py", e)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
