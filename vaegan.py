@@ -48,6 +48,7 @@ SCRIPT = "vaegan.py"
 OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel")
 MIP = common.ILD_MIP_CUT_MEV
 SHAPE = ("latent", "channels", "mbd_kernels", "disc_energy")      # the flags that set tensor shapes
+SAME = SHAPE + ("ensemble", "n_train", "seed")      # --resume needs these as saved: members, the train/held-out split
 DataError = common.InputError       # bad input: one line on stderr, exit status 2
 
 
@@ -488,19 +489,19 @@ def log(msg, out, rank=0):
 
 
 def load_ckpt(path, device, A=None, what="--ckpt"):
-    """A vaegan.py checkpoint and its best decoders; with A (--resume), saved with A's ensemble size and model
-    flags. A missing, truncated or text file, another script's checkpoint or other flags: DataError."""
+    """A vaegan.py checkpoint and its best decoders; with A (--resume), saved with A's values of SAME. A missing,
+    truncated or text file, another script's checkpoint or other flags: DataError."""
     if not os.path.isfile(path):
         raise DataError(f"{what} {path}: no checkpoint{' to resume from' if A else ''}")
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
         made_by = ck.get("script", SCRIPT if ck.get("geometry") == "ild10" else None)   # saved before "script"
-        diff = [k for k in SHAPE + ("ensemble",) if A and ck["args"].get(k, 1) != A[k]] if made_by == SCRIPT else []
+        diff = [k for k in SAME if A and ck["args"].get(k, 1) != A[k]] if made_by == SCRIPT else []
         decs = load_decoders(ck["args"], [st["best"] for st in ck["members"]], device) if made_by == SCRIPT else []
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is bad input
         raise DataError(f"{what} {path}: not a readable {SCRIPT} checkpoint ({type(e).__name__})")
     if made_by != SCRIPT or diff:
-        raise DataError(f"{what} {path}: " + (f"saved with other model flags ({', '.join(diff)})" if diff else
+        raise DataError(f"{what} {path}: " + (f"saved with other flags ({', '.join(diff)})" if diff else
                                               f"a checkpoint of {made_by or 'an unknown script'}, not of {SCRIPT}"))
     return ck, decs
 
@@ -562,8 +563,7 @@ def main(argv=None):
         for name in ("ckpt.pt", "generated.h5", "truth.h5", "metrics.json", "log.txt", "run.json", "plots",
                      "plots/amplification.png"):        # no folder where a file goes, nor a file for a folder
             common.check_out_path(os.path.join(args.out, name), folder=name == "plots")
-        shape = {k: vars(args)[k] for k in SHAPE}
-        common.check_run_folder(args.out, SCRIPT, shape, args.resume)
+        common.check_run_folder(args.out, SCRIPT, {k: vars(args)[k] for k in SHAPE}, args.resume)
         if args.data is None:     # every rank makes the same toy file (atomic): no process group needed yet
             args.data = common.toy_path("ild10", args.toy_n, args.seed)
             print(f"no --data: training on TOY ild10 showers ({args.data})", flush=True) if rank == 0 else None
@@ -585,7 +585,7 @@ def main(argv=None):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             dist.init_process_group("nccl" if cuda else "gloo")
         if rank == 0:          # only now, with every input checked, is anything written
-            common.stamp_run_folder(args.out, SCRIPT, shape)
+            common.stamp_run_folder(args.out, SCRIPT, {k: vars(args)[k] for k in SHAPE})
         log(f"{len(showers)} showers from {args.data}{' (TOY)' if toy else ''}: {len(train_idx)} train, "
             f"{len(held_idx)} held out; ensemble of {args.ensemble} on {device}", args.out, rank)
         return train(args, showers, energy, toy, train_idx, held_idx, device, (rank, world), ck)

@@ -130,8 +130,10 @@ def _spoil(ckpt, how):
     ("other script", [], ["ckpt.pt", "a checkpoint of wgan_gp.py"]),
     ("other script, old", [], ["ckpt.pt", "unknown script"]),
     (None, ["--latent", "3"], ["--resume", "model flags", "latent"]),           # run.json names the flags
-    ("no run.json", ["--channels", "2,3"], ["ckpt.pt", "model flags", "channels"]),   # a folder from before run.json
+    ("no run.json", ["--channels", "2,3"], ["ckpt.pt", "other flags", "channels"]),   # a folder from before run.json
     (None, ["--ensemble", "2"], ["ckpt.pt", "ensemble"]),
+    (None, ["--seed", "1"], ["ckpt.pt", "other flags", "seed"]),                  # another train/held-out split
+    (None, ["--n-train", "15"], ["ckpt.pt", "other flags", "n_train"]),
 ])
 def test_resume_bad_checkpoint(data, run, tmp_path, capsys, monkeypatch, how, flags, words):
     shutil.copytree(run, tmp_path / "run")
