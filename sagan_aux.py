@@ -428,8 +428,7 @@ def train_main(args):   # every input is checked before the process group starts
     if args.data is None:
         print(f"no --data: training on TOY lhcb showers ({path})", flush=True) if run.main else None
         if not os.path.isfile(path):   # under torchrun each rank writes the same file (unique temporary, rename)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            common.write_toy("lhcb", path, args.toy_n, 0)
+            common.write_atomic(path, lambda tmp: common.write_toy("lhcb", tmp, args.toy_n, 0))
     d, toy = load_mlhep(path)
     toy = toy or args.data is None
     if args.pdg is not None and not (keep := d["ParticlePDG"] == args.pdg).any():

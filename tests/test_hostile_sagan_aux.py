@@ -118,6 +118,16 @@ def test_train_out_unusable(trained, tmp_path, capsys, monkeypatch, out, make, w
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("make, words", [("data", ["data/toy_lhcb_64_s0.h5", "cannot write"]),
+                                         ("data/toy_lhcb_64_s0.h5/", ["toy_lhcb_64_s0.h5", "is a folder"])])
+def test_toy_cache_unusable(tmp_path, capsys, monkeypatch, make, words):   # B for the toy data made without --data
+    os.makedirs(tmp_path / make) if make.endswith("/") else (tmp_path / make).write_text("x")
+    before = _snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit_2(_sagan(capsys, *TINY, "--out", "run"), *words)
+    assert _snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("out, words", [
     ("x.h5", ["--out x.h5", "is a folder"]),                      # B: IsADirectoryError, x.h5.tmp* left behind
     ("plain/g.h5", ["plain is a file, not a folder"]),            # A
