@@ -52,10 +52,16 @@ COUNTS = ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", 
 POSITIVE = ("width", "xscale", "lr_g", "lr_d", "val_window", "max_data_gb")
 
 # ---------------------------------------------------------------- flags
+def fail(err):
+    """Exit status 2, the error as one line by rank 0; other ranks wait a moment, as torchrun stops every rank once
+    one has exited (rank 0 could be stopped before it printed)."""
+    _ = os.environ.get("RANK", "0") != "0" and time.sleep(3)
+    return common.fail(SCRIPT, err)
+
 def get_args(argv=None, toy_config=False):
     """Parse flags; sized flags not given take PAPER values, or TOY ones if toy_config and no --data."""
     p = argparse.ArgumentParser(prog=SCRIPT, description="2DGAN for the 25x25x25 LCD ECAL (PyTorch).")
-    p.error = lambda msg: sys.exit(common.fail(SCRIPT, msg))      # one line (rank 0), not argparse's usage block
+    p.error = lambda msg: sys.exit(fail(msg))                     # one line, not argparse's usage block
     a = p.add_argument
     a("--data", help="LCD .h5 file or quoted glob (ECAL + target, or 51x51x25 ECAL + energy); none: TOY showers")
     a("--toy-n", type=int, help="number of toy showers when no --data (default 4000)")
@@ -651,7 +657,7 @@ def main(argv=None):
             return (benchmark if args.benchmark else run_generate)(args) or 0
         return run_train(args)
     except (DataError, OSError) as e:
-        return common.fail(SCRIPT, e)
+        return fail(e)
 
 def check_inputs(args, out, model, rank, ddp):
     """Every input, on every rank, before anything is written or a process group joined (all ranks fail alike):

@@ -1,6 +1,7 @@
 """Hostile input for 2dgan.py (issue 16), root cause by root cause: one line on stderr naming the flag or file, exit
 status 2, the folder holding exactly what it held before; a valid 250-character name and a path holding '[' work.
-In-process (main(argv) with capsys): one tiny training, shared by the cases that need a run folder or checkpoint."""
+In-process (main(argv) with capsys): one tiny training, shared by the cases that need a run folder or checkpoint;
+one torchrun run (N)."""
 import importlib
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import common
+from conftest import REPO, run_torchrun
 from test_2dgan import one_thread  # noqa: F401  (autouse: model code on one thread)
 from test_hostile import _one_line_exit_2
 
@@ -61,7 +63,7 @@ def run(tmp_path_factory, toy):
     data = shutil.copy(toy("lcd", 16, 0), base / "lcd[1].h5")
     out = base / ("d" * 250)
     names, tmp_name = [], common.tmp_name
-    common.tmp_name = lambda path, suffix="": names.append(tmp_name(path, suffix)) or names[-1]
+    common.tmp_name = lambda path, suffix="": names.append((path, tmp_name(path, suffix))) or names[-1][1]
     try:
         assert m.main(["--data", str(data), "--out", str(out), *TINY]) == 0
     finally:
@@ -73,9 +75,10 @@ def test_bracket_path_long_folder_unique_temporaries(run):          # K, C, M
     assert sorted(_tree(run.out)) == ["ckpt.pt", "generated.h5", "log.txt", "metrics.json", "plots",
                                       "plots/profiles.png", "plots/sampling_fraction.png", "run.json"]
     assert json.loads((run.out / "metrics.json").read_text())["data"].endswith("lcd[1].h5")
-    written = sorted(os.path.basename(t).split(".")[1] for t in run.tmp_names)
-    assert written == ["ckpt", "generated", "log", "metrics", "profiles", "run", "sampling_fraction"]
-    assert len(set(run.tmp_names)) == 7 and all(len(os.path.basename(t)) <= 255 for t in run.tmp_names)
+    assert sorted(os.path.basename(path) for path, _ in run.tmp_names) == [
+        "ckpt.pt", "generated.h5", "log.txt", "metrics.json", "profiles.png", "run.json", "sampling_fraction.png"]
+    tmps = {t for _, t in run.tmp_names}
+    assert len(tmps) == 7 and all(len(os.path.basename(t)) <= 255 for t in tmps)
 
 
 @pytest.mark.parametrize("out, make, words", [
@@ -235,6 +238,8 @@ def test_streamed_glob_with_one_nan_file(tmp_path, capsys):         # J: exit 2 
 def test_torchrun_ranks_fail_alike(tmp_path, capsys, monkeypatch):
     """N: every rank validates before joining the process group (no hang), exits 2, and rank 0 alone prints."""
     bad = _lcd(tmp_path / "bad.h5", ep=np.r_[np.zeros(1), np.full(15, 50.0)])
+    waits = []                                                          # ranks > 0 let rank 0 print first
+    monkeypatch.setattr(m.time, "sleep", waits.append)
     for rank, lines in (("1", 0), ("0", 1)):
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -246,3 +251,13 @@ def test_torchrun_ranks_fail_alike(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit) as e:
             m.get_args(["--epochs", "0"])
         assert e.value.code == 2 and capsys.readouterr().err == err
+    assert waits == [3, 3]
+
+
+def test_torchrun_one_line_no_hang(tmp_path):
+    """N as a user meets it: 2 ranks, a bad flag; one error line (rank 0's), a rank that exited 2, no traceback of
+    2dgan.py; torchrun stops the other rank and adds its own report."""
+    r = run_torchrun("2dgan.py", "--epochs", "0", "--out", "o", cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and r.stderr.count("2dgan.py: error: --epochs must be >= 1") == 1, r.stderr[-2000:]
+    assert "exitcode  : 2" in r.stderr and 'File "' + str(REPO / "2dgan.py") not in r.stderr
+    assert os.listdir(tmp_path) == []
