@@ -33,6 +33,8 @@ import random
 import signal
 import sys
 import time
+if __name__ == "__main__" and "RANK" in os.environ:   # torchrun stops all ranks once one exits: each rank, even one
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)     # still importing torch, checks its input on and exits 2 itself
 
 import numpy as np
 import torch
@@ -545,8 +547,6 @@ def main(argv=None):
     args = get_args(argv)
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if ddp:   # torchrun stops every rank once one exits: rank 0 checks on to print the error (once), the others exit 2
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if rank == 0 else lambda *_: sys.exit(2))
     try:
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         if cuda and not torch.cuda.is_available():
@@ -582,7 +582,7 @@ def main(argv=None):
         perm = np.random.default_rng(args.seed).permutation(len(showers))
         train_idx, held_idx = np.sort(perm[:args.n_train]), np.sort(perm[args.n_train:])
         if ddp and not dist.is_initialized():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)     # input checked: stoppable again
             dist.init_process_group("nccl" if cuda else "gloo")
         if rank == 0:          # only now, with every input checked, is anything written
             common.stamp_run_folder(args.out, SCRIPT, {k: vars(args)[k] for k in SHAPE})
