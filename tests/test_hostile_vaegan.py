@@ -226,6 +226,22 @@ def test_non_finite_model_never_written(data, run, tmp_path, capsys, monkeypatch
     assert sorted(os.listdir()) == ["inf.pt", "run"]
 
 
+def test_non_finite_metrics_never_written(toy, tmp_path, capsys, monkeypatch):
+    """I: a NaN in the amplification study stops the run's end before any of generated.h5, truth.h5, the plot
+    or metrics.json is written (the checkpoint of the finished epochs stays)."""
+    study = common.ild10_amplification
+
+    def nan_study(*a, **k):
+        res = study(*a, **k)
+        res["e_vis"]["gen_jsd"] = res["e_vis"]["gen_jsd"] * np.nan
+        return res
+    monkeypatch.setattr(common, "ild10_amplification", nan_study)
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit_2(_main(capsys, "--data", toy("ild10", 60), *TINY, "--out", "o", "--amplify", "--quantiles", "2",
+                           "--amp-n", "100"), "o/metrics.json", "not finite")
+    assert sorted(os.listdir("o")) == ["ckpt.pt", "log.txt", "run.json"]
+
+
 @pytest.mark.parametrize("stamp", [{"run.json": {"script": "wgan_gp.py", "model": {}}},
                                    {"metrics.json": {"script": "2dgan.py"}}])        # a folder from before run.json
 @pytest.mark.parametrize("resume", [[], ["--resume"]])
