@@ -1,6 +1,6 @@
 """evaluate.py: physics validation of generated calorimeter showers against real ones.
 
-    python common.py toy calochallenge1 -n 2000 -o real.h5 --seed 0    # or your real data file
+    python common.py toy calochallenge1 -n 2000 -o real.h5 --seed 0    # TOY; or your real data file
     python common.py toy calochallenge1 -n 2000 -o gen.h5 --seed 1     # or a script's generated.h5
     python evaluate.py real.h5 gen.h5 --out report/                    # CaloChallenge protocol (auto here)
     python evaluate.py real.h5 runs/a/generated.h5 runs/b/generated.h5 --labels a,b --out report/
@@ -17,37 +17,42 @@ exit status 2, nothing written. Datasets 2 and 3 (16 GB a file) are read block b
 only its subsample (<= 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events): two 20000-shower ds3
 files (6.5 GB) take 2.4 GB peak RSS and 97 s on one CPU thread with --cls-epochs 1.
 
-Out (--out): report.md (a row and verdict per generated file), plots/*.png and *.pdf, metrics.json: detector,
-protocol, voxel_cut (MeV), geometry, toy, features (observables compared), dropped_features (constant in the real
-sample), real {path, n_events, toy, n_empty}, bins (native), plots, settings (the flags); per generated file in
-`generated`: n_events, n_empty (showers with no energy left after the cut), separation_power per observable and
-its statistical floor separation_power_noise, flagged, separation_power_mean, frechet_distance, classifier {auc,
-jsd, bce, split sizes, best_epoch, epochs_run, calibration, device}, calochallenge (mean separation power per
-feature group and of the voxels), lcd / atlas / lhcb / ild (the detector's yardsticks below), memorisation
-(ATLAS), verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE = AUC <= 0.75 and at most a fifth flagged; FAIL.
+Out (--out): report.md (a row and verdict per generated file), plots/*.png and *.pdf, metrics.json: script,
+detector, protocol, voxel_cut (MeV), geometry, toy, features (observables compared), dropped_features (constant in
+the real sample), real {path, n_events, toy, n_empty}, bins (native), plots, settings (the flags); per generated
+file in `generated`: label, path, n_events, toy, n_empty (showers with no energy left after the cut),
+separation_power per observable, separation_power_noise (its statistical floor), flagged, separation_power_mean,
+frechet_distance, classifier {auc, jsd, bce, split sizes, best_epoch, epochs_run, calibration, device} or
+{skipped}, auc, calochallenge (mean separation power per feature group and of the voxels), lcd / atlas / lhcb / ild
+(the detector's yardsticks below), memorisation (ATLAS), verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE =
+AUC <= 0.75 and at most a fifth flagged; FAIL otherwise.
 
 --protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py: voxels
 below its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
-HighLevelFeatures.CalculateFeatures, its expressions and dtypes; separation power = its _separation_power of
-plt.hist(density=True) histograms binned as its plot_* functions (entries outside the range dropped). Not
-reproduced: Etot/Einc per discrete energy, its high-level and ResNet classifiers, FPD/KPD, PRDC. Checked against
-its `-m hist-chi` and plot_sparsity/ECR/ECWidthR on ds1 (2 x 2000 TOY), random ds2, ds3: every value equal.
+HighLevelFeatures.CalculateFeatures, its expressions and dtypes (common.calochallenge_features); separation power
+= _separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms binned as its plot_*
+functions (common.calochallenge_edges; entries outside the range dropped). Not reproduced: Etot/Einc per discrete
+energy, its high-level and ResNet classifiers, FPD/KPD, PRDC. Checked against its `-m hist-chi` output and its
+plot_sparsity/ECR/ECWidthR on toy ds1 (2 x 2000), random ds2, ds3 (2 x 300): every separation power equal (30,
+362, 362), every feature bit-identical.
 --protocol native: per detector the original authors' validation (reference.md) and the field's yardsticks in our
 binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails
 clipped into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell
 variance, nearest-neighbour memorisation (generated vs held-out real distance to real half A; << 1 = copies);
-LHCb: MLHEP (common.lhcb_prd: PRD on the 24 physics features of score.py and on raw images, equal sizes),
-score = min; ILD: quantile JSD of E_vis, hits, centre of gravity x/y, pixel spectrum, --amplification on two
-disjoint real halves. Empty showers: the challenge gives their centres and widths 0; native makes centres,
-widths, fractions, LHCb asymmetries undefined (NaN, as MLHEP; LHCb sparsity 1), left out of histograms and of the
-Frechet distance (of the observables standardised with the real mean and std; ~ D/N for one distribution).
-Flagged: separation power > max(0.01, 3 x its floor B(1/n1 + 1/n2)/4, B bins).
+LHCb: MLHEP (common.lhcb_prd: PRD on the 24 physics features of score.py and on raw images, equal sizes, 100
+clusters), score = min; ILD: quantile JSD of E_vis, hits, centre of gravity x/y, pixel spectrum (reference.md:
+unconfirmed which five), --amplification on two disjoint real halves. Empty showers: the challenge gives their
+centres and widths 0; native makes centres, widths, fractions, LHCb asymmetries undefined (NaN, as MLHEP; LHCb
+sparsity 1), left out of histograms and of the Frechet distance (of the observables standardised with the real
+mean and std; ~ D/N for one distribution). Flagged: separation power > max(0.01, 3 x its floor B(1/n1 + 1/n2)/4
+for B occupied bins).
 Classifier: voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 split of the same shower indices
 in both files, Adam; AUC and JSD = (ln2 - BCE)/ln2 on the test split, calibrated on the validation split. Default
 (CPU-sized): 2 x 256 hidden, LeakyReLU 0.2, standardised inputs, early stopping on the validation loss, Platt
 scaling. --cls-calochallenge: its DNN (num_layer=2 = 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam
-2e-4, batch 1000, 50 epochs, the best validation accuracy, isotonic calibration (as sklearn, y in [1e-6, 1-1e-6]);
-kept different: float32, our split.
+2e-4, batch 1000, 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's
+IsotonicRegression, clip, y in [1e-6, 1-1e-6], here without sklearn), AUC of the calibrated output; kept
+different: float32, our split.
 """
 import argparse
 import json
@@ -196,7 +201,7 @@ def load(path, max_events=None, protocol="auto"):
         if ekey == "target" and (len(e.shape) != 2 or e.shape[1] < 2):
             raise DataError(f"{path}: 'target' has shape {e.shape}, expected (N, >=2) with Ep in column 1")
         n = min(ds.shape[0], max_events or ds.shape[0])
-        crop = common.reduce_ild if ckey == "30x30/layers" else (lambda a: a[:, 13:38, 13:38, :]) \
+        transform = common.reduce_ild if ckey == "30x30/layers" else (lambda a: a[:, 13:38, 13:38, :]) \
             if ds.shape[1:] == (51, 51, 25) else None
         # the challenge computes in the file's dtype: float64 files stay float64 under its protocol
         dtype = np.float64 if proto == "calochallenge" and ds.dtype == np.float64 else np.float32
@@ -220,7 +225,7 @@ def load(path, max_events=None, protocol="auto"):
     finally:
         close()
     d = {"path": path, "detector": det, "protocol": proto, "geom": common.geometry("ild10" if det == "ild" else det),
-         "key": ckey, "transform": crop, "cut": common.CALOCHALLENGE_MIN_ENERGY[det] if proto != "native" else 0.0,
+         "key": ckey, "transform": transform, "cut": common.CALOCHALLENGE_MIN_ENERGY[det] if proto != "native" else 0.0,
          "dtype": dtype, "cells": None, "e_inc": e_inc, "toy": toy, "n": n, **extra}
     if det not in LAZY:
         cells = np.empty((n, d["geom"].n_cells), dtype)
@@ -360,7 +365,8 @@ def classifier_inputs(d, idx, out):
 def two_sample_test(real, gen, args, device, log, tag):
     """Train an MLP real (1) vs generated (0); calibrated test AUC, BCE and JSD.
     real, gen: samples of load() (only the subsampled showers are read) or (N, D) arrays."""
-    rng, _ = np.random.default_rng(args.seed), torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
     n_r, n_g = (s["n"] if isinstance(s, dict) else len(s) for s in (real, gen))
     n_in = real["geom"].n_cells + 1 if isinstance(real, dict) else real.shape[1]
     m = min(n_r, n_g, args.cls_max_events or int(min(50000, (5e8 if device.type == "cuda" else 2e8) / n_in)))
@@ -572,8 +578,7 @@ class Plotter:
                 ylog, xlog = logy and np.nanmin(ref) > 0, logx
             for g, c, lb in zip(gens, self.colors, self.labels):
                 top.plot(x, g, color=c, marker=".", label=lb) if ylabel else top.stairs(g, x, color=c, lw=1.4, label=lb)
-            top.set_yscale("log" if ylog else "linear")
-            top.set_ylabel(ylabel or "fraction of showers")
+            top.set(yscale="log" if ylog else "linear", ylabel=ylabel or "fraction of showers")
             top.legend(fontsize=7)
             top.tick_params(labelbottom=False)
             bot.axhline(1.0, color="k", lw=0.8)
@@ -712,9 +717,10 @@ def run(args, log=print):
         common.check_out_path(os.path.join(args.out, name), "--out", folder)
     data = [load(p, args.max_events, args.protocol) for p in args.files]
     (real, *gens), det, cc = data, data[0]["detector"], data[0]["protocol"] == "calochallenge"
-    for d in (d for d in gens if d["detector"] != det):
-        raise DataError(f"{d['path']}: detector {d['detector']} differs from the real file's {det}; all files must "
-                        "be of the same detector")
+    other = next((d for d in gens if d["detector"] != det), None)
+    if other:
+        raise DataError(f"{other['path']}: detector {other['detector']} differs from the real file's {det}; all files "
+                        "must be of the same detector")
     if args.amplification and det != "ild":
         raise DataError(f"{args.files[0]}: --amplification is the ILD (VAE-GAN) study; this file is {det}")
     if args.amplification and real["n"] < 40:
