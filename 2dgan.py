@@ -24,13 +24,7 @@ Deviations from the original:
 - random streams per (seed, rank, epoch) (no original counterpart: torchrun ranks and resumes)
 - --fake-ep real: fakes at the real batch's Ep (M:266-271 draws uniform)
 """
-import argparse
-import json
-import math
-import os
-import shutil
-import sys
-import time
+import argparse, json, math, os, shutil, sys, time  # noqa: E401
 
 import h5py
 import numpy as np
@@ -53,8 +47,7 @@ POSITIVE = ("width", "xscale", "lr_g", "lr_d", "val_window", "max_data_gb")
 
 # ---------------------------------------------------------------- flags
 def fail(err):
-    """Exit status 2, the error as one line by rank 0; other ranks wait a moment, as torchrun stops every rank once
-    one has exited (rank 0 could be stopped before it printed)."""
+    """Exit status 2, the error as one line; ranks > 0 wait first: torchrun stops all once one exits (rank 0 prints)."""
     _ = os.environ.get("RANK", "0") != "0" and time.sleep(3)
     return common.fail(SCRIPT, err)
 
@@ -147,10 +140,9 @@ def _lcd_header(path):
     return shape[0], ekey
 
 def _read_lcd(path, idx=None, cells=True):
-    """One file (all events or the sorted indices idx): ECAL (n,25,25,25) GeV (None if not cells), Ep (n,) GeV;
-    real numbers, finite in float32 (the training dtype)."""
-    ekey = _lcd_header(path)[1]
-    sel = slice(None) if idx is None else np.asarray(idx)
+    """One file (all events or sorted indices idx) -> ECAL (n,25,25,25) GeV or None (not cells), Ep (n,) GeV: real,
+    finite in float32 (the training dtype)."""
+    ekey, sel = _lcd_header(path)[1], slice(None) if idx is None else np.asarray(idx)
     with h5py.File(path, "r") as f:
         e = common.check_real(path, ekey, f[ekey][sel])
         x = common.check_real(path, "ECAL", f["ECAL"][sel]) if cells else None
@@ -181,8 +173,7 @@ def write_lcd(path, ecal, ep):
 
 def split_indices(n, val_frac, seed):
     """Seeded held-out split: (train_idx, val_idx), both sorted."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(val_frac * n)))
+    perm, n_val = np.random.default_rng(seed).permutation(n), max(1, int(round(val_frac * n)))
     if n - n_val < 1:
         raise DataError(f"{n} events are too few to hold out a validation set")
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
@@ -196,13 +187,10 @@ class LCDStream:
         return _read_lcd(self.files[i], self.splits[i][0])
     def val_ep(self):
         return np.concatenate([_read_lcd(f, v, cells=False)[1] for f, (_, v) in zip(self.files, self.splits)])
-    def val_events(self, max_events):
-        parts, left = [], max_events
-        for f, (_, v) in zip(self.files, self.splits):
-            if left > 0:
-                parts.append(_read_lcd(f, v[:left]))
-                left -= len(parts[-1][1])
-        return tuple(np.concatenate(a) for a in zip(*parts))
+    def val_events(self, max_events):        # the first max_events held-out events, file after file
+        starts = np.cumsum([0] + [len(v) for _, v in self.splits])
+        return tuple(np.concatenate(a) for a in zip(*[_read_lcd(f, v[:max_events - s]) for f, (_, v), s in
+                                                       zip(self.files, self.splits, starts) if s < max_events]))
 
 def free_bytes(device):
     """Free device memory, or available RAM."""
@@ -220,15 +208,15 @@ def _pad_same(k):
     lo = (k - 1) // 2
     return nn.ZeroPad2d((lo, k - 1 - lo, lo, k - 1 - lo))
 
-def _block(layers, c_out, dropout=0.2):
-    """layers -> LeakyReLU(0.3) -> BatchNorm (Keras momentum 0.99, eps 1e-3) -> Dropout."""
-    return nn.Sequential(*layers, nn.LeakyReLU(0.3), nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01),
-                         nn.Dropout(dropout))
-
 def _conv(c_in, c_out, k, same=True, he=True):
     conv = nn.Conv2d(c_in, c_out, k, bias=False)
     conv.he = he                   # Keras kernel_initializer='he_uniform' (else its default glorot_uniform)
     return [_pad_same(k), conv] if same and k > 1 else [conv]
+
+def _block(c_in, c_out, k, same=True, he=True, up=None):
+    """[up ->] conv k ('same' or 'valid') -> LeakyReLU(0.3) -> BatchNorm (Keras momentum 0.99, eps 1e-3) -> Dropout."""
+    return nn.Sequential(*([] if up is None else [up]), *_conv(c_in, c_out, k, same, he), nn.LeakyReLU(0.3),
+                         nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01), nn.Dropout(0.2))
 
 def keras_init(net):
     """Keras' initialisers: he_uniform where the original names it, glorot_uniform elsewhere, zero biases."""
@@ -250,15 +238,12 @@ class Generator(nn.Module):
         c32, c64 = (max(1, round(c * width)) for c in (32, 64))      # channels x --width
         self.latent, self.dense = latent, nn.Linear(latent, 125)
         def branch():
-            return nn.Sequential(
-                _block(_conv(5, c32, 5, he=False), c32),                               # 5x5
-                _block([nn.ConvTranspose2d(c32, c64, 5, stride=3, padding=1)] + _conv(c64, c64, 5), c64),  # 15
-                _block([nn.ConvTranspose2d(c64, c64, 5, stride=2, padding=2, output_padding=1)]
-                       + _conv(c64, c64, 8), c64),                                     # 30
-                _block(_conv(c64, c64, 5, same=False), c64),                           # 26
-                _block(_conv(c64, c32, 4), c32),
-                _block(_conv(c32, c32, 3), c32),
-                _block(_conv(c32, 25, 2, same=False), 25))                             # 25
+            return nn.Sequential(                              # sizes 5x5 -> 5, 15, 30, 26, 26, 26, 25
+                _block(5, c32, 5, he=False),
+                _block(c64, c64, 5, up=nn.ConvTranspose2d(c32, c64, 5, stride=3, padding=1)),
+                _block(c64, c64, 8, up=nn.ConvTranspose2d(c64, c64, 5, stride=2, padding=2, output_padding=1)),
+                _block(c64, c64, 5, same=False), _block(c64, c32, 4), _block(c32, c32, 3),
+                _block(c32, 25, 2, same=False))
         self.branches = nn.ModuleList([branch() for _ in range(3)])
         self.merge = nn.Sequential(*_conv(75, 25, 3))                 # no bias (M:82)
         self.register_buffer("relu_out", torch.tensor(False))         # linear -> ReLU output switch
@@ -276,14 +261,9 @@ class Discriminator(nn.Module):
     def __init__(self, width=1.0):
         super().__init__()
         c32, c64 = (max(1, round(c * width)) for c in (32, 64))      # channels x --width
-        def branch():
-            return nn.Sequential(
-                _block(_conv(25, c64, 8, he=False), c64),                              # 25
-                _block(_conv(c64, c32, 6, same=False), c32),                           # 20
-                _block(_conv(c32, c32, 5, same=False), c32),                           # 16
-                _block(_conv(c32, c32, 4, same=False), c32),                           # 13
-                _block(_conv(c32, c32, 3, same=False), c32),                           # 11
-                _block(_conv(c32, 9, 3, same=False), 9))                               # 9
+        convs = ((25, c64, 8), (c64, c32, 6), (c32, c32, 5), (c32, c32, 4), (c32, c32, 3), (c32, 9, 3))
+        def branch():           # sizes 25 ('same', glorot) -> 20, 16, 13, 11, 9 ('valid')
+            return nn.Sequential(*[_block(i, o, k, same=j == 0, he=j > 0) for j, (i, o, k) in enumerate(convs)])
         self.branches = nn.ModuleList([branch() for _ in range(3)])
         self.dense = nn.Sequential(nn.Linear(3 * 729, 10), nn.LeakyReLU(0.3),
                                    nn.BatchNorm1d(10, eps=1e-3, momentum=0.01))
@@ -362,32 +342,30 @@ class Steps:
         return lo + (hi - lo) * torch.rand(e_real.shape, device=self.dev, generator=self.gen)
     def noise(self, e):
         return torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100.0)
-    def loss(self, img, label, e_t, ecal_t=None):     # ecal_t None: the fakes' target from the fit
+    def update(self, name, img, label, e_t, ecal_t=None):
+        """One Adam step of G or D on D's loss for img -> its value; ecal_t None: the fakes' target from the fit."""
         a = self.a
-        logit, ep_p, ecal_p = self.D_run(img)
-        if ecal_t is None:
-            ecal_t = a.xscale * e_t * sum(c * e_t ** i for i, c in enumerate(self.sf))
-        target = flip_labels(label, len(e_t), a.label_flip, self.gen, self.dev)
-        return (a.w_gan * F.binary_cross_entropy_with_logits(logit.float(), target)
-                + a.w_ep * mape(e_t / 100.0, ep_p.float()) + a.w_ecal * mape(ecal_t, ecal_p.float()))
+        with self.amp:
+            logit, ep_p, ecal_p = self.D_run(img)
+            if ecal_t is None:
+                ecal_t = a.xscale * e_t * sum(c * e_t ** i for i, c in enumerate(self.sf))
+            target = flip_labels(label, len(e_t), a.label_flip, self.gen, self.dev)
+            loss = (a.w_gan * F.binary_cross_entropy_with_logits(logit.float(), target)
+                    + a.w_ep * mape(e_t / 100.0, ep_p.float()) + a.w_ecal * mape(ecal_t, ecal_p.float()))
+        self.opt[name].zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt[name].step()
+        return loss.item()
     def __call__(self, real, e_real, epoch):
         """One step on a real minibatch (images x xscale, Ep GeV) -> (loss_d on fakes, loss_g)."""
         e_f = self.fake_ep(e_real, epoch)
         with torch.no_grad(), self.amp:
             fake = self.G(self.noise(e_f)).float()
-        for img, lab, e_t, ecal_t in ((real, self.a.label_real, e_real, real.sum((1, 2, 3))),
-                                       (fake, self.a.label_fake, e_f, None)):
-            loss_d = self._apply("D", lambda: self.loss(img, lab, e_t, ecal_t))
-        e_g = self.fake_ep(e_real, epoch)
-        loss_g = self._apply("G", lambda: self.loss(self.G_run(self.noise(e_g)), self.a.label_real, e_g))
-        return loss_d.item(), loss_g.item()
-    def _apply(self, name, fn):
+        self.update("D", real, self.a.label_real, e_real, real.sum((1, 2, 3)))
+        loss_d, e_g = self.update("D", fake, self.a.label_fake, e_f), self.fake_ep(e_real, epoch)
         with self.amp:
-            loss = fn()
-        self.opt[name].zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt[name].step()
-        return loss
+            img = self.G_run(self.noise(e_g))
+        return loss_d, self.update("G", img, self.a.label_real, e_g)
 
 class TrainData:
     """Split, held-out showers, fakes' Ecal/Ep fit (4th order, training events), and per epoch the (images, Ep, index
@@ -414,15 +392,13 @@ class TrainData:
             self.val_x, self.val_ep, e0 = ecal[vsel], ep[vsel], ep[tr]
             sf0 = np.concatenate([common.sampling_fraction(ecal[tr[s:s + 4096]], e0[s:s + 4096])
                                   for s in range(0, len(tr), 4096)])     # in chunks: no copy of the whole set
-            if weights is not None:
-                weights = np.asarray(weights, np.float64)
-                weights = weights[tr] if len(weights) == n else weights
-                if len(weights) != len(tr) or not np.isfinite(weights).all() or (weights < 0).any() \
-                        or weights.sum() <= 0:
-                    raise ValueError(f"weights must be {len(tr)} (or {n}) finite non-negative numbers, not all 0")
+            w = None if weights is None else np.asarray(weights, np.float64)
+            w = w[tr] if w is not None and len(w) == n else w
+            if w is not None and (len(w) != len(tr) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0):
+                raise ValueError(f"weights must be {len(tr)} (or {n}) finite non-negative numbers, not all 0")
             self.x, self.ep = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
             self.tr = torch.from_numpy(tr).to(device)
-            self.w = None if weights is None else torch.from_numpy(weights).to(device)
+            self.w = None if w is None else torch.from_numpy(w).to(device)
         self.sf_poly = np.polyfit(e0.astype(np.float64), sf0, 4)
         self.steps = max(1, self.n // self.bs)
         self.n_files = len(ecal.files) if self.stream else max(1, round(self.n / args.file_events))
@@ -471,13 +447,9 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         G.load_state_dict(G_ck.state_dict()), D.load_state_dict(D_ck.state_dict())
         st = {k: ck[k] for k in st}
         _ = rank == 0 and log(f"resumed from {ckpt_path} at epoch {st['epoch']}, step {st['step']}")
-    G_run, D_run = G, D
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device.index] if device.type == "cuda" else None
-        G_run, D_run = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
-    if args.compile:
-        G_run, D_run = torch.compile(G_run), torch.compile(D_run)
+    ids = [device.index] if device.type == "cuda" else None     # the saved modules stay G and D, unwrapped
+    G_run, D_run = (torch.nn.parallel.DistributedDataParallel(n, device_ids=ids) if ddp else n for n in (G, D))
+    G_run, D_run = (torch.compile(n) if args.compile else n for n in (G_run, D_run))
     gen = torch.Generator(device)        # batches, noise, flips: reseeded per rank and epoch (epoch_seed)
     step, t0, done0 = Steps(args, G, D, G_run, D_run, data.sf_poly, device, gen), time.time(), st["step"]
     def progress(loss_d, loss_g, extra=""):
@@ -517,9 +489,8 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
                                        f"{st['best']['metric']:.4f} @ {st['best']['epoch']}) | "))
         if ckpt_path and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
             save_ckpt(ckpt_path, G, D, st, args, data, rank)
-    for name, net in step.nets:
-        if st["best"]["G"] is not None:
-            net.load_state_dict(st["best"][name])
+    for name, net in step.nets:          # the best epoch's weights, in eval mode
+        _ = st["best"]["G"] is not None and net.load_state_dict(st["best"][name])
         net.eval()
     return {"generator": G, "discriminator": D, "best_epoch": st["best"]["epoch"], "history": st["history"],
             "metric": st["best"]["metric"], "train_idx": data.train_idx, "val_idx": data.val_idx,
@@ -567,36 +538,34 @@ def load_checkpoint(path, device="cpu"):
 
 # ---------------------------------------------------------------- main
 def make_plots(real, fake, ep, folder, toy):
-    """The paper's figures: sampling fraction vs Ep with the gen/real ratio, and the x, y, z profiles."""
+    """The paper's figures: sampling fraction vs Ep and the x, y, z profiles; gen/real below, in the claim's band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tag, sets = "TOY " if toy else "", (("real", real, "o"), ("2DGAN", fake, "s"))
+    tag, sets, hr = "TOY " if toy else "", (("real", real, "o"), ("2DGAN", fake, "s")), {"height_ratios": [3, 1]}
     edges = np.arange(0.0, max(510.0, ep.max() + 10), 10.0)            # sampling fraction in 10 GeV bins
     c = 0.5 * (edges[1:] + edges[:-1])
-    fig, ax = plt.subplots(2, 1, figsize=(6, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig_sf, ax = plt.subplots(2, 1, figsize=(6, 6), sharex=True, gridspec_kw=hr)
     means = [common.binned_stat(ep, common.sampling_fraction(x, ep), edges)[:2] for _, x, _ in sets]
     for (label, _, mk), (m, sd) in zip(sets, means):
         ax[0].errorbar(c, m, sd, fmt=mk, ms=3, label=label)
     ax[0].set(ylabel="Ecal / Ep", title=f"{tag}sampling fraction vs Ep")
     ax[1].plot(c, means[1][0] / means[0][0], "k.", ms=3, label="10 GeV bins")
     ax[1].stairs(*common.sf_ratio_per_bin(fake, ep, real, ep), baseline=None, color="C3", lw=2, label="50 GeV bins")
-    ax[1].axhspan(0.9, 1.1, color="grey", alpha=0.2)
-    ax[1].set(ylabel="gen / real", xlabel="Ep [GeV]", ylim=(0.5, 1.5))
-    ax[0].legend(), ax[1].legend(fontsize=7)
-    figs = [(fig, "sampling_fraction.png")]
-    fig, ax = plt.subplots(2, 3, figsize=(12, 6), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
+    fig_pr, axp = plt.subplots(2, 3, figsize=(12, 6), sharex="col", gridspec_kw=hr)
     for k, (pr, pf) in enumerate(zip(common.axis_profiles(real), common.axis_profiles(fake))):     # x, y, z
         r, f = pr.mean(0), pf.mean(0)
         for (label, _, mk), v in zip(sets, (r, f)):
-            ax[0, k].plot(np.log10(np.maximum(v, 1e-12)), mk + "-", ms=3, label=label)
-        ax[0, k].set(title=f"{tag}profile along {'xyz'[k]}", ylabel="log10 mean deposit [GeV]")
+            axp[0, k].plot(np.log10(np.maximum(v, 1e-12)), mk + "-", ms=3, label=label)
+        axp[0, k].set(title=f"{tag}profile along {'xyz'[k]}", ylabel="log10 mean deposit [GeV]")
         with np.errstate(divide="ignore", invalid="ignore"):
-            ax[1, k].plot(f / r, "k.")
-        ax[1, k].axhspan(0.8, 1.2, color="grey", alpha=0.2)
-        ax[1, k].set(ylabel="gen / real", ylim=(0, 2), xlabel=f"{'xyz'[k]} cell" + (" (depth)" if k == 2 else ""))
-    ax[0, 0].legend()
-    for fig, name in figs + [(fig, "profiles.png")]:
+            axp[1, k].plot(f / r, "k.")
+    ax[0].legend(), ax[1].legend(fontsize=7), axp[0, 0].legend()
+    for a, band, ylim, xlabel in [(ax[1], 0.1, (0.5, 1.5), "Ep [GeV]")] + [       # ratio panels: the claim's band
+            (axp[1, k], 0.2, (0, 2), f"{'xyz'[k]} cell" + (" (depth)" if k == 2 else "")) for k in range(3)]:
+        a.axhspan(1 - band, 1 + band, color="grey", alpha=0.2)
+        a.set(ylabel="gen / real", ylim=ylim, xlabel=xlabel)
+    for fig, name in ((fig_sf, "sampling_fraction.png"), (fig_pr, "profiles.png")):
         common.write_atomic(os.path.join(folder, name), lambda t: fig.savefig(t, dpi=90))
         plt.close(fig)
 
@@ -653,9 +622,7 @@ def run_generate(args):
 def main(argv=None):
     args = get_args(argv, toy_config=True)
     try:
-        if args.benchmark or args.generate is not None:
-            return (benchmark if args.benchmark else run_generate)(args) or 0
-        return run_train(args)
+        return (benchmark if args.benchmark else run_generate if args.generate is not None else run_train)(args) or 0
     except (DataError, OSError) as e:
         return fail(e)
 
@@ -699,12 +666,11 @@ def run_train(args):
     if ddp:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _ = device.type == "cuda" and torch.cuda.set_device(device)
-    lines, log_path = [], os.path.join(out, "log.txt")
+    log_path = os.path.join(out, "log.txt")
     if rank == 0 and not (args.resume and os.path.isfile(os.path.join(out, "run.json"))):
         common.stamp_run_folder(out, SCRIPT, model)
-    if rank == 0 and args.resume and os.path.exists(log_path):
-        with open(log_path) as f:
-            lines = f.read().splitlines()
+    resumed = rank == 0 and args.resume and os.path.exists(log_path)          # the log goes on
+    lines = open(log_path).read().splitlines() if resumed else []
     log = lambda msg: (print(msg, flush=True), lines.append(msg))  # noqa: E731
     _ = rank == 0 and log(f"{SCRIPT}: {'TOY ' if toy else ''}data {args.data}: {size / 1e9:.2f} GB, " + (
         f"in memory on {device}" if in_memory else "streamed file by file (larger than the budget)"))
