@@ -147,12 +147,12 @@ def _read_lcd(path, idx=None, cells=True):
         e = common.check_real(path, ekey, f[ekey][sel])
         x = common.check_real(path, "ECAL", f["ECAL"][sel]) if cells else None
     ep = e[:, 1] if ekey == "target" else e.reshape(len(e), -1)[:, 0]
-    if (ep <= 0).any():
-        raise DataError(f"{path}: primary energy Ep must be > 0")
+    x = np.ascontiguousarray(x[:, 13:38, 13:38, :] if x.shape[1] == 51 else x) if cells else None
+    for bad, msg in (((ep <= 0).any(), "primary energy Ep must be > 0"),
+                     (cells and (x < 0).any(), "ECAL has negative energies")):
+        if bad:
+            raise DataError(f"{path}: {msg}")
     if cells:
-        x = np.ascontiguousarray(x[:, 13:38, 13:38, :] if x.shape[1] == 51 else x)
-        if (x < 0).any():
-            raise DataError(f"{path}: ECAL has negative energies")
         x[x < THRESHOLD] = 0.0
     return x, ep
 
@@ -328,9 +328,8 @@ class Steps:
     """D on real, D on fake, one G step with its own Ep draw (M:312); `gen`: noise, flips, fakes' Ep."""
     def __init__(self, args, G, D, G_run, D_run, sf_poly, device, gen):
         self.a, self.G, self.G_run, self.D_run, self.dev, self.gen = args, G, G_run, D_run, device, gen
-        self.nets = (("G", G), ("D", D))
+        self.nets, self.amp, self.opt = (("G", G), ("D", D)), _autocast(device, args.dtype), {}
         self.sf = torch.tensor(np.asarray(sf_poly)[::-1].copy(), dtype=torch.float32, device=device)
-        self.amp, self.opt = _autocast(device, args.dtype), {}
     def new_adam(self, t):      # recreated at every file, as the original (P:303-304); eps: Keras' default
         for name, net in self.nets:
             lr = (self.a.lr_g if name == "G" else self.a.lr_d) * lr_factor(t, self.a.lr_const_epochs, self.a.lr_decay)
@@ -397,8 +396,7 @@ class TrainData:
             if w is not None and (len(w) != len(tr) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0):
                 raise ValueError(f"weights must be {len(tr)} (or {n}) finite non-negative numbers, not all 0")
             self.x, self.ep = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
-            self.tr = torch.from_numpy(tr).to(device)
-            self.w = None if w is None else torch.from_numpy(w).to(device)
+            self.tr, self.w = torch.from_numpy(tr).to(device), None if w is None else torch.from_numpy(w).to(device)
         self.sf_poly = np.polyfit(e0.astype(np.float64), sf0, 4)
         self.steps = max(1, self.n // self.bs)
         self.n_files = len(ecal.files) if self.stream else max(1, round(self.n / args.file_events))
@@ -575,8 +573,7 @@ def claim_metrics(real, fake, ep):
     prof = common.axis_profiles(fake)[2].mean(0) / np.maximum(common.axis_profiles(real)[2].mean(0), 1e-30)
     ok = np.isfinite(ratio)                # an empty bin (None in the json) fails the claim
     sf_dev, z_dev = float(np.max(np.abs(ratio[ok] - 1), initial=0)), float(np.max(np.abs(prof[3:21] - 1)))
-    return {"sf_ratio_per_50gev": {"edges_GeV": edges.tolist(), "ratio": [float(r) if f else None for r, f in
-                                                                            zip(ratio, ok)]},
+    return {"sf_ratio_per_50gev": {"edges_GeV": edges.tolist(), "ratio": np.where(ok, ratio, None).tolist()},
             "sf_max_abs_dev": sf_dev, "profile_z_ratio": prof.tolist(), "profile_z_max_abs_dev_layers_3_20": z_dev,
             "claim_sf_within_10pct": bool(ok.all() and sf_dev <= 0.10), "claim_profile_z_within_20pct": z_dev <= 0.20}
 
