@@ -159,8 +159,7 @@ def _read_lcd(path, idx=None, cells=True):
 def load_lcd(pattern):
     """One LCD file or a glob of them -> (ECAL (N,25,25,25) float32 GeV, Ep (N,) float32 GeV)."""
     files = [f for f in common.input_files(pattern) if _lcd_header(f)]      # every header before any cell
-    xs, eps = zip(*[_read_lcd(f) for f in files])
-    return np.concatenate(xs), np.concatenate(eps)
+    return tuple(np.concatenate(a) for a in zip(*[_read_lcd(f) for f in files]))
 
 def write_lcd(path, ecal, ep):
     """LCD format (ECAL (N,25,25,25) GeV, target (N,2) = [pdg 11, Ep]), written atomically; NaN/inf refused."""
@@ -588,8 +587,7 @@ def benchmark(args):
     G, D = Generator(args.latent, args.width, args.xscale).to(device), Discriminator(args.width).to(device)
     Gc, Dc = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    def rate(fn, batch):
-        """Items/s of fn over --bench-steps calls, after one warm-up call."""
+    def rate(fn, batch):                # items/s of fn over --bench-steps calls, after one warm-up call
         fn(), sync()
         t = time.perf_counter()
         [fn() for _ in range(args.bench_steps)], sync()
