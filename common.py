@@ -1461,7 +1461,7 @@ def fail(script, err):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):                      # one line (argparse prints the whole usage block)
-        self.exit(2, f"{self.prog}: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")     # the same prefix as fail()
 
 
 def main(argv=None):

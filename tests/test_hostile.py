@@ -284,3 +284,16 @@ def test_fail_prints_once_under_torchrun(monkeypatch, capsys):   # N
     monkeypatch.setenv("RANK", "0")
     assert common.fail("x.py", common.InputError("bad\nsecond line")) == 2
     assert capsys.readouterr().err == "x.py: error: bad\n"
+
+
+@pytest.mark.parametrize("script", ["2dgan", "adagan", "wgan_gp", "sagan_aux", "vaegan", "evaluate", "common"])
+def test_unknown_flag_one_line_same_prefix(script, capsys):   # the "smaller" case: usage block, mixed prefixes
+    import importlib
+    mod = importlib.import_module(script)
+    argv = {"common": ["toy", "lcd", "-n", "2", "-o", "x.h5"], "evaluate": ["a.h5", "b.h5"]}.get(script, []) + ["--bogus"]
+    try:
+        rc = mod.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and ": error: " in err[0] and "--bogus" in err[0], (rc, err)
