@@ -1,6 +1,6 @@
 """Hostile input (issue 16), root cause by root cause: one line on stderr naming the flag or file, exit
-status 2, nothing left behind. This file covers `common.py toy` and evaluate.py; the model scripts' cases
-join it as their fixes land."""
+status 2, nothing left behind. This file covers `common.py toy`, evaluate.py, common.py's safe-file helpers
+and one-line flag errors everywhere; each model script's cases are in tests/test_hostile_<script>.py."""
 import json
 import os
 import shutil
