@@ -1,7 +1,8 @@
 """Geometry, toy showers and physics metrics shared by the calorimeter fast-simulation scripts.
 
 Only three things live here (design.md): detector geometries, the toy shower generator that
-fills them, and the observables / distances used to validate generated showers.
+fills them, and the observables / distances used to validate generated showers; plus the few
+safe-file helpers (section "safe files") with which every script refuses bad input in one line.
 
 Make a toy dataset in a detector's real file format:
 
