@@ -71,14 +71,26 @@ def test_tmp_name_short_and_unique(tmp_path):
 
 # ------------------------------------------------------------------ evaluate.py
 
-def _evaluate(capsys, *argv):
-    """evaluate.main in-process (spares a subprocess's torch import), answered like run_script."""
-    import evaluate
+def call_main(module, capsys, *argv):
+    """module.main(argv) in-process (spares a subprocess's torch import), answered like run_script; every
+    tests/test_hostile_<script>.py calls its script through this."""
     try:
-        rc = evaluate.main([*map(str, argv)])
-    except SystemExit as e:
+        rc = module.main([*map(str, argv)])
+    except SystemExit as e:                        # argparse
         rc = e.code
     return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+
+
+def folder_bytes(root):
+    """Every file and folder under root with each file's bytes (None for a folder): what "nothing written,
+    appended or left behind" is checked against."""
+    return {os.path.relpath(os.path.join(d, n), root): None if n in ds else open(os.path.join(d, n), "rb").read()
+            for d, ds, fs in os.walk(root) for n in ds + fs}
+
+
+def _evaluate(capsys, *argv):
+    import evaluate
+    return call_main(evaluate, capsys, *argv)
 
 
 def _tree(root):

@@ -16,18 +16,14 @@ import torch
 import common
 from conftest import REPO, run_torchrun
 from test_2dgan import one_thread  # noqa: F401  (autouse: model code on one thread)
-from test_hostile import _one_line_exit_2
+from test_hostile import _one_line_exit_2, call_main
 
 m = importlib.import_module("2dgan")
 TINY = ["--width", "0.125", "--batch-size", "8", "--val-frac", "0.25", "--epochs", "1", "--seed", "3"]
 
 
 def _main(capsys, *argv):
-    try:
-        rc = m.main([*map(str, argv)])
-    except SystemExit as e:
-        rc = e.code
-    return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+    return call_main(m, capsys, *argv)
 
 
 def _tree(root):

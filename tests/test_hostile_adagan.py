@@ -1,7 +1,6 @@
 """Hostile input (issue 16) for adagan.py, root cause by root cause: one line on stderr naming the flag or file,
 exit status 2, the folders holding exactly what they held before. One tiny real ensemble (T=1) is trained
 in-process and serves as the run folder to resume and the --ckpt to sample from."""
-import hashlib
 import importlib
 import json
 import os
@@ -16,7 +15,7 @@ import torch
 
 import common
 from conftest import run_torchrun
-from test_hostile import _one_line_exit_2
+from test_hostile import _one_line_exit_2, call_main, folder_bytes
 
 ada = importlib.import_module("adagan")
 TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--components", "1",
@@ -27,24 +26,10 @@ OLD_TMP = ["ensemble.pt.tmp", "metrics.json.tmp", "plots/sampling_fraction.tmp.p
 
 
 def _ada(capsys, *argv):
-    """adagan.main in-process, answered like a subprocess (returncode, stderr)."""
-    try:
-        rc = ada.main([*map(str, argv)])
-    except SystemExit as e:
-        rc = e.code
-    return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+    return call_main(ada, capsys, *argv)
 
 
-def _state(root):
-    """Every file and folder under root with its bytes' hash: 'nothing written, appended or left behind'."""
-    out = {}
-    for d, ds, fs in os.walk(root):
-        for n in ds:
-            out[os.path.relpath(os.path.join(d, n), root)] = "dir"
-        for n in fs:
-            with open(os.path.join(d, n), "rb") as f:
-                out[os.path.relpath(os.path.join(d, n), root)] = hashlib.md5(f.read()).hexdigest()
-    return out
+_state = folder_bytes
 
 
 @pytest.fixture(scope="module")

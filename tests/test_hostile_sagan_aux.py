@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_torchrun
-from test_hostile import _one_line_exit_2
+from test_hostile import _one_line_exit_2, call_main, folder_bytes
 
 S = importlib.import_module("sagan_aux")
 TINY = ["--toy-n", "64", "--batch-size", "16", "--ch", "8", "--nz", "8", "--val-frac", "0.25",
@@ -22,23 +22,10 @@ KEYS = ("EnergyDeposit", "ParticleMomentum", "ParticlePoint", "ParticlePDG")
 
 
 def _sagan(capsys, *argv):
-    try:
-        rc = S.main([*map(str, argv)])
-    except SystemExit as e:
-        rc = e.code
-    return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+    return call_main(S, capsys, *argv)
 
 
-def _snapshot(root):
-    """{path: bytes (None for a folder)} of everything under root: 'nothing written or appended'."""
-    snap = {}
-    for d, ds, fs in os.walk(root):
-        for n in ds:
-            snap[os.path.relpath(os.path.join(d, n), root)] = None
-        for n in fs:
-            with open(os.path.join(d, n), "rb") as f:
-                snap[os.path.relpath(os.path.join(d, n), root)] = f.read()
-    return snap
+_snapshot = folder_bytes
 
 
 @pytest.fixture(scope="module")

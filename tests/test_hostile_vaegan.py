@@ -4,7 +4,6 @@ main() runs in-process (a subprocess costs a torch import per case); one torchru
 import json
 import os
 import shutil
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -14,25 +13,17 @@ import torch
 import common
 import vaegan
 from conftest import run_torchrun
-from test_hostile import _one_line_exit_2
+from test_hostile import _one_line_exit_2, call_main, folder_bytes
 
 TINY = ["--n-train", "20", "--ensemble", "1", "--batch-size", "10", "--channels", "2,2", "--latent", "2",
         "--mbd-kernels", "0", "--select-bins", "2", "--epochs", "1"]
 
 
 def _main(capsys, *argv):
-    try:
-        rc = vaegan.main([*map(str, argv)])
-    except SystemExit as e:                        # argparse
-        rc = e.code
-    cap = capsys.readouterr()
-    return SimpleNamespace(returncode=rc, stderr=cap.err, stdout=cap.out)
+    return call_main(vaegan, capsys, *argv)
 
 
-def _state(root):
-    """Every file and folder below root, with each file's bytes: what "nothing changed" is checked against."""
-    return {os.path.relpath(os.path.join(d, n), root): None if n in ds else open(os.path.join(d, n), "rb").read()
-            for d, ds, fs in os.walk(root) for n in ds + fs}
+_state = folder_bytes
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import importlib
 import json
 import os
 import shutil
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -13,23 +12,17 @@ import torch
 
 import common
 from conftest import run_torchrun
-from test_hostile import _one_line_exit_2, _tree
+from test_hostile import _one_line_exit_2, _tree, call_main, folder_bytes
 
 wg = importlib.import_module("wgan_gp")
 TINY = ["--batch-size", "16", "--n-critic", "2", "--width", "16", "--latent", "8", "--no-plots"]
 
 
 def _main(capsys, *argv):
-    try:
-        rc = wg.main([*map(str, argv)])
-    except SystemExit as e:
-        rc = e.code
-    return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+    return call_main(wg, capsys, *argv)
 
 
-def _snapshot(root):
-    return {p: open(os.path.join(root, p), "rb").read() if os.path.isfile(os.path.join(root, p)) else None
-            for p in _tree(root)}
+_snapshot = folder_bytes
 
 
 @pytest.fixture(scope="module")
