@@ -680,7 +680,7 @@ def run_train(args):
             {f: s[1].tolist() for f, s in zip(ecal.files, ecal.splits)})
         fake = generate(res["generator"], ep_val, args.gen_batch or 1024, device, seed=args.seed + 1, dtype=args.dtype)
         claim = claim_metrics(real, fake[:len(real)], ep_val[:len(real)])
-        common.check_finite([fake, claim], os.path.join(out, "generated.h5"))     # before any output is written
+        common.check_finite(claim, os.path.join(out, "generated.h5"))     # before any output; write_lcd checks fake
         write_lcd(os.path.join(out, "generated.h5"), fake, ep_val)
         make_plots(real, fake[:len(real)], ep_val[:len(real)], os.path.join(out, "plots"), toy)
         metrics = {"script": SCRIPT, "data": args.data, "toy": toy, "best_epoch": res["best_epoch"],

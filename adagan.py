@@ -517,8 +517,8 @@ def finish(st, gens, ep, args, device, log):
                "mixture_weights": st["mix_weights"][-1].tolist(), "mixdisc_saturation": st["saturation"],
                "mixdisc_best_epochs": [i and [f["best_epoch"] for f in i] for i in st["mixdisc"]],
                "component_best_epochs": st["best_epochs"], "val_indices": va.tolist()}
-    common.check_finite([gen, metrics], os.path.join(args.out, "generated.h5 and metrics.json"))     # I
-    common.write_atomic(os.path.join(args.out, "generated.h5"), lambda tmp: base().write_lcd(tmp, gen, ep[va]))
+    common.check_finite(metrics, os.path.join(args.out, "generated.h5 and metrics.json"))     # I, before any output
+    base().write_lcd(os.path.join(args.out, "generated.h5"), gen, ep[va])     # atomic; refuses non-finite showers
     common.write_atomic(os.path.join(args.out, "metrics.json"), json.dumps(metrics, indent=1))
     log(f"T=1..{len(gens)} | " + " | ".join(f"{k} " + " ".join(f"{v!s:.6}" for v in metrics[k])
                                             for k in ("sf_max_dev", "edge_ratio", "ess_frac")))
@@ -578,8 +578,7 @@ def main(argv=None):
             ep = np.random.default_rng(args.seed).uniform(*args.energy_range, args.generate).astype(np.float32)
             t0, dtype = time.time(), args.dtype if device.startswith("cuda") else "fp32"
             gen, comp = ensemble_sample(gens, mix_w, ep, device, args.seed, dtype)
-            common.check_finite(gen, args.out)             # I: e.g. an Ep range too large for float32 showers
-            common.write_atomic(args.out, lambda tmp: base().write_lcd(tmp, gen, ep))     # B, C: unique temporary
+            base().write_lcd(args.out, gen, ep)    # atomic (B, C) and refuses non-finite showers (I)
             log(f"wrote {args.generate} showers from {len(gens)} components ({np.bincount(comp, minlength=len(gens))}"
                 f" per component) to {args.out} in {time.time() - t0:.1f} s")
             return 0
