@@ -264,7 +264,7 @@ def train_mixdisc(gens, mix_w, ecal, ep, fit, args, ga, device, seed, log):
     starts = range(0, max(len(tr) - B, 0) + 1, B)          # full batches (one short one if fewer events)
     per_file = max(1, len(starts) // max(1, round(len(tr) / ga.file_events)))   # 2dgan.py's "files"
     for epoch in range(args.mixdisc_epochs):
-        t0, tot, nb, order = time.time(), 0.0, 0, rng.permutation(tr)
+        t0, tot, nb, order = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0, rng.permutation(tr)
         D.train(ga.bn_mode == "batch")
         for i, s in enumerate(starts):
             if i % per_file == 0:                           # a new "file": lr step, new Adam (A:316-317)
@@ -275,8 +275,9 @@ def train_mixdisc(gens, mix_w, ecal, ep, fit, args, ga, device, seed, log):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot, nb = tot + loss.item(), nb + 1
+                tot, nb = tot + loss.detach().double(), nb + 1     # summed on the device: no host sync per step
         D.eval()
+        tot = tot.item()
         r_te = np.random.default_rng(seed + 1)             # the same test mixture samples every epoch
         with torch.no_grad():
             test = float(np.mean([mixdisc_loss(D, *batch(te[s:s + B], fake, r_te), not fake, ga).item()
