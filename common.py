@@ -709,6 +709,16 @@ def middle_core_fraction(cells, geom):
     return _div0(s[:, 1], s[:, 0])
 
 
+def layer_observables(cells, geom):
+    """Klein's per-shower variates of ATLAS and CaloChallenge ds1 (evaluate.py's per-layer e, frac, centre, width,
+    middle_core_fraction; wgan_gp.py's validation): name -> (N, n_layers), middle_core_fraction (ATLAS) (N, 1)."""
+    out = {"energy_per_layer": energy_per_layer(cells, geom), "fraction_per_layer": fraction_per_layer(cells, geom)}
+    out.update({k + "_per_layer": v for k, v in centre_width_per_layer(cells, geom).items()})
+    if geom.name.startswith("atlas"):
+        out["middle_core_fraction"] = middle_core_fraction(cells, geom)[:, None]
+    return out
+
+
 def calochallenge_features(cells, geom):
     """CaloChallenge high-level features of (N, n_voxels) showers (cut already applied) with the very
     expressions of HighLevelFeatures.CalculateFeatures (code/HighLevelFeatures.py), so that they agree

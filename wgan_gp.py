@@ -10,17 +10,16 @@
     python wgan_gp.py --benchmark --seeds 5            # JSON: showers/s, ms per training iteration, 5 vs 1 seed
     torchrun --nproc_per_node=4 wgan_gp.py --data atlas.h5
 
-Dense generator: (noise, standardised log E) -> softmax cell fractions (energy conserved); dense critic scores
-(cells, E). In: ATLAS `cells` (N,89|247) MeV, `energy` (N,), `cell_layer/eta/phi`; CaloChallenge ds1 `showers`
-(N,368), `incident_energies` (N,1). Noise cuts (geometry.noise_cut: ATLAS PreSampler 120, Strip 60, Middle and
-Back 200 MeV; ds1 none) zero the cells below them, in training and generated showers alike. Faithful to github
-polklin/CERN_project: Keras Dense init, LeakyReLU 0.3, Adam(5e-5, 0.5, 0.5) as Keras 2, batch 64, 5 critic steps
-over consecutive minibatches (training.py 245-265), GP weight 10, 300 GeV cut (PreProcessing.py 18-24); critic
-loss and exact gradient by hand (critic_grads, no double backward).
-Out (--out): ckpt.pt, generated.h5 (input format, one shower per held-out event and seed), metrics.json, log.txt,
-run.json (another script's folder, or changed model flags on --resume, are refused), plots/: Klein's figures binned
-as evaluate.py (per-layer energy, fraction, centres, widths; Middle core fraction and width vs energy (ATLAS); mean
-shower, correlations, cell variance, nearest neighbours, training). Bad input: one line on stderr, exit status 2.
+Dense generator: (noise, standardised log E) -> softmax cell fractions (energy conserved); dense critic scores (cells,
+E). In: ATLAS `cells` (N,89|247) MeV, `energy` (N,), `cell_layer/eta/phi`; CaloChallenge ds1 `showers` (N,368),
+`incident_energies` (N,1). Noise cuts (geometry.noise_cut: ATLAS PreSampler 120, Strip 60, Middle and Back 200 MeV;
+ds1 none) zero the cells below them in training and generated showers. Faithful to github polklin/CERN_project: Keras
+Dense init, LeakyReLU 0.3, Adam(5e-5, 0.5, 0.5) as Keras 2, batch 64, 5 critic steps over consecutive minibatches
+(training.py 245-265), GP weight 10, 300 GeV cut (PreProcessing.py 18-24); critic loss and exact gradient by hand
+(critic_grads, no double backward). Out (--out): ckpt.pt, generated.h5 (input format, one shower per held-out event
+and seed), metrics.json, log.txt, run.json (another script's folder, or changed model flags on --resume, are refused),
+plots/ (Klein's figures: per-layer energy, fraction, centres, widths; Middle core fraction and width vs energy (ATLAS);
+mean shower, correlations, cell variance, nearest neighbours, training). Bad input: one line on stderr, exit status 2.
 
 Deviations from the original:
 - per-sample gradient penalty (training.py:112-116 takes one norm over the whole batch).
@@ -32,9 +31,10 @@ Deviations from the original:
 - CaloChallenge ds1 (not in the original): condition = incident energy, second head log(total/E_inc), no 300 GeV cut.
 - negative ATLAS cells accepted (signed noise, removed by the noise cut).
 - --seeds K: one batched network, member k = single-seed run of seed+k; generated.h5 pools K per held-out event.
-- validation figures binned as evaluate.py (common.auto_bins / separation_power_clipped), not every 250 epochs.
+- validation binned as evaluate.py (common.auto_bins / separation_power_clipped), not every 250 epochs.
 - generated.h5 `energy`: held-out event's true energy (ATLAS); with --generate --energy the cluster total (energy_is).
 """
+import contextlib
 import datetime
 import json
 import math
@@ -95,14 +95,13 @@ def get_args(argv=None):
         assert len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas)
     except (ValueError, AssertionError):
         p.error(f"--betas must be b1,b2 in [0,1), got {args.betas!r}")
-    rules = {k: ">= 1" for k in ("epochs", "toy_n", "batch_size", "layers", "width", "latent", "n_critic", "seeds",
-                                 "ckpt_every", "log_every")}
-    rules.update(lr="> 0, finite", gp=">= 0, finite", l1=">= 0, finite", eval_every=">= 0", val_frac="in (0, 1)")
-    for k, rule in rules.items():
-        v = getattr(args, k)
-        if v is not None and not {">= 1": v >= 1, "> 0, finite": 0 < v < math.inf, ">= 0": v >= 0,
-                                   ">= 0, finite": 0 <= v < math.inf, "in (0, 1)": 0 < v < 1}[rule]:
-            p.error(f"--{k.replace('_', '-')} must be {rule}, got {v}")
+    for rule, ok, keys in ((">= 1", lambda v: v >= 1, "epochs toy_n batch_size layers width latent n_critic seeds "
+                            "ckpt_every log_every"), ("> 0, finite", lambda v: 0 < v < math.inf, "lr"),
+                           (">= 0, finite", lambda v: 0 <= v < math.inf, "gp l1"), (">= 0", lambda v: v >= 0,
+                           "eval_every"), ("in (0, 1)", lambda v: 0 < v < 1, "val_frac")):
+        for k, v in ((k, getattr(args, k)) for k in keys.split()):
+            if v is not None and not ok(v):
+                p.error(f"--{k.replace('_', '-')} must be {rule}, got {v}")
     if args.generate is not None:
         if args.generate < 1 or not args.ckpt or not args.out or (args.energy is None) == (args.energy_file is None):
             p.error("--generate N needs N >= 1, --ckpt, --out FILE and one of --energy LO:HI / --energy-file")
@@ -213,16 +212,13 @@ class Dense(torch.nn.Module):
 
     def __init__(self, sizes, k=1):
         super().__init__()
-        self.sizes, self.k = list(sizes), k
-        self.flat = torch.nn.Parameter(torch.zeros(k, sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))))
+        self.sizes, self.k, self.io = list(sizes), k, list(zip(sizes[:-1], sizes[1:]))
+        self.flat = torch.nn.Parameter(torch.zeros(k, sum(i * o + o for i, o in self.io)))
 
     def layers(self, t=None):
         """[(W (K,in,out), b (K,1,out))] as views of the flat parameter (or of a tensor shaped like it)."""
-        t, out, off = self.flat if t is None else t, [], 0
-        for i, o in zip(self.sizes[:-1], self.sizes[1:]):
-            out.append((t[:, off:off + i * o].view(-1, i, o), t[:, off + i * o:off + i * o + o].view(-1, 1, o)))
-            off += i * o + o
-        return out
+        parts = (self.flat if t is None else t).split([n for i, o in self.io for n in (i * o, o)], 1)
+        return [(parts[2 * j].view(-1, i, o), parts[2 * j + 1].view(-1, 1, o)) for j, (i, o) in enumerate(self.io)]
 
     @torch.no_grad()
     def glorot_(self, gens):
@@ -252,17 +248,14 @@ def deltas(layers, pre, dy):
     """Backward through the hidden layers: d loss / d pre-activation of each hidden layer, first first."""
     ds = []
     for (W, _), a in zip(reversed(layers[1:]), reversed(pre)):
-        dy = lrelu_bwd(torch.bmm(dy, W.transpose(1, 2)), a, SLOPE, False)
-        ds.insert(0, dy)
+        ds.insert(0, dy := lrelu_bwd(torch.bmm(dy, W.transpose(1, 2)), a, SLOPE, False))
     return ds
 
 
 def flat_grad(lefts, ds, n_bias_rows):
     """Weight gradients left^T @ d, bias gradients d[:, :n_bias_rows].sum, packed like Dense.flat."""
-    out = []
-    for left, d in zip(lefts, ds):
-        out += [torch.bmm(left.transpose(1, 2), d).flatten(1), d[:, :n_bias_rows].sum(1)]
-    return torch.cat(out, 1)
+    return torch.cat([t for left, d in zip(lefts, ds) for t in (torch.bmm(left.transpose(1, 2), d).flatten(1),
+                                                                d[:, :n_bias_rows].sum(1))], 1)
 
 
 def generator_out(gl, gin, n_cells):
@@ -281,8 +274,7 @@ def critic_grads(cl, h, B, nx, gp_weight):
     through the network linearised at the interpolates. -> (flat gradient (K,P), loss (K,), W estimate (K,))."""
     y, hs, pre = forward(cl, h, SLOPE)
     # dL/dD: real -1/B, fake +1/B; interpolates 1, the seed of their input gradient
-    dy = torch.tensor([-1.0 / B, 1.0 / B, 1.0], dtype=y.dtype, device=y.device).repeat_interleave(B)
-    dy = dy[None, :, None].expand(h.shape[0], -1, -1)
+    dy = y.new_tensor([-1.0 / B, 1.0 / B, 1.0]).repeat_interleave(B)[None, :, None].expand(h.shape[0], -1, -1)
     ds = deltas(cl, pre, dy)
     W0 = cl[0][0][:, :nx]
     g = torch.bmm(ds[0][:, 2 * B:], W0.transpose(1, 2))        # grad_x D at the interpolates
@@ -294,8 +286,7 @@ def critic_grads(cl, h, B, nx, gp_weight):
         hs[l][:, 2 * B:] = lrelu_bwd(e, pre[l - 1][:, 2 * B:], SLOPE, False)
         if l + 1 < len(cl):
             e = torch.bmm(hs[l][:, 2 * B:], cl[l][0])
-    hs[0][:, 2 * B:, :nx] = G
-    hs[0][:, 2 * B:, nx:] = 0                                   # the condition is not penalised
+    hs[0][:, 2 * B:] = torch.nn.functional.pad(G, (0, h.shape[2] - nx))    # the condition is not penalised
     wd = (y[:, :B] - y[:, B:2 * B]).mean((1, 2))
     return flat_grad(hs, ds + [dy], 2 * B), -wd + gp_weight * gp, wd
 
@@ -319,37 +310,38 @@ def generator_grads(gl, cl, gin, n_cells, l1):
 # ---------------------------------------------------------------- train
 
 
-class Adam:
-    """Adam as Keras 2 computes it (training.py lines 191, 222: Adam(5e-5, 0.5, 0.5), epsilon 1e-7):
-    lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), p -= lr_t m / (sqrt(v) + eps). Elementwise: K members as K runs.
-    state {t, m, v} is what the checkpoint stores (and gives back on --resume)."""
-
-    def __init__(self, p, lr, betas, state=None, eps=1e-7):
-        self.p, self.lr, (self.b1, self.b2), self.eps = p, lr, betas, eps
-        self.state = state or {"t": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
+def adam(p, lr, betas, state=None, eps=1e-7):
+    """Adam as Keras 2 computes it (training.py lines 191, 222: Adam(5e-5, 0.5, 0.5), epsilon 1e-7): p -= lr_t m /
+    (sqrt(v) + eps), lr_t = lr sqrt(1 - b2^t) / (1 - b1^t); elementwise (K members as K runs). -> step(gradient);
+    step.state {t, m, v} is what the checkpoint stores (and gives back on --resume)."""
+    (b1, b2), s = betas, state or {"t": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
 
     @torch.no_grad()
-    def step(self, g):
-        s = self.state
+    def step(g):
         s["t"] += 1
-        s["m"].lerp_(g, 1 - self.b1)
-        s["v"].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-        lr_t = self.lr * math.sqrt(1 - self.b2 ** s["t"]) / (1 - self.b1 ** s["t"])
-        self.p.addcdiv_(s["m"], s["v"].sqrt().add_(self.eps), value=-lr_t)
+        s["m"].lerp_(g, 1 - b1)
+        s["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        p.addcdiv_(s["m"], s["v"].sqrt().add_(eps), value=-lr * math.sqrt(1 - b2 ** s["t"]) / (1 - b1 ** s["t"]))
+    step.state = s
+    return step
 
 
 def member_generators(seeds, device, offset=0):
     return [torch.Generator(device).manual_seed(s + offset) for s in seeds]
 
 
-def init_nets(hp, n_x, ratio_head, seeds, device, lr, betas, optim=None):
+def init_nets(hp, n_x, ratio_head, seeds, device, lr, betas, ck=None):
     """Generator and critic of K = len(seeds) members, member k Keras-initialised from torch.Generator seeds[k]
-    (returned: it goes on to draw member k's minibatches), and their Adams (optim: state from a checkpoint)."""
+    (returned: it goes on to draw member k's minibatches), their Adams; or all three as checkpoint ck left them."""
     nets = dict(zip(("generator", "critic"), (m.to(device) for m in build(hp, n_x, ratio_head, len(seeds)))))
-    gens = member_generators(seeds, device)
-    for m in nets.values():
+    gens, ck = member_generators(seeds, device), ck or {}
+    for name, m in nets.items():
         m.glorot_(gens)
-    return nets, {n: Adam(m.flat, lr, betas, (optim or {}).get(n)) for n, m in nets.items()}, gens
+        if ck:
+            m.load_state_dict(ck["model"][name])
+    for g, st in zip(gens, ck.get("rng", [])):
+        g.set_state(st.cpu())
+    return nets, {n: adam(m.flat, lr, betas, ck.get("optim", {}).get(n)) for n, m in nets.items()}, gens
 
 
 def epoch_batches(gens, x, c, tr, n_iter, n_critic, bs, latent):
@@ -381,35 +373,41 @@ def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1,
     sums = torch.zeros(3, K, device=buf.device)
     for j in range(nc):
         grad, loss, wd = critic_grads(cl, buf[:, j], B, nx, gp)
-        opts["critic"].step(reduce(grad))
+        opts["critic"](reduce(grad))
         sums[:2] += torch.stack([loss, wd])
     grad, loss = generator_grads(gl, cl, gin_g, n_cells, l1)
-    opts["generator"].step(reduce(grad))
+    opts["generator"](reduce(grad))
     sums[2] += loss
+    return sums
+
+
+def run_epoch(nets, opts, gens, xct, n_cells, args, amp, n_iter, bs, step_fn=iteration, reduce=torch.Tensor.float):
+    """One epoch of train() (and of --benchmark): its draws from gens (xct: data, conditions, training indices),
+    then n_iter iterations -> (3, K) sums of critic loss, W, generator loss."""
+    x, c, tr = xct
+    buf = torch.zeros(len(gens), args.n_critic, 3 * bs, x.shape[1] + 1, device=x.device)  # overwritten whole
+    batches, sums = epoch_batches(gens, x, c, tr, n_iter, args.n_critic, bs, args.latent), 0
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        for it in range(n_iter):
+            sums = sums + step_fn(nets["generator"].layers(), nets["critic"].layers(), opts, buf,
+                                  *(b[:, it] for b in batches), n_cells, args.gp, args.l1, reduce)
     return sums
 
 
 def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
     """Train the seeds as ONE batched model; returns (generator, {seed: history})."""
     (rank, size), K, hp = world, len(seeds), {k: getattr(args, k) for k in HP}
-    x, c, tr = (torch.as_tensor(data[k], device=device) for k in ("x", "c", "train"))   # whole dataset on device
+    xct = tuple(torch.as_tensor(data[k], device=device) for k in ("x", "c", "train"))   # whole dataset on device
     ck = load_ckpt(ckpt_path, device) if args.resume else {}     # checked against the flags in train_main
-    nets, opts, gens = init_nets(hp, x.shape[1], data["ratio_head"], seeds, device, args.lr, args.betas,
-                                 ck.get("optim"))
-    start, step, history = 0, 0, {s: [] for s in seeds}
-    if args.resume:
-        for name, m in nets.items():
-            m.load_state_dict(ck["model"][name])
-        start, step, history = ck["epoch"], ck["step"], {int(s): h for s, h in ck["history"].items()}
-        for g, st in zip(gens, ck["rng"]):
-            g.set_state(st.cpu())
+    nets, opts, gens = init_nets(hp, xct[0].shape[1], data["ratio_head"], seeds, device, args.lr, args.betas, ck)
+    start, step = (ck["epoch"], ck["step"]) if ck else (0, 0)
+    history = {int(s): h for s, h in ck["history"].items()} if ck else {s: [] for s in seeds}
+    if ck:
         log(f"resumed from {ckpt_path} at epoch {start}, step {step}")
     if rank:
         gens = member_generators(seeds, device, 1000 * rank + start)  # each rank its own minibatches
-    n_cells, bs = x.shape[1] - int(data["ratio_head"]), min(args.batch_size, len(tr))
-    n_iter = max(1, len(tr) // (bs * args.n_critic * size))       # training.py line 251
-    gl, cl = nets["generator"].layers(), nets["critic"].layers()
-    buf = torch.zeros(K, args.n_critic, 3 * bs, x.shape[1] + 1, device=device)
+    n_cells, bs = xct[0].shape[1] - int(data["ratio_head"]), min(args.batch_size, len(xct[2]))
+    n_iter = max(1, len(xct[2]) // (bs * args.n_critic * size))   # training.py line 251
     step_fn = torch.compile(iteration) if args.compile else iteration
 
     def reduce(grad):                   # DDP: the ranks' mean gradient
@@ -417,12 +415,8 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
         return grad / size
     t0, seen = time.time(), 0
     for epoch in range(start, args.epochs):
-        batches = epoch_batches(gens, x, c, tr, n_iter, args.n_critic, bs, args.latent)
-        sums = torch.zeros(3, K, device=device)
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            for it in range(n_iter):
-                sums += step_fn(gl, cl, opts, buf, *(b[:, it] for b in batches), n_cells, args.gp, args.l1,
-                                reduce if size > 1 else torch.Tensor.float)
+        sums = run_epoch(nets, opts, gens, xct, n_cells, args, amp, n_iter, bs, step_fn,
+                         reduce if size > 1 else torch.Tensor.float)
         step, seen, done = step + n_iter, seen + n_iter * args.n_critic * bs, epoch + 1
         s = (sums / torch.tensor([n_iter * args.n_critic] * 2 + [n_iter], device=device)[:, None]).tolist()
         for k, sd in enumerate(seeds):
@@ -468,12 +462,13 @@ def sample(gen, cond_e, norm, gens, batch=10000):
 
 def validate(gen, data, seeds, device):
     """Generated showers for the held-out events (one per seed and event, noise cuts applied), their correlation
-    MSE and separation powers against the held-out real showers (binned as evaluate.py), both samples' features."""
+    MSE and separation powers against the held-out real showers (binned as evaluate.py), and both samples'
+    common.layer_observables."""
     val, geom = data["val"], data["geom"]
     cells = sample(gen, np.tile(data["cond_e"][val], (len(seeds), 1)), data["norm"],
                    member_generators(seeds, device, 10_000))
     fake, real = noise_cut(cells.reshape(len(seeds) * len(val), -1), geom), data["cells"][val]
-    fr, ff = features(real, geom), features(fake, geom)
+    fr, ff = common.layer_observables(real, geom), common.layer_observables(fake, geom)
     bins = common.auto_bins(len(real), len(fake))
     sp = lambda a, b: common.separation_power_clipped(a, b, bins)  # noqa: E731
     m = {"toy": data["toy"], "correlation_mse": common.correlation_mse(real, fake), "bins": bins,
@@ -484,6 +479,12 @@ def validate(gen, data, seeds, device):
     m["mean_fraction_per_layer"] = {w: dict(zip(geom.layer_names, f["fraction_per_layer"].mean(0).tolist()))
                                     for w, f in (("real", fr), ("generated", ff))}
     return m, fake, (fr, ff)
+
+
+def summary(m):
+    fsp = m["separation_power"]["fraction_per_layer"]
+    return (f"{'TOY ' if m['toy'] else ''}correlation MSE {m['correlation_mse']:.4f} | fraction-per-layer "
+            "separation power " + " ".join(f"{k} {v:.3f}" for k, v in fsp.items()))
 
 
 def load_ckpt(path, device="cpu"):
@@ -505,12 +506,11 @@ def generate_main(args, device):
     ck = load_ckpt(args.ckpt, device)
     try:
         fmt, geom, atlas = ck["format"], common.geometry(ck["geometry"]), ck["format"] == "atlas"
-        gen, _ = build(ck["hp"], geom.n_cells + int(not atlas), not atlas, len(ck["seeds"]))
+        gen = build(ck["hp"], geom.n_cells + int(not atlas), not atlas, len(ck["seeds"]))[0].to(device)
         gen.load_state_dict(ck["model"]["generator"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise DataError(f"{args.ckpt}: not a wgan_gp.py checkpoint ({type(e).__name__})")
     common.check_finite(ck["model"]["generator"], args.ckpt)
-    gen = gen.to(device)
     if args.energy_file:
         d = read_showers(args.energy_file)
         need(d["fmt"] == fmt and d["geom"].name == geom.name,
@@ -520,39 +520,32 @@ def generate_main(args, device):
         need(len(ok), f"{args.energy_file}: no shower with energy after the noise cuts")
         pick = np.resize(ok, args.generate)                          # in order, cycled if N > events
         cond_e, true_e = (total if atlas else d["energy"])[pick], d["energy"][pick]
-        energy_is = "true energy (from --energy-file)" if atlas else "incident energy"
     else:
         lo, hi = args.energy
-        cond_e = 1000.0 * np.exp(np.random.default_rng(args.seed).uniform(np.log(lo), np.log(hi), args.generate))
-        true_e, energy_is = cond_e, "conditioning cluster total" if atlas else "incident energy"
+        cond_e = true_e = 1000.0 * np.exp(np.random.default_rng(args.seed).uniform(np.log(lo), np.log(hi),
+                                                                                    args.generate))
     K = gen.k                                                        # event i from seed member i % K
-    cond = np.resize(cond_e, -(-args.generate // K) * K).reshape(-1, K).T
-    cells = sample(gen, cond, ck["norm"], member_generators(range(K), device, args.seed))
+    cells = sample(gen, np.resize(cond_e, -(-args.generate // K) * K).reshape(-1, K).T, ck["norm"],
+                   member_generators(range(K), device, args.seed))
     cells = noise_cut(cells.transpose(1, 0, 2).reshape(-1, cells.shape[2])[:args.generate], geom)
     write_h5(args.out, fmt, geom, cells, true_e, {"generated": True, "model": "wgan_gp", "ckpt": args.ckpt,
-                                                  "toy": bool(ck["toy"]), "energy_is": energy_is})
+                                                  "toy": bool(ck["toy"]), "energy_is": "incident energy" if not atlas
+                                                  else "true energy (from --energy-file)" if args.energy_file
+                                                  else "conditioning cluster total"})
     print(f"wrote {len(cells)} generated {geom.name} showers to {args.out}")
     return 0
 
 
 def benchmark(args, device, amp):
     """One JSON line: generation showers/s, and the time of a training iteration (n_critic critic + one generator
-    step) on random atlas89-sized data for 1 and --seeds K batched members: blocks of 20 iterations drawn as train()
-    draws them, alternated, medians of 8."""
-    C, B, nc, n, reps = 89, args.batch_size, args.n_critic, 4096, 20
+    step) on random atlas89-sized data for 1 and --seeds K batched members: blocks of 20 iterations run as train()
+    runs them (run_epoch), alternated, medians of 8."""
+    C, B, n = 89, args.batch_size, 4096
+    xct = (torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device),
+           torch.arange(n, device=device))
+    nets = {K: init_nets({k: getattr(args, k) for k in HP}, C, False, range(K), device, args.lr, args.betas)
+            for K in sorted({1, args.seeds})}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    x, c = torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device)
-    hp, tr = {k: getattr(args, k) for k in HP}, torch.arange(n, device=device)
-    nets = {K: (*init_nets(hp, C, False, range(K), device, args.lr, args.betas),
-                torch.zeros(K, nc, 3 * B, C + 1, device=device)) for K in sorted({1, args.seeds})}
-
-    def block(K):                       # reps training iterations on one epoch's draws, as train() runs them
-        net, opts, gens, buf = nets[K]
-        batches = epoch_batches(gens, x, c, tr, reps, nc, B, args.latent)
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            for it in range(reps):
-                iteration(net["generator"].layers(), net["critic"].layers(), opts, buf,
-                          *(b[:, it] for b in batches), C, args.gp, args.l1)
 
     def timed(fn, calls):               # seconds per call
         sync()
@@ -561,38 +554,23 @@ def benchmark(args, device, amp):
             fn()
         sync()
         return (time.perf_counter() - t) / calls
-    for K in nets:
-        block(K)                                                 # warm-up
-    med = dict(zip(nets, np.median([[timed(lambda: block(K), 1) / reps for K in nets] for _ in range(8)], 0).tolist()))
-    gen, gens = nets[1][0]["generator"], nets[1][2]
-    t_gen = timed(lambda: sample(gen, np.full((1, 10000), 5e4), {"mu_e": math.log(5e4), "sd_e": 1.0}, gens), 3)
+    for K in nets:                      # warm-up
+        run_epoch(*nets[K], xct, C, args, amp, 20, B)
+    med = dict(zip(nets, np.median([[timed(lambda: run_epoch(*nets[K], xct, C, args, amp, 20, B), 1) / 20
+                                     for K in nets] for _ in range(8)], 0).tolist()))
+    t_gen = timed(lambda: sample(nets[1][0]["generator"], np.full((1, 10000), 5e4), {"mu_e": math.log(5e4),
+                                                                                      "sd_e": 1.0}, nets[1][2]), 3)
     out = {"script": SCRIPT, "device": str(device), "dtype": args.dtype if amp else "fp32",
            "threads": torch.get_num_threads(), "gen_batch": 10000, "gen_showers_per_s": round(1e4 / t_gen),
-           "train_batch": B, "n_critic": nc, "train_iter_ms": round(1e3 * med[1], 3),
-           "train_samples_per_s": round(nc * B / med[1])}
+           "train_batch": B, "n_critic": args.n_critic, "train_iter_ms": round(1e3 * med[1], 3),
+           "train_samples_per_s": round(args.n_critic * B / med[1])}
     if args.seeds > 1:
         out.update(seeds=args.seeds, train_iter_ms_seeds=round(1e3 * med[args.seeds], 3),
                    seeds_cost_ratio=round(med[args.seeds] / med[1], 3))
     print(json.dumps(out))
     return 0
 
-# ---------------------------------------------------------------- evaluation and plots
-
-
-def features(cells, geom):
-    """Klein's physics variates of each shower, from common.py: name -> (N, n_layers) or (N, 1)."""
-    f = {"energy_per_layer": common.energy_per_layer(cells, geom),
-         "fraction_per_layer": common.fraction_per_layer(cells, geom)}
-    f.update({k + "_per_layer": v for k, v in common.centre_width_per_layer(cells, geom).items()})
-    if geom.name.startswith("atlas"):
-        f["middle_core_fraction"] = common.middle_core_fraction(cells, geom)[:, None]
-    return f
-
-
-def summary(m):
-    fsp = m["separation_power"]["fraction_per_layer"]
-    return (f"{'TOY ' if m['toy'] else ''}correlation MSE {m['correlation_mse']:.4f} | fraction-per-layer "
-            "separation power " + " ".join(f"{k} {v:.3f}" for k, v in fsp.items()))
+# ---------------------------------------------------------------- plots
 
 
 def layer_image(geom, lay, vec):
@@ -602,126 +580,128 @@ def layer_image(geom, lay, vec):
         n_alpha = list(common.CC1_LAYERS.values())[lay][1]
         return vec[..., idx].reshape(vec.shape[:-1] + (n_alpha, -1)), "r bin", "alpha bin"
     order = np.lexsort((geom.y[idx], geom.x[idx]))                    # eta-major grid
-    n_eta = len(np.unique(geom.x[idx]))
-    img = vec[..., idx[order]].reshape(vec.shape[:-1] + (n_eta, -1))
+    img = vec[..., idx[order]].reshape(vec.shape[:-1] + (len(np.unique(geom.x[idx])), -1))
     return np.swapaxes(img, -1, -2), "eta cell", "phi cell"
 
 
 def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
-    """Klein's figures, real (grey) against generated (red), one PNG each in folder."""
+    """Klein's figures, real (grey) against generated (red), one PNG each in folder, from a table of panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
     names, L = geom.layer_names, geom.n_layers
 
-    def grid(rows, cols, size, **margins):     # fixed margins: layout engines cost seconds per figure on a CPU
-        fig, axs = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    def figure(name, title, panels, size, legend=0, bar=None, **margins):
+        """panels[row][col] = (calls [(axes method, *args, kwargs)], ax.set kwargs, title, title size); bar: a colour
+        bar per "axes" or per "column"; legend: its font size on the first axes. Fixed margins: a layout engine
+        costs seconds per figure on a CPU."""
+        fig, axs = plt.subplots(len(panels), len(panels[0]), figsize=size, squeeze=False)
         fig.subplots_adjust(**{"left": 0.07, "right": 0.97, "bottom": 0.16, "top": 0.82, "wspace": 0.3,
                                "hspace": 0.45, **margins})
-        return fig, axs
-
-    def save(fig, name, title):
+        for (r, c), ax in np.ndenumerate(axs):
+            calls, settings, t, fs = panels[r][c]
+            for fn, *a, kw in calls:
+                h = getattr(ax, fn)(*a, **kw)
+            if bar == "axes":
+                fig.colorbar(h, ax=ax)
+            ax.set(**settings)
+            if t:
+                ax.set_title(t, fontsize=fs)
+        for c in range(axs.shape[1] if bar == "column" else 0):
+            fig.colorbar(axs[-1, c].images[0], ax=axs[:, c].tolist(), label="mean MeV")
+        if legend:
+            axs[0][0].legend(fontsize=legend)
         fig.suptitle(f"{'TOY ' if toy else ''}{geom.name}: {title}", fontsize=10)
         common.write_atomic(os.path.join(folder, name + ".png"), lambda t: fig.savefig(t, dpi=90))
         plt.close(fig)
 
-    def one_axes(name, title, xlabel, ylabel, curves, size=(6, 3.5), left=0.16, log=False):
-        fig, ((ax,),) = grid(1, 1, size, left=left, bottom=0.15, top=0.88)
-        for fn, *a, kw in curves:
-            getattr(ax, fn)(*a, **kw)
-        ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear")
-        ax.legend(fontsize=8)
-        save(fig, name, title)
-
+    def curves(name, title, calls, xlabel, ylabel, size=(6, 3.5), left=0.16, log=False):     # one axes
+        figure(name, title, [[(calls, dict(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear"), None,
+                               0)]], size, 8, left=left, bottom=0.15, top=0.88)
     ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
-    labels = {f"{w}_{a}_per_layer": (f"{t} in {n} per layer", n) for w, t in (("centre", "energy-weighted centre"),
-              ("width", "width")) for a, n in zip("xy", ax_names)}
-    labels.update(energy_per_layer=("energy per layer", "MeV"), middle_core_fraction=("Middle 3x3 core / Middle",
-                  "fraction"), fraction_per_layer=("fraction of the cluster energy per layer", "fraction"))
-    for k in fr:                        # one histogram per layer (or Middle) and variate
-        title, xlabel = labels[k]
-        a, b, logx, sps = fr[k], ff[k], k == "energy_per_layer", metrics["separation_power"][k]
-        cols = names if a.shape[1] == L else ["Middle"]
-        fig, axs = grid(1, a.shape[1], (3.2 * a.shape[1], 3))
-        for i, ax in enumerate(axs[0]):
-            both = np.r_[a[:, i], b[:, i]]
+    specs = {f"{w}_{a}_per_layer": (f"{t} in {n} per layer", n) for w, t in (("centre", "energy-weighted centre"),
+             ("width", "width")) for a, n in zip("xy", ax_names)}       # variate -> (title, x label)
+    specs.update(energy_per_layer=("energy per layer", "MeV"), middle_core_fraction=("Middle 3x3 core / Middle",
+                 "fraction"), fraction_per_layer=("fraction of the cluster energy per layer", "fraction"))
+    styles = (dict(histtype="stepfilled", alpha=0.4, color="grey", label="real", density=True),
+              dict(histtype="step", color="C3", lw=1.5, label="generated", density=True))
+    for k in fr:                        # a histogram per layer (or Middle) of each variate, 40 bins, log x for energies
+        log, sps, panels = k == "energy_per_layer", metrics["separation_power"][k], []
+        for i, col in enumerate(names if fr[k].shape[1] == L else ["Middle"]):
+            both = np.r_[fr[k][:, i], ff[k][:, i]]
             pos = both[both > 0]
-            lo, hi = ((pos.min(), pos.max()) if len(pos) else (1, 10)) if logx else np.percentile(both, [0.1, 99.9])
-            edges = np.geomspace(lo, hi * 1.0001, 41) if logx else np.linspace(lo, hi + 1e-12, 41)
-            ax.hist(a[:, i], edges, histtype="stepfilled", alpha=0.4, color="grey", label="real", density=True)
-            ax.hist(b[:, i], edges, histtype="step", color="C3", lw=1.5, label="generated", density=True)
-            ax.set(xscale="log" if logx else "linear", xlabel=xlabel)
-            ax.set_title(f"{cols[i]}  SP {sps[cols[i]] if isinstance(sps, dict) else sps:.3f}", fontsize=9)
-        axs[0][0].legend(fontsize=7)
-        save(fig, k, title)
+            lo, hi = ((pos.min(), pos.max()) if len(pos) else (1, 10)) if log else np.percentile(both, [0.1, 99.9])
+            e = np.geomspace(lo, hi * 1.0001, 41) if log else np.linspace(lo, hi + 1e-12, 41)
+            panels.append(([("hist", f[k][:, i], e, st) for f, st in zip((fr, ff), styles)], dict(
+                xscale="log" if log else "linear", xlabel=specs[k][1]),
+                f"{col}  SP {sps[col] if isinstance(sps, dict) else sps:.3f}", 9))
+        figure(k, specs[k][0], [panels], (3.2 * len(panels), 3), legend=7)
     if geom.name.startswith("atlas"):   # width in phi of Middle vs energy; fakes share the real conditions
         mid, e_r = names.index("Middle"), real.sum(1) / 1000.0
-        edges, curves = np.geomspace(e_r.min(), e_r.max() * 1.0001, 11), []
-        for e, w, lab, col in ((e_r, fr["width_y_per_layer"][:, mid], "real", "grey"),
-                               (np.tile(e_r, len(fake) // len(real)), ff["width_y_per_layer"][:, mid], "generated",
-                                "C3")):
-            mean, std, cnt = common.binned_stat(e, w, edges)
-            curves.append(("errorbar", np.sqrt(edges[1:] * edges[:-1]), mean, std / np.sqrt(np.maximum(cnt, 1)),
-                           dict(fmt="o-", color=col, label=lab, ms=3)))
-        one_axes("middle_width_vs_energy", "Middle-layer width in phi vs energy", "cluster energy [GeV]",
-                 "Middle width in phi", curves, size=(5, 3.5), log=True)
-    fig, axs = grid(2, L, (3.4 * L, 5.5), left=0.05, bottom=0.1, top=0.88, wspace=0.45)   # mean shower per layer
-    for lay in range(L):
-        (im_r, xl, yl), (im_f, _, _) = (layer_image(geom, lay, v.mean(0)) for v in (real, fake))
-        pos = np.r_[im_r.ravel(), im_f.ravel()]
-        pos = pos[pos > 0]
-        nrm = LogNorm(pos.min(), pos.max()) if len(pos) and pos.max() > pos.min() else None
-        for ax, im, who in zip(axs[:, lay], (im_r, im_f), ("real", "generated")):
-            h = ax.imshow(np.where(im > 0, im, np.nan), norm=nrm, aspect="auto", origin="lower")
-            ax.set_title(f"{who} {names[lay]}", fontsize=9)
-            ax.set(xlabel=xl, ylabel=yl)
-        fig.colorbar(h, ax=axs[:, lay].tolist(), label="mean MeV")
-    save(fig, "mean_shower", "mean shower per layer")
+        e = np.geomspace(e_r.min(), e_r.max() * 1.0001, 11)
+        stats = [(common.binned_stat(x, f["width_y_per_layer"][:, mid], e), lab, col) for x, f, lab, col in
+                 ((e_r, fr, "real", "grey"), (np.tile(e_r, len(fake) // len(real)), ff, "generated", "C3"))]
+        curves("middle_width_vs_energy", "Middle-layer width in phi vs energy", [("errorbar", np.sqrt(e[1:] * e[:-1]),
+               mean, std / np.sqrt(np.maximum(cnt, 1)), dict(fmt="o-", color=col, label=lab, ms=3))
+               for (mean, std, cnt), lab, col in stats], "cluster energy [GeV]", "Middle width in phi", (5, 3.5),
+               log=True)
+    images = [[layer_image(geom, lay, v.mean(0)) for lay in range(L)] for v in (real, fake)]
+    pos = [np.r_[r[0].ravel(), f[0].ravel()] for r, f in zip(*images)]          # a colour scale per layer
+    norms = [matplotlib.colors.LogNorm(p.min(), p.max()) if len(p) and p.max() > p.min() else None
+             for p in (p[p > 0] for p in pos)]
+    figure("mean_shower", "mean shower per layer", [[([("imshow", np.where(im > 0, im, np.nan), dict(
+        norm=norms[lay], aspect="auto", origin="lower"))], dict(xlabel=xl, ylabel=yl), f"{who} {names[lay]}", 9)
+        for lay, (im, xl, yl) in enumerate(row)] for row, who in zip(images, ("real", "generated"))],
+        (3.4 * L, 5.5), bar="column", left=0.05, bottom=0.1, top=0.88, wspace=0.45)
     cr, cf = common.correlation_matrix(real), common.correlation_matrix(fake)
-    fig, axs = grid(1, 3, (14, 4.3), left=0.03, bottom=0.06, top=0.85, wspace=0.15)
-    for ax, m, t in zip(axs[0], (cr, cf, cf - cr), ("real", "generated", "generated - real")):
-        fig.colorbar(ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r"), ax=ax)
-        ax.set_title(t, fontsize=9)
-    save(fig, "correlation", f"Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}")
-    one_axes("cell_variance", "variance per cell", "cell index (file order)", "variance [MeV^2]",
-             [("semilogy", common.cell_variance(real), ".", dict(color="grey", label="real")),
-              ("semilogy", common.cell_variance(fake), ".", dict(color="C3", ms=3, label="generated"))]
-             + [("axvline", b, dict(color="k", lw=0.5)) for b in np.flatnonzero(np.diff(geom.layer)) + 0.5],
-             size=(10, 3.5), left=0.08)
+    figure("correlation", f"Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}",
+           [[([("imshow", m, dict(vmin=-1, vmax=1, cmap="RdBu_r"))], {}, t, 9) for m, t in
+             zip((cr, cf, cf - cr), ("real", "generated", "generated - real"))]], (14, 4.3), bar="axes", left=0.03,
+           bottom=0.06, top=0.85, wspace=0.15)
+    curves("cell_variance", "variance per cell",
+           [("semilogy", common.cell_variance(real), ".", dict(color="grey", label="real")),
+            ("semilogy", common.cell_variance(fake), ".", dict(color="C3", ms=3, label="generated"))]
+           + [("axvline", b, dict(color="k", lw=0.5)) for b in np.flatnonzero(np.diff(geom.layer)) + 0.5],
+           "cell index (file order)", "variance [MeV^2]", size=(10, 3.5), left=0.08)
     # nearest neighbours (memorisation check) in the space of fractions of the cluster total
     nr, nf = (v / np.maximum(v.sum(1, keepdims=True), 1e-12) for v in (real, fake))
-    q = np.argsort(real.sum(1))[np.linspace(0, len(real) - 1, 3).astype(int)]
-    k = min(5, len(nf))
+    q, k = np.argsort(real.sum(1))[np.linspace(0, len(real) - 1, 3).astype(int)], min(5, len(nf))
     idx, dist_ = common.nearest_neighbours(nr[q], nf, k=k)
     lay = int(np.argmax(fr["fraction_per_layer"].mean(0)))
-    fig, axs = grid(len(q), k + 1, (2.2 * (k + 1), 2.2 * len(q)), left=0.02, right=0.98, bottom=0.03, top=0.85)
-    for (r, j), ax in np.ndenumerate(axs):
-        ax.imshow(layer_image(geom, lay, nr[q[r]] if j == 0 else nf[idx[r, j - 1]])[0], aspect="auto", origin="lower")
-        ax.set(xticks=[], yticks=[])
-        ax.set_title("real" if j == 0 else f"NN{j} d={dist_[r, j - 1]:.3f}", fontsize=8)
-    save(fig, "nearest_neighbours", f"5 nearest generated showers (layer {names[lay]}, fractions)")
-    one_axes("training", "training", "epoch", "critic's Wasserstein estimate",
-             [("plot", [e["epoch"] for e in h], [e["wdist"] for e in h], dict(label=f"seed {s}"))
-              for s, h in histories.items()])
+    figure("nearest_neighbours", f"5 nearest generated showers (layer {names[lay]}, fractions)",
+           [[([("imshow", layer_image(geom, lay, nr[q[r]] if j == 0 else nf[idx[r, j - 1]])[0],
+                dict(aspect="auto", origin="lower"))], dict(xticks=[], yticks=[]),
+              "real" if j == 0 else f"NN{j} d={dist_[r, j - 1]:.3f}", 8) for j in range(k + 1)] for r in range(len(q))],
+           (2.2 * (k + 1), 2.2 * len(q)), left=0.02, right=0.98, bottom=0.03, top=0.85)
+    curves("training", "training", [("plot", [e["epoch"] for e in h], [e["wdist"] for e in h], dict(label=f"seed {s}"))
+                                    for s, h in histories.items()], "epoch", "critic's Wasserstein estimate")
 
 # ---------------------------------------------------------------- main
 
 
-def train_main(args, device, amp, ddp, log):
+def train_main(args, device, amp, ddp):
     """Every input checked before anything is written, on every rank before the process group (all ranks exit 2
     alike, none hangs): the --out paths, the run folder, the data, the checkpoint to resume. Then train (DDP over
     the ranks), and on rank 0 write generated.h5 (the held-out events' conditions), metrics.json and plots/."""
+    rank, lines = int(os.environ.get("RANK", 0)), []
+
+    def log(msg):                       # rank 0 alone logs; into OUT/log.txt once the run folder is made
+        if rank == 0:
+            print(msg, flush=True)
+            lines.append(msg)
+            if getattr(log, "path", None):
+                with open(log.path, "a") as f:
+                    f.write("\n".join(lines) + "\n")
+                lines.clear()
     for name in ("", "plots", *OUT_FILES):
         common.check_out_path(os.path.join(args.out, name) if name else args.out, "--out", name in ("", "plots"))
     common.check_run_folder(args.out, SCRIPT)
     ckpt = os.path.join(args.out, "ckpt.pt")
     need(os.path.exists(ckpt) or not args.resume, f"{ckpt}: no checkpoint to resume from")
-    toy = args.data is None
-    if toy:
+    if toy := args.data is None:
         args.data = common.toy_path("atlas89", args.toy_n, 0)
         log(f"no --data: training on TOY atlas89 showers ({args.data})")
-        if int(os.environ.get("RANK", 0)) == 0 and not os.path.exists(args.data):
+        if rank == 0 and not os.path.exists(args.data):
             os.makedirs(os.path.dirname(args.data), exist_ok=True)
             common.write_toy("atlas89", args.data, args.toy_n, 0)
         while not os.path.exists(args.data):    # other ranks: rank 0 makes it (torchrun ends them if it fails)
@@ -740,12 +720,12 @@ def train_main(args, device, amp, ddp, log):
                        "the same flags and data, or choose another --out")
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, val = int(os.environ.get("RANK", 0)), data["val"]
+    val, atlas = data["val"], d["fmt"] == "atlas"
     if rank == 0:
         common.stamp_run_folder(args.out, SCRIPT, model)
         log.path = os.path.join(args.out, "log.txt")
         log(f"{d['geom'].name} ({d['fmt']}): {len(data['train'])} train, {len(val)} validation events"
-            + (f"; {data['n_over']} clusters above 300 GeV removed" if d["fmt"] == "atlas" else "")
+            + (f"; {data['n_over']} clusters above 300 GeV removed" if atlas else "")
             + (f"; {data['n_dropped']} empty after the noise cuts dropped" if data["n_dropped"] else "")
             + f"; {args.epochs} epochs, {len(seeds)} seed(s), device {device}")
     gen, histories = train(args, seeds, data, device, ckpt, log, amp, (rank, dist.get_world_size() if ddp else 1))
@@ -754,7 +734,7 @@ def train_main(args, device, amp, ddp, log):
     metrics, fake, feats = validate(gen, data, seeds, device)
     write_h5(os.path.join(args.out, "generated.h5"), d["fmt"], d["geom"], fake, np.tile(d["energy"][val], len(seeds)),
              {"generated": True, "model": "wgan_gp", "toy": data["toy"], "seeds": seeds,
-              "energy_is": "held-out real event's " + ("true energy" if d["fmt"] == "atlas" else "incident energy")})
+              "energy_is": "held-out real event's " + ("true energy" if atlas else "incident energy")})
     metrics.update(data=args.data, geometry=d["geom"].name, seeds=seeds, epochs=args.epochs, n_train=len(data["train"]),
                    n_val=len(val), n_generated=len(fake), n_over_300GeV=data["n_over"], val_indices=val.tolist(),
                    final_wdist={s: h[-1]["wdist"] if h else None for s, h in histories.items()})
@@ -772,19 +752,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.generate is None and args.out is None:
         args.out = os.path.join("runs", "wgan_gp")
-    rank = int(os.environ.get("RANK", 0))
     ddp = "RANK" in os.environ and args.generate is None and not args.benchmark
-    lines = []
-
-    def log(msg):                       # rank 0 alone logs; into OUT/log.txt once the run folder is made
-        if rank:
-            return
-        print(msg, flush=True)
-        lines.append(msg)
-        if getattr(log, "path", None):
-            with open(log.path, "a") as f:
-                f.write("\n".join(lines) + "\n")
-            lines.clear()
     try:
         need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but CUDA is not available")
         use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -792,11 +760,11 @@ def main(argv=None):
         if use_cuda:
             torch.cuda.set_device(device)
         amp = args.dtype == "bf16" and use_cuda
-        if args.dtype == "bf16" and not amp and rank == 0:
+        if args.dtype == "bf16" and not amp and int(os.environ.get("RANK", 0)) == 0:
             print(f"{SCRIPT}: --dtype bf16 is ignored on CPU (fp32)", file=sys.stderr)
         if args.benchmark:
             return benchmark(args, device, amp)
-        return generate_main(args, device) if args.generate is not None else train_main(args, device, amp, ddp, log)
+        return generate_main(args, device) if args.generate is not None else train_main(args, device, amp, ddp)
     except (DataError, OSError) as e:
         return common.fail(SCRIPT, e)
     finally:
