@@ -344,23 +344,6 @@ def init_nets(hp, n_x, ratio_head, seeds, device, lr, betas, ck=None):
     return nets, {n: adam(m.flat, lr, betas, ck.get("optim", {}).get(n)) for n, m in nets.items()}, gens
 
 
-def epoch_batches(gens, x, c, tr, n_iter, n_critic, bs, latent):
-    """One epoch's randomness, member by member from its own generator (K batched seeds draw what K single-seed
-    runs draw): critic minibatches (consecutive slices of a permutation, training.py lines 251-257), generator-step
-    conditions (line 262), interpolation weights, noise -> (real, cond, eps, gin_c, gin_g), each (K, n_iter, ...)."""
-    n, device = len(tr), x.device
-
-    def perms(m, g):            # m indices from back-to-back random permutations of range(n)
-        return torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-m // n))])[:m]
-    draws = [(perms(n_iter * n_critic * bs, g).view(n_iter, n_critic, bs), perms(n_iter * bs, g).view(n_iter, bs),
-              torch.rand(n_iter, n_critic, bs, 1, generator=g, device=device),
-              torch.randn(n_iter, n_critic * bs, latent, generator=g, device=device),
-              torch.randn(n_iter, bs, latent, generator=g, device=device)) for g in gens]
-    idx_c, idx_g, eps, z_c, z_g = (torch.stack(t) for t in zip(*draws))
-    real, cond = x[tr[idx_c]], c[tr[idx_c]]
-    return real, cond, eps, torch.cat([z_c, cond.flatten(2, 3)], -1), torch.cat([z_g, c[tr[idx_g]]], -1)
-
-
 def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1, reduce=torch.Tensor.float):
     """n_critic critic steps then one generator step; -> (3, K) sums of critic loss, W, generator loss.
     real (K, n_critic, B, n_x), cond and eps (K, n_critic, B, 1), gin_c (K, n_critic*B, latent+1), gin_g (K, B,
@@ -382,11 +365,22 @@ def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1,
 
 
 def run_epoch(nets, opts, gens, xct, n_cells, args, amp, n_iter, bs, step_fn=iteration, reduce=torch.Tensor.float):
-    """One epoch of train() (and of --benchmark): its draws from gens (xct: data, conditions, training indices),
-    then n_iter iterations -> (3, K) sums of critic loss, W, generator loss."""
-    x, c, tr = xct
-    buf = torch.zeros(len(gens), args.n_critic, 3 * bs, x.shape[1] + 1, device=x.device)  # overwritten whole
-    batches, sums = epoch_batches(gens, x, c, tr, n_iter, args.n_critic, bs, args.latent), 0
+    """One epoch of train() (and of --benchmark) -> (3, K) sums of critic loss, W, generator loss. First its
+    randomness, member by member from its own generator (K batched seeds draw what K single-seed runs draw): critic
+    minibatches (consecutive slices of a permutation, training.py lines 251-257), generator-step conditions (line
+    262), interpolation weights, noise; xct: data, conditions, training indices. Then n_iter iterations."""
+    (x, c, tr), (n, nc, device) = xct, (len(xct[2]), args.n_critic, xct[0].device)
+
+    def perms(m, g):            # m indices from back-to-back random permutations of range(n)
+        return torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-m // n))])[:m]
+    draws = [(perms(n_iter * nc * bs, g).view(n_iter, nc, bs), perms(n_iter * bs, g).view(n_iter, bs),
+              torch.rand(n_iter, nc, bs, 1, generator=g, device=device),
+              torch.randn(n_iter, nc * bs, args.latent, generator=g, device=device),
+              torch.randn(n_iter, bs, args.latent, generator=g, device=device)) for g in gens]
+    idx_c, idx_g, eps, z_c, z_g = (torch.stack(t) for t in zip(*draws))
+    real, cond = x[tr[idx_c]], c[tr[idx_c]]
+    batches = real, cond, eps, torch.cat([z_c, cond.flatten(2, 3)], -1), torch.cat([z_g, c[tr[idx_g]]], -1)
+    buf, sums = torch.zeros(len(gens), nc, 3 * bs, x.shape[1] + 1, device=device), 0   # overwritten whole
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
         for it in range(n_iter):
             sums = sums + step_fn(nets["generator"].layers(), nets["critic"].layers(), opts, buf,
