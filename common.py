@@ -854,6 +854,21 @@ def nearest_neighbours(query, pool, k=5):
     return idx, dist
 
 
+def memorisation(real, gen, n_queries, rng):
+    """Nearest-neighbour memorisation check (evaluate.py, ATLAS) of (N, C) showers taken as fractions of their
+    total: median distance to the nearest shower of a random real half A, of n_queries generated showers (dist_gen)
+    and of n_queries held-out real ones (dist_real); nn_ratio = dist_gen / dist_real << 1 means copies. {} if half A
+    has fewer than 5 showers or no real shower is held out; rng draws half A, then the generated queries."""
+    norm = [x / np.maximum(x.sum(1, keepdims=True), 1e-30) for x in (real, gen)]
+    perm = rng.permutation(len(real))
+    pool, qb = norm[0][perm[:len(real) // 2]], norm[0][perm[len(real) // 2:]][:n_queries]
+    qg = norm[1][rng.permutation(len(gen))[:n_queries]]
+    if len(pool) < 5 or not len(qb):
+        return {}
+    dg, db = (float(np.median(nearest_neighbours(q, pool, k=5)[1][:, 0])) for q in (qg, qb))
+    return {"nn_median_dist_gen": dg, "nn_median_dist_real": db, "nn_ratio": dg / db if db > 0 else None}
+
+
 def lhcb_centre(momentum, point, zoff=25.0):
     """(N, 2) LHCb shower centre on the cell grid (cell units, grid centres -14.5..14.5):
     entry point extrapolated along the momentum by zoff (MLHEP metric convention)."""

@@ -7,52 +7,50 @@
     python evaluate.py ild_real.h5 runs/vaegan/generated.h5 --amplification --out report/
     python evaluate.py ds3_real.h5 ds3_gen.h5 --device cuda --cls-calochallenge   # the challenge's classifier
 
-The first file is the reference ("real"), every further file a generated sample. Formats, from keys and shapes:
-LCD (`ECAL` 25x25x25 or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS (`cells` 89/247 +
-`energy`, MeV), CaloChallenge (`incident_energies`, `showers` of 368/6480/40500 voxels = dataset 1/2/3, MeV), LHCb
-(`EnergyDeposit` 30x30 + `ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers`
-MeV reduced by common.reduce_ild, or reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Bad input (file,
-flag, --out; strings, complex, values beyond float32, overflow in features or classifier): one line on stderr,
-exit status 2, nothing written. Datasets 2 and 3 (16 GB a file) are read block by block; the classifier reads
-only its subsample (<= 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events): two 20000-shower ds3
-files (6.5 GB) take 2.4 GB peak RSS and 97 s on one CPU thread with --cls-epochs 1.
+The first file is the reference ("real"), every further file a generated sample. Formats, from keys and shapes: LCD
+(`ECAL` 25x25x25 or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS (`cells` 89/247 + `energy`,
+MeV), CaloChallenge (`incident_energies`, `showers` of 368/6480/40500 voxels = dataset 1/2/3, MeV), LHCb
+(`EnergyDeposit` 30x30 + `ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers` MeV
+reduced by common.reduce_ild, or reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Bad input (file, flag,
+--out; strings, complex, values beyond float32, overflow in features or classifier): one line on stderr, exit status 2,
+nothing written. Datasets 2 and 3 (16 GB a file) are read block by block, the classifier reads only its subsample
+(<= 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events): two 20000-shower ds3 files (6.5 GB) take
+2.4 GB peak RSS and 97 s on one CPU thread with --cls-epochs 1.
 
-Out (--out): report.md (a row and verdict per generated file), plots/*.png and *.pdf, metrics.json: script,
-detector, protocol, voxel_cut (MeV), geometry, toy, features (observables compared), dropped_features (constant in
-the real sample), real {path, n_events, toy, n_empty}, bins (native), plots, settings (the flags); per generated
-file in `generated`: label, path, n_events, toy, n_empty (showers with no energy left after the cut),
-separation_power per observable, separation_power_noise (its statistical floor), flagged, separation_power_mean,
-frechet_distance, classifier {auc, jsd, bce, split sizes, best_epoch, epochs_run, calibration, device} or
-{skipped}, auc, calochallenge (mean separation power per feature group and of the voxels), lcd / atlas / lhcb / ild
-(the detector's yardsticks below), memorisation (ATLAS), verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE =
-AUC <= 0.75 and at most a fifth flagged; FAIL otherwise.
+Out (--out): report.md (a row and verdict per generated file), plots/*.png and *.pdf, metrics.json: script, detector,
+protocol, voxel_cut (MeV), geometry, toy, features (observables compared), dropped_features (constant in the real
+sample), real {path, n_events, toy, n_empty}, bins (native), plots, settings (the flags); per generated file in
+`generated`: label, path, n_events, toy, n_empty (showers with no energy left after the cut), separation_power per
+observable, separation_power_noise (its statistical floor), flagged, separation_power_mean, frechet_distance,
+classifier {auc, jsd, bce, split sizes, best_epoch, epochs_run, calibration, device} or {skipped}, auc, calochallenge
+(mean separation power per feature group and of the voxels), lcd / atlas / lhcb / ild (the detector's yardsticks
+below), memorisation (ATLAS), verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE = AUC <= 0.75 and at most a
+fifth flagged; FAIL otherwise.
 
---protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py: voxels
-below its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
-HighLevelFeatures.CalculateFeatures, its expressions and dtypes (common.calochallenge_features); separation power
-= _separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms binned as its plot_*
-functions (common.calochallenge_edges; entries outside the range dropped). Not reproduced: Etot/Einc per discrete
-energy, its high-level and ResNet classifiers, FPD/KPD, PRDC. Checked against its `-m hist-chi` output and its
-plot_sparsity/ECR/ECWidthR on toy ds1 (2 x 2000), random ds2, ds3 (2 x 300): every separation power equal (30,
-362, 362), every feature bit-identical.
+--protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py: voxels below
+its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
+HighLevelFeatures.CalculateFeatures, its expressions and dtypes (common.calochallenge_features); separation power =
+_separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms binned as its plot_* functions
+(common.calochallenge_edges; entries outside the range dropped). Not reproduced: Etot/Einc per discrete energy, its
+high-level and ResNet classifiers, FPD/KPD, PRDC. Checked against its `-m hist-chi` output and plot_sparsity/ECR/
+ECWidthR on toy ds1 (2 x 2000), random ds2, ds3 (2 x 300): all separation powers equal (30, 362, 362), every feature
+bit-identical.
 --protocol native: per detector the original authors' validation (reference.md) and the field's yardsticks in our
-binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails
-clipped into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell
-variance, nearest-neighbour memorisation (generated vs held-out real distance to real half A; << 1 = copies);
-LHCb: MLHEP (common.lhcb_prd: PRD on the 24 physics features of score.py and on raw images, equal sizes, 100
-clusters), score = min; ILD: quantile JSD of E_vis, hits, centre of gravity x/y, pixel spectrum (reference.md:
-unconfirmed which five), --amplification on two disjoint real halves. Empty showers: the challenge gives their
-centres and widths 0; native makes centres, widths, fractions, LHCb asymmetries undefined (NaN, as MLHEP; LHCb
-sparsity 1), left out of histograms and of the Frechet distance (of the observables standardised with the real
-mean and std; ~ D/N for one distribution). Flagged: separation power > max(0.01, 3 x its floor B(1/n1 + 1/n2)/4
-for B occupied bins).
-Classifier: voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 split of the same shower indices
-in both files, Adam; AUC and JSD = (ln2 - BCE)/ln2 on the test split, calibrated on the validation split. Default
-(CPU-sized): 2 x 256 hidden, LeakyReLU 0.2, standardised inputs, early stopping on the validation loss, Platt
-scaling. --cls-calochallenge: its DNN (num_layer=2 = 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam
-2e-4, batch 1000, 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's
-IsotonicRegression, clip, y in [1e-6, 1-1e-6], here without sklearn), AUC of the calibrated output; kept
-different: float32, our split.
+binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails clipped
+into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell variance,
+nearest-neighbour memorisation (generated vs held-out real distance to real half A; << 1 = copies); LHCb: MLHEP
+(common.lhcb_prd: PRD on score.py's 24 physics features and on raw images, equal sizes, 100 clusters), score = min;
+ILD: quantile JSD of E_vis, hits, centre of gravity x/y, pixel spectrum (reference.md: unconfirmed which five),
+--amplification on two disjoint real halves. Empty showers: the challenge gives their centres and widths 0; native
+makes centres, widths, fractions, LHCb asymmetries undefined (NaN, as MLHEP; LHCb sparsity 1), left out of histograms
+and of the Frechet distance (of the observables standardised with the real mean and std; ~ D/N for one distribution).
+Flagged: separation power > max(0.01, 3 x its floor B(1/n1 + 1/n2)/4 for B occupied bins).
+Classifier: voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 split of the same shower indices in
+both files, Adam; AUC and JSD = (ln2 - BCE)/ln2 on the test split, calibrated on the validation split. Default
+(CPU-sized): 2 x 256 hidden, LeakyReLU 0.2, standardised inputs, early stopping on the validation loss, Platt scaling.
+--cls-calochallenge: its DNN (num_layer=2 = 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam 2e-4, batch
+1000, 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's IsotonicRegression, clip, y in
+[1e-6, 1-1e-6], here without sklearn), AUC of the calibrated output; kept different: float32, our split.
 """
 import argparse
 import json
@@ -113,12 +111,10 @@ def get_args(argv=None):
     if args.bins < 0 or args.cls_patience < 0 or not args.cls_lr > 0:
         p.error("--bins and --cls-patience must be >= 0 and --cls-lr > 0")
     n_gen, stems = len(args.files) - 1, [os.path.splitext(os.path.basename(f))[0] for f in args.files[1:]]
-    if args.labels is None:
-        args.labels = stems if len(set(stems)) == n_gen else [f"gen{i + 1}:{s}" for i, s in enumerate(stems)]
-    else:
-        args.labels = [s.strip() for s in args.labels.split(",")]
-        if len(args.labels) != n_gen or not all(args.labels):
-            p.error(f"--labels needs {n_gen} non-empty comma-separated names, got {len(args.labels)}")
+    given = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
+    if given is not None and (len(given) != n_gen or not all(given)):
+        p.error(f"--labels needs {n_gen} non-empty comma-separated names, got {len(given)}")
+    args.labels = given or (stems if len(set(stems)) == n_gen else [f"gen{i + 1}:{s}" for i, s in enumerate(stems)])
     return args
 
 # ---------------------------------------------------------------- data
@@ -265,8 +261,6 @@ CC_GROUPS = {"Etot_Einc": "E_tot / E_inc", "E_layer": "energy per layer [MeV]", 
 CC_PREFIX = {t: p for p, t in CC_GROUPS.items()}
 UNDEFINED_WHEN_EMPTY = ("centre_", "width_", "frac_", "cog_", "asym_", "middle_core")   # native protocol
 LHCB_ALPHAS = np.logspace(-5, -1, 20)
-LABEL = {"e_vis": "visible energy E_vis", "e_ratio": "E_vis / E_inc (sampling fraction, response)",
-         "n_hits": "number of hit cells"}
 ILD_OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel_spectrum")
 
 def features(d):
@@ -284,8 +278,7 @@ def features(d):
     return f, parts[0][1]
 
 def block_features(d, cells, sl):
-    g, n = d["geom"], len(cells)
-    e_vis = cells.sum(1, dtype=np.float64)
+    g, n, e_vis = d["geom"], len(cells), cells.sum(1, dtype=np.float64)
     f = {"_empty": e_vis == 0, "_max": cells.max(1)}
     if d["protocol"] == "calochallenge":
         hlf = common.calochallenge_features(cells, g)
@@ -303,24 +296,20 @@ def block_features(d, cells, sl):
                        [f"{k}_{ax}" for k in ("centre", "width") for ax in "xyz"]))
     elif g.name.startswith("atlas") or g.name.startswith("calochallenge"):
         ax = ("eta", "phi") if g.xy_unit == "eta/phi" else ("x", "y")
-        cw = common.centre_width_per_layer(cells, g)
-        onehot = (g.layer[:, None] == np.arange(g.n_layers)[None, :]).astype(np.float64)
-        hit = ((cells > 0).astype(np.float64) @ onehot) / onehot.sum(0)  # exact counts of hit cells per layer
+        cw, hit = common.centre_width_per_layer(cells, g), common.energy_per_layer(cells > 0, g)  # exact hit counts
         for key, arr in {"e": common.energy_per_layer(cells, g), "frac": common.fraction_per_layer(cells, g),
-                         f"centre_{ax[0]}": cw["centre_x"], f"centre_{ax[1]}": cw["centre_y"], f"width_{ax[0]}":
-                         cw["width_x"], f"width_{ax[1]}": cw["width_y"], "sparsity": 1.0 - hit}.items():
+                         **{f"{k}_{u}": cw[f"{k}_{a}"] for k in ("centre", "width") for a, u in zip("xy", ax)},
+                         "sparsity": 1.0 - hit / np.bincount(g.layer, minlength=g.n_layers)}.items():
             f.update({f"{key}_{ln}": arr[:, i] for i, ln in enumerate(g.layer_names)})
             groups.append((f"{key} per layer", [f"{key}_{ln}" for ln in g.layer_names]))
         if g.name.startswith("atlas"):
             f["middle_core_fraction"] = common.middle_core_fraction(cells, g)
             groups[0][1].append("middle_core_fraction")
     elif g.name == "lhcb":
-        img, mom, pt = cells.reshape(n, 30, 30), d["momentum"][sl], d["point"][sl]
-        for kind, fn in (("asym", common.lhcb_asymmetry), ("width", common.lhcb_width)):
-            f[f"{kind}_long"], f[f"{kind}_trans"] = fn(img, mom, pt), fn(img, mom, pt, orthogonal=True)
-        sp = common.lhcb_sparsity(img, LHCB_ALPHAS)
-        sp[f["_empty"]] = 1.0  # MLHEP: every cell of an empty image is >= alpha * 0
-        f.update({f"sparsity_{LHCB_ALPHAS[j]:.0e}": sp[:, j] for j in (5, 10, 15)}, _spcurve=sp)
+        # MLHEP's physics features (score.py); an empty image has sparsity 1 (every cell >= alpha * 0)
+        pf = common.lhcb_physics_features(cells.reshape(n, 30, 30), d["momentum"][sl], d["point"][sl])
+        f.update({k: pf[:, j] for j, k in enumerate(("asym_long", "asym_trans", "width_long", "width_trans"))})
+        f.update({f"sparsity_{LHCB_ALPHAS[j]:.0e}": pf[:, 4 + j] for j in (5, 10, 15)}, _spcurve=pf[:, 4:])
         groups.append(("MLHEP physics metrics", [k for k in f if k[0] != "_" and k not in groups[0][1]]))
     else:  # ild10: centre of gravity and width of the single layer
         cw = common.centre_width_per_layer(cells, g)
@@ -344,8 +333,7 @@ def sep_power(real, gen, edges, clip=True, floor=False):
 
 def standardised(feat_real, feat):
     """(N', D) features standardised with the real mean and std (std 0 -> 1), showers with a NaN one left out."""
-    r, x = (np.stack([f[k] for k in feat_real], 1) for f in (feat_real, feat))
-    r, x = r[np.isfinite(r).all(1)], x[np.isfinite(x).all(1)]
+    r, x = (a[np.isfinite(a).all(1)] for a in (np.stack([f[k] for k in feat_real], 1) for f in (feat_real, feat)))
     return (x - r.mean(0)) / np.where(r.std(0) == 0, 1.0, r.std(0))
 
 # ---------------------------------------------------------------- model: classifier two-sample test
@@ -404,9 +392,8 @@ def two_sample_test(real, gen, args, device, log, tag):
     best, best_state, best_epoch, n_train, t0 = math.inf, None, 0, len(tr), time.time()
     for epoch in range(1, args.cls_epochs + 1):
         for i in rows["train"][torch.randperm(n_train, device=device)].split(args.cls_batch):
-            loss = bce(model(X[i]), Y[i])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss := bce(model(X[i]), Y[i])).backward()
             opt.step()
         z, y = logits("val")
         if not torch.isfinite(z).all():   # raw inputs near the float32 limit overflow the network
@@ -431,8 +418,7 @@ def two_sample_test(real, gen, args, device, log, tag):
 
         def closure():
             lbfgs.zero_grad()
-            loss = bce(ab[0] * zv + ab[1], yv)
-            loss.backward()
+            (loss := bce(ab[0] * zv + ab[1], yv)).backward()
             return loss
         lbfgs.step(closure)
         a, b = (float(v) for v in ab.detach()) if ab[0] > 0 else (0.0, 0.0)  # useless classifier: p = 1/2
@@ -445,51 +431,40 @@ def two_sample_test(real, gen, args, device, log, tag):
             "epochs_run": epoch, "calibration": cal, "device": str(device)}
 
 # ---------------------------------------------------------------- train: detector-specific validation (native)
-def lcd_extra(real, gen, fr, fg, args, plot):
-    """Sampling fraction per 10 GeV bin (and its ratio), profiles (2DGAN validation)."""
-    edges = np.arange(0.0, 10.0 * math.ceil(real["e_inc"].max() / 10.0) + 10.0, 10.0)
-    sf = [common.binned_stat(d["e_inc"], d["cells"].sum(1, dtype=np.float64) / d["e_inc"], edges) for d in (real, gen)]
-    ok, ratio = (sf[0][2] >= 5) & (sf[1][2] >= 5), sf[1][0] / sf[0][0]
-    prof = [[p.mean(0) for p in common.axis_profiles(d["cells"].reshape(-1, 25, 25, 25))] for d in (real, gen)]
-    plot.update(sf_bins=(edges, sf), profiles=prof)
-    return {"sampling_fraction_bins_GeV": edges.tolist(), "sampling_fraction_real": _list(sf[0][0]),
-            "sampling_fraction_gen": _list(sf[1][0]), "sampling_fraction_ratio": _list(np.where(ok, ratio, np.nan)),
-            "sampling_fraction_max_abs_ratio_minus_1": _num(np.nanmax(np.abs(ratio[ok] - 1))) if ok.any() else None,
-            "profile_rel_l1_error": {ax: float(np.sum(np.abs(prof[1][a] - prof[0][a])) / np.sum(prof[0][a]))
-                                     for a, ax in enumerate("xyz")}}
-
-def atlas_extra(real, gen, fr, fg, args, plot):
-    """Correlation MSE, variance per cell, nearest-neighbour memorisation check (Klein's validation)."""
-    rng, half = np.random.default_rng(args.seed), real["n"] // 2
-    cr, cg = (d["cells"][rng.permutation(d["n"])[:min(real["n"], gen["n"], 20000)]] for d in (real, gen))
-    vr, vg = plot["variance"] = common.cell_variance(real["cells"]), common.cell_variance(gen["cells"])
-    out = {"correlation_mse": common.correlation_mse(cr, cg),
-           "correlation_mse_real_halves": common.correlation_mse(real["cells"][:half], real["cells"][half:]),
-           "cell_variance_mean_abs_rel_diff": _num(np.mean(np.abs(vg[vr > 0] - vr[vr > 0]) / vr[vr > 0]))}
-    # memorisation: generated vs held-out real distances to the nearest real shower of half A
-    norm = [d["cells"] / np.maximum(d["cells"].sum(1, keepdims=True), 1e-30) for d in (real, gen)]
-    perm = rng.permutation(real["n"])
-    pool, qb = norm[0][perm[:half]], norm[0][perm[half:]][:args.nn_queries]
-    qg = norm[1][rng.permutation(gen["n"])[:args.nn_queries]]
-    if len(pool) >= 5 and len(qb):
-        dg, db = (float(np.median(common.nearest_neighbours(q, pool, k=5)[1][:, 0])) for q in (qg, qb))
-        out.update(nn_median_dist_gen=dg, nn_median_dist_real=db, nn_ratio=_num(dg / db) if db > 0 else None)
-    return out
-
-def lhcb_extra(real, gen, fr, fg, args, plot):
-    """MLHEP protocol (common.lhcb_prd): PRD-AUC on the 24 physics features and the raw images, equal sizes."""
-    m = min(real["n"], gen["n"], args.prd_max)
-    ir, ig = (np.sort(np.random.default_rng(args.seed).permutation(x["n"])[:m]) for x in (real, gen))
-    r = common.lhcb_prd(real["cells"][ir].reshape(-1, 30, 30), gen["cells"][ig].reshape(-1, 30, 30),
-                        real["momentum"][ir], real["point"][ir], gen["momentum"][ig], gen["point"][ig],
-                        num_runs=args.prd_runs, seed=args.seed)
-    plot.update(prd=[r["prd_images"], r["prd_physics"]], sparsity=(real["sparsity_curve"], gen["sparsity_curve"]))
-    return {"prd_auc_images": r["prd_auc_images"], "prd_auc_physics": r["prd_auc_physics"], "prd_n_per_sample": m,
-            "prd_auc_score": r["score"], "sparsity_curve_alphas": LHCB_ALPHAS.tolist(),
-            "sparsity_curve_real": _list(real["sparsity_curve"]), "sparsity_curve_gen": _list(gen["sparsity_curve"])}
-
-def ild_extra(real, gen, fr, fg, args, plot):
-    """Quantile JSD of the five observables (Calomplification), amplification if asked."""
+def yardsticks(name, real, gen, fr, fg, args, plot):
+    """The detector's own validation of one generated sample (native protocol); the data of its plots into `plot`."""
+    if name == "lcd":   # 2DGAN: sampling fraction per 10 GeV bin (and its ratio), profiles
+        edges = np.arange(0.0, 10.0 * math.ceil(real["e_inc"].max() / 10.0) + 10.0, 10.0)
+        sf = [common.binned_stat(d["e_inc"], common.sampling_fraction(d["cells"], d["e_inc"]), edges)
+              for d in (real, gen)]
+        ok, ratio = (sf[0][2] >= 5) & (sf[1][2] >= 5), sf[1][0] / sf[0][0]
+        prof = [[p.mean(0) for p in common.axis_profiles(d["cells"].reshape(-1, 25, 25, 25))] for d in (real, gen)]
+        plot.update(sf_bins=(edges, sf), profiles=prof)
+        return {"sampling_fraction_bins_GeV": edges.tolist(), "sampling_fraction_real": sf[0][0],
+                "sampling_fraction_gen": sf[1][0], "sampling_fraction_ratio": np.where(ok, ratio, np.nan),
+                "sampling_fraction_max_abs_ratio_minus_1":
+                    _clean(np.nanmax(np.abs(ratio[ok] - 1))) if ok.any() else None,
+                "profile_rel_l1_error": {ax: float(np.sum(np.abs(prof[1][a] - prof[0][a])) / np.sum(prof[0][a]))
+                                         for a, ax in enumerate("xyz")}}
+    if name == "atlas":   # Klein's validation: correlation MSE, variance per cell, nearest-neighbour memorisation
+        rng, half = np.random.default_rng(args.seed), real["n"] // 2
+        cr, cg = (d["cells"][rng.permutation(d["n"])[:min(real["n"], gen["n"], 20000)]] for d in (real, gen))
+        vr, vg = plot["variance"] = common.cell_variance(real["cells"]), common.cell_variance(gen["cells"])
+        out = {"correlation_mse": common.correlation_mse(cr, cg),
+               "correlation_mse_real_halves": common.correlation_mse(real["cells"][:half], real["cells"][half:]),
+               "cell_variance_mean_abs_rel_diff": _clean(np.mean(np.abs(vg[vr > 0] - vr[vr > 0]) / vr[vr > 0]))}
+        return {**out, **common.memorisation(real["cells"], gen["cells"], args.nn_queries, rng)}
+    if name == "lhcb":   # MLHEP (common.lhcb_prd): PRD-AUC on the 24 physics features and the raw images, equal sizes
+        m = min(real["n"], gen["n"], args.prd_max)
+        ir, ig = (np.sort(np.random.default_rng(args.seed).permutation(x["n"])[:m]) for x in (real, gen))
+        r = common.lhcb_prd(real["cells"][ir].reshape(-1, 30, 30), gen["cells"][ig].reshape(-1, 30, 30),
+                            real["momentum"][ir], real["point"][ir], gen["momentum"][ig], gen["point"][ig],
+                            num_runs=args.prd_runs, seed=args.seed)
+        plot.update(prd=[r["prd_images"], r["prd_physics"]], sparsity=(real["sparsity_curve"], gen["sparsity_curve"]))
+        return {"prd_auc_images": r["prd_auc_images"], "prd_auc_physics": r["prd_auc_physics"], "prd_n_per_sample": m,
+                "prd_auc_score": r["score"], "sparsity_curve_alphas": LHCB_ALPHAS.tolist(),
+                "sparsity_curve_real": real["sparsity_curve"], "sparsity_curve_gen": gen["sparsity_curve"]}
+    # ild (Calomplification): quantile JSD of the five observables, amplification if asked
     orr, og = ({**{k: _fin(f[k]) for k in ILD_OBS[:4]}, "pixel_spectrum": d["cells"][d["cells"] > 0].astype(np.float64)}
                for d, f in ((real, fr), (gen, fg)))
     plot["pixels"] = (orr["pixel_spectrum"], og["pixel_spectrum"])
@@ -500,31 +475,22 @@ def ild_extra(real, gen, fr, fg, args, plot):
         perm = np.random.default_rng(args.seed).permutation(real["n"])
         ref, pool = perm[: real["n"] // 2], perm[real["n"] // 2:]
         nb = min(args.quantiles, len(ref) // 10)
-        amp = plot["amplification"] = {k: {kk: _list(x) if isinstance(x, np.ndarray) else _num(x) for kk, x in
-                                           common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb,
-                                                                seed=args.seed).items()} for k in ILD_OBS[:4]}
+        amp = plot["amplification"] = {k: {kk: _clean(x.astype(float) if isinstance(x, np.ndarray) else x) for kk, x
+                                           in common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb,
+                                                                   seed=args.seed).items()} for k in ILD_OBS[:4]}
         out["amplification"] = {"n_bins": nb, "n_reference": len(ref), "n_truth_pool": len(pool), "observables": amp}
     return out
 
-EXTRAS = {"lcd": lcd_extra, "atlas": atlas_extra, "lhcb": lhcb_extra, "ild": ild_extra}   # native, per detector
-
 # ---------------------------------------------------------------- generate: plots and report
-def _num(v):
-    """JSON-safe float (NaN -> None, inf kept as a string)."""
-    return None if v is None or math.isnan(float(v)) else ("inf" if math.isinf(float(v)) else float(v))
-
-def _list(a):
-    return [_num(v) for v in np.asarray(a, np.float64).ravel()]
-
 def _clean(obj):
     """Valid JSON: numpy scalars to Python, NaN -> null, inf -> "inf", recursively."""
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, np.ndarray)):
         return [_clean(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_, int, np.integer)):
-        return obj.item() if isinstance(obj, np.generic) else obj
-    return _num(obj) if isinstance(obj, (float, np.floating)) else obj
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else "inf" if math.isinf(obj) else float(obj)
+    return obj.item() if isinstance(obj, (np.bool_, np.integer)) else obj
 
 def _fmt(v, f="{:.3f}"):
     return "-" if v is None or v != v else f.format(v)
@@ -576,15 +542,14 @@ class Plotter:
             else:
                 top.plot(x, ref, color="k", lw=2, label="real")
                 ylog, xlog = logy and np.nanmin(ref) > 0, logx
+            bot.axhline(1.0, color="k", lw=0.8)
             for g, c, lb in zip(gens, self.colors, self.labels):
+                r = np.divide(g, ref, out=np.full(len(ref), np.nan), where=ref > 0)
                 top.plot(x, g, color=c, marker=".", label=lb) if ylabel else top.stairs(g, x, color=c, lw=1.4, label=lb)
+                bot.plot(x, r, color=c, marker=".") if ylabel else bot.step(x, np.r_[r, r[-1:]], where="post", color=c)
             top.set(yscale="log" if ylog else "linear", ylabel=ylabel or "fraction of showers")
             top.legend(fontsize=7)
             top.tick_params(labelbottom=False)
-            bot.axhline(1.0, color="k", lw=0.8)
-            for g, c in zip(gens, self.colors):
-                r = np.divide(g, ref, out=np.full(len(ref), np.nan), where=ref > 0)
-                bot.plot(x, r, color=c, marker=".") if ylabel else bot.step(x, np.r_[r, r[-1:]], where="post", color=c)
             bot.set(ylim=(0.5, 1.5), ylabel="gen / real", xlabel=xlabel, xscale="log" if xlog else "linear")
         self.save(fig, name, subtitle)
 
@@ -603,7 +568,8 @@ class Plotter:
 def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
     P, det = Plotter(os.path.join(args.out, "plots"), title, args.labels), real["detector"]
     cc = real["protocol"] == "calochallenge"
-    xlabels = {**LABEL, "e_vis": f"visible energy [{real['geom'].unit}]"}
+    xlabels = {"e_vis": f"visible energy [{real['geom'].unit}]", "n_hits": "number of hit cells",
+               "e_ratio": "E_vis / E_inc (sampling fraction, response)"}
 
     def hist(vals, e, xlabel, clip=True):   # a histogram panel; clip: tails counted in the end bins
         h = [np.histogram(np.clip(v, e[0], e[-1]) if clip else v, e)[0] / max(1, len(v)) for v in map(_fin, vals)]
@@ -700,13 +666,10 @@ def report_md(m, title, groups):
 
 def verdict(row, n_feat):
     auc, nflag = row.get("auc"), len(row["flagged"])
-    if (auc is None or auc <= 0.55) and nflag == 0:
-        v = "PASS: indistinguishable at this sample size" + (" (observables only)" if auc is None else "")
-    elif (auc is None or auc <= 0.75) and nflag <= max(1, n_feat // 5):
-        v = "CLOSE: small differences (see flagged observables)"
-    else:
-        v = "FAIL: distinguishable"
-    return v + ("; WARNING: memorisation suspected" if row.get("memorisation") else "")
+    v = ("PASS: indistinguishable at this sample size" + " (observables only)" * (auc is None)
+         if (auc is None or auc <= 0.55) and nflag == 0 else "CLOSE: small differences (see flagged observables)"
+         if (auc is None or auc <= 0.75) and nflag <= max(1, n_feat // 5) else "FAIL: distinguishable")
+    return v + "; WARNING: memorisation suspected" * bool(row.get("memorisation"))
 
 # ---------------------------------------------------------------- main
 def run(args, log=print):
@@ -730,11 +693,9 @@ def run(args, log=print):
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     toy = any(d["toy"] for d in data)
     title = DETECTOR_TITLE[det] + " [TOY]" * toy
-    (fr, groups), *fgs = [features(d) for d in data]   # reads (and checks) ds2/ds3 files before anything is written
-    fgs = [f for f, _ in fgs]
+    (fr, groups), fgs = features(real), [features(g)[0] for g in gens]   # reads (checks) ds2/ds3 before any writing
     dead = [k for k in fr if not (len(_fin(fr[k])) and np.ptp(_fin(fr[k])) > 0)]   # constant in the real sample
-    for f, k in ((f, k) for f in [fr] + fgs for k in dead):
-        f.pop(k)
+    fr, *fgs = [{k: v for k, v in f.items() if k not in dead} for f in [fr] + fgs]
     groups = [(t, [k for k in ks if k in fr]) for t, ks in groups if set(ks) - set(dead)]
     log(f"{title}: real {real['n']} showers ({real['path']}), generated "
         + ", ".join(f"{lab} {d['n']}" for lab, d in zip(args.labels, gens)) + f"; protocol {real['protocol']}"
@@ -762,8 +723,8 @@ def run(args, log=print):
             row["classifier"] = two_sample_test(real, g, args, device, log, lab)
             row["auc"] = row["classifier"].get("auc")
         plot_extra.append({})
-        if name in EXTRAS:
-            row[name] = EXTRAS[name](real, g, fr, fg, args, plot_extra[-1])
+        if name in ("lcd", "atlas", "lhcb", "ild"):
+            row[name] = yardsticks(name, real, g, fr, fg, args, plot_extra[-1])
         if name == "atlas":
             row["memorisation"] = row["atlas"].get("nn_ratio") is not None and row["atlas"]["nn_ratio"] < 0.5
         row["verdict"] = verdict(row, len(fr))
