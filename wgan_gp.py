@@ -424,7 +424,7 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
                 f"W {np.mean(s[1]):.4f} | {seen * size / max(el, 1e-9):.0f} samples/s | ETA {eta}"
                 + (f" | mean of {K} seeds" if K > 1 else ""))
         if args.eval_every and done % args.eval_every == 0 and done < args.epochs:
-            log(f"epoch {done}: " + summary(validate(nets["generator"], data, seeds, device)[0]))
+            log(f"epoch {done}: " + validate(nets["generator"], data, seeds, device)[3])
         if done % args.ckpt_every == 0 or done == args.epochs:
             ck = {"script": SCRIPT, "model": {n: m.state_dict() for n, m in nets.items()},
                   "optim": {n: o.state for n, o in opts.items()}, "epoch": done, "step": step, "args": vars(args),
@@ -456,8 +456,8 @@ def sample(gen, cond_e, norm, gens, batch=10000):
 
 def validate(gen, data, seeds, device):
     """Generated showers for the held-out events (one per seed and event, noise cuts applied), their correlation
-    MSE and separation powers against the held-out real showers (binned as evaluate.py), and both samples'
-    common.layer_observables."""
+    MSE and separation powers against the held-out real showers (binned as evaluate.py), both samples'
+    common.layer_observables, and the one-line summary."""
     val, geom = data["val"], data["geom"]
     cells = sample(gen, np.tile(data["cond_e"][val], (len(seeds), 1)), data["norm"],
                    member_generators(seeds, device, 10_000))
@@ -472,13 +472,9 @@ def validate(gen, data, seeds, device):
                                     if fr[k].shape[1] == geom.n_layers else sp(fr[k], ff[k]))
     m["mean_fraction_per_layer"] = {w: dict(zip(geom.layer_names, f["fraction_per_layer"].mean(0).tolist()))
                                     for w, f in (("real", fr), ("generated", ff))}
-    return m, fake, (fr, ff)
-
-
-def summary(m):
-    fsp = m["separation_power"]["fraction_per_layer"]
-    return (f"{'TOY ' if m['toy'] else ''}correlation MSE {m['correlation_mse']:.4f} | fraction-per-layer "
-            "separation power " + " ".join(f"{k} {v:.3f}" for k, v in fsp.items()))
+    line = (f"{'TOY ' if m['toy'] else ''}correlation MSE {m['correlation_mse']:.4f} | fraction-per-layer separation "
+            "power " + " ".join(f"{k} {v:.3f}" for k, v in m["separation_power"]["fraction_per_layer"].items()))
+    return m, fake, (fr, ff), line
 
 
 def load_ckpt(path, device="cpu"):
@@ -725,7 +721,7 @@ def train_main(args, device, amp, ddp):
     gen, histories = train(args, seeds, data, device, ckpt, log, amp, (rank, dist.get_world_size() if ddp else 1))
     if rank:
         return 0
-    metrics, fake, feats = validate(gen, data, seeds, device)
+    metrics, fake, feats, line = validate(gen, data, seeds, device)
     write_h5(os.path.join(args.out, "generated.h5"), d["fmt"], d["geom"], fake, np.tile(d["energy"][val], len(seeds)),
              {"generated": True, "model": "wgan_gp", "toy": data["toy"], "seeds": seeds,
               "energy_is": "held-out real event's " + ("true energy" if atlas else "incident energy")})
@@ -738,7 +734,7 @@ def train_main(args, device, amp, ddp):
         plots(os.path.join(args.out, "plots"), data["cells"][val], fake, d["geom"], data["toy"], metrics, histories,
               *feats)
     log(f"wrote {args.out}/: ckpt.pt, generated.h5, metrics.json" + ("" if args.no_plots else ", plots/"))
-    log(f"validation, {len(val)} held-out real vs {len(fake)} generated: " + summary(metrics))
+    log(f"validation, {len(val)} held-out real vs {len(fake)} generated: " + line)
     return 0
 
 
