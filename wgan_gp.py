@@ -635,14 +635,17 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
                mean, std / np.sqrt(np.maximum(cnt, 1)), dict(fmt="o-", color=col, label=lab, ms=3))
                for (mean, std, cnt), lab, col in stats], "cluster energy [GeV]", "Middle width in phi", (5, 3.5),
                log=True)
-    images = [[layer_image(geom, lay, v.mean(0)) for lay in range(L)] for v in (real, fake)]
-    pos = [np.r_[r[0].ravel(), f[0].ravel()] for r, f in zip(*images)]          # a colour scale per layer
-    norms = [matplotlib.colors.LogNorm(p.min(), p.max()) if len(p) and p.max() > p.min() else None
-             for p in (p[p > 0] for p in pos)]
-    figure("mean_shower", "mean shower per layer", [[([("imshow", np.where(im > 0, im, np.nan), dict(
-        norm=norms[lay], aspect="auto", origin="lower"))], dict(xlabel=xl, ylabel=yl), f"{who} {names[lay]}", 9)
-        for lay, (im, xl, yl) in enumerate(row)] for row, who in zip(images, ("real", "generated"))],
-        (3.4 * L, 5.5), bar="column", left=0.05, bottom=0.1, top=0.88, wspace=0.45)
+    panels = [[], []]                   # mean shower: a row of real and one of generated layers, a colour scale each
+    for lay in range(L):
+        (im_r, xl, yl), (im_f, _, _) = (layer_image(geom, lay, v.mean(0)) for v in (real, fake))
+        pos = np.r_[im_r.ravel(), im_f.ravel()]
+        pos = pos[pos > 0]
+        nrm = matplotlib.colors.LogNorm(pos.min(), pos.max()) if len(pos) and pos.max() > pos.min() else None
+        for row, im, who in zip(panels, (im_r, im_f), ("real", "generated")):
+            row.append(([("imshow", np.where(im > 0, im, np.nan), dict(norm=nrm, aspect="auto", origin="lower"))],
+                        dict(xlabel=xl, ylabel=yl), f"{who} {names[lay]}", 9))
+    figure("mean_shower", "mean shower per layer", panels, (3.4 * L, 5.5), bar="column", left=0.05, bottom=0.1,
+           top=0.88, wspace=0.45)
     cr, cf = common.correlation_matrix(real), common.correlation_matrix(fake)
     figure("correlation", f"Pearson correlation of cells, MSE {metrics['correlation_mse']:.4f}",
            [[([("imshow", m, dict(vmin=-1, vmax=1, cmap="RdBu_r"))], {}, t, 9) for m, t in
@@ -658,10 +661,11 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     q, k = np.argsort(real.sum(1))[np.linspace(0, len(real) - 1, 3).astype(int)], min(5, len(nf))
     idx, dist_ = common.nearest_neighbours(nr[q], nf, k=k)
     lay = int(np.argmax(fr["fraction_per_layer"].mean(0)))
-    figure("nearest_neighbours", f"5 nearest generated showers (layer {names[lay]}, fractions)",
-           [[([("imshow", layer_image(geom, lay, nr[q[r]] if j == 0 else nf[idx[r, j - 1]])[0],
-                dict(aspect="auto", origin="lower"))], dict(xticks=[], yticks=[]),
-              "real" if j == 0 else f"NN{j} d={dist_[r, j - 1]:.3f}", 8) for j in range(k + 1)] for r in range(len(q))],
+    panels = [[([("imshow", layer_image(geom, lay, nr[q[r]] if j == 0 else nf[idx[r, j - 1]])[0],
+                  dict(aspect="auto", origin="lower"))], dict(xticks=[], yticks=[]),
+                "real" if j == 0 else f"NN{j} d={dist_[r, j - 1]:.3f}", 8) for j in range(k + 1)]
+              for r in range(len(q))]     # row r: a real shower, then its k nearest generated ones
+    figure("nearest_neighbours", f"5 nearest generated showers (layer {names[lay]}, fractions)", panels,
            (2.2 * (k + 1), 2.2 * len(q)), left=0.02, right=0.98, bottom=0.03, top=0.85)
     curves("training", "training", [("plot", [e["epoch"] for e in h], [e["wdist"] for e in h], dict(label=f"seed {s}"))
                                     for s, h in histories.items()], "epoch", "critic's Wasserstein estimate")
