@@ -16,13 +16,11 @@ best-epoch metric of F:463-640. TOY run (no --data): 4000 showers, 10 epochs; cl
 profile within 20%) not reached: SF 0.73-1.01, profile off up to x4 (README: the table of runs).
 Bad input (flags, files, --out, checkpoints, another script's run folder): one line, exit 2, nothing written;
 OUT/run.json names the script and the model flags (--latent/--width/--xscale) that --resume must keep.
-Deviations from the original:
-- images x --xscale 50 inside the networks (F:45-90 feeds GeV): at x1 adagan.py's MIXDISC fails
-- Ecal target fitted on the training set (M:252-263 hard-codes the LCD fit)
-- held-out events: a --val-frac split (F:547-556 reads two fixed files, also trained on)
-- validation noise N(0,1) (F:616: N(0.1,1))
-- random streams per (seed, rank, epoch) (no original counterpart: torchrun ranks and resumes)
-- --fake-ep real: fakes at the real batch's Ep (M:266-271 draws uniform)
+Deviations from the original (its lines in brackets): images x --xscale 50 inside the networks (F:45-90 feeds
+GeV; at x1 adagan.py's MIXDISC fails); the Ecal target fitted on the training set (M:252-263 hard-codes the LCD
+fit); held-out events by a --val-frac split (F:547-556 reads two fixed files, also trained on); validation noise
+N(0,1) (F:616: N(0.1,1)); random streams per (seed, rank, epoch), for torchrun ranks and resumes (no original
+counterpart); --fake-ep real: fakes at the real batch's Ep (M:266-271 draws uniform).
 """
 import argparse, json, math, os, shutil, sys, time  # noqa: E401
 
@@ -118,8 +116,7 @@ def get_args(argv=None, toy_config=False):
 # ---------------------------------------------------------------- data
 DataError = common.InputError      # bad input: one line '<file or flag>: <problem>', exit status 2
 
-def _lcd_header(path):
-    """(n_events, Ep key) of one LCD file after checking keys and shapes, reading no cells."""
+def _lcd_header(path):       # (n_events, Ep key) of one LCD file after checking keys and shapes, reading no cells
     try:
         with h5py.File(path, "r") as f:
             shape = f["ECAL"].shape if "ECAL" in f else None
@@ -140,8 +137,7 @@ def _lcd_header(path):
     return shape[0], ekey
 
 def _read_lcd(path, idx=None, cells=True):
-    """One file (all events or sorted indices idx) -> ECAL (n,25,25,25) GeV or None (not cells), Ep (n,) GeV: real,
-    finite in float32 (the training dtype)."""
+    """One file (all events or sorted indices idx) -> (ECAL (n,25,25,25) or None, Ep (n,)) GeV, checked in float32."""
     ekey, sel = _lcd_header(path)[1], slice(None) if idx is None else np.asarray(idx)
     with h5py.File(path, "r") as f:
         e = common.check_real(path, ekey, f[ekey][sel])
@@ -170,8 +166,7 @@ def write_lcd(path, ecal, ep):
             f["target"], f.attrs["generator"] = np.c_[np.full(len(ep), 11.0), ep].astype(np.float32), SCRIPT
     common.write_atomic(path, write)
 
-def split_indices(n, val_frac, seed):
-    """Seeded held-out split: (train_idx, val_idx), both sorted."""
+def split_indices(n, val_frac, seed):        # seeded held-out split: (train_idx, val_idx), both sorted
     perm, n_val = np.random.default_rng(seed).permutation(n), max(1, int(round(val_frac * n)))
     if n - n_val < 1:
         raise DataError(f"{n} events are too few to hold out a validation set")
@@ -180,7 +175,7 @@ def split_indices(n, val_frac, seed):
 class LCDStream:
     """Files too large for the device: read one file at a time; per-file seeded split."""
     def __init__(self, files, val_frac, seed):
-        self.files = files
+        self.files = [f for f in files if _read_lcd(f)]      # every cell of every file checked before training
         self.splits = [split_indices(_lcd_header(f)[0], val_frac, seed + 7919 * i) for i, f in enumerate(files)]
     def train_part(self, i):
         return _read_lcd(self.files[i], self.splits[i][0])
@@ -191,8 +186,7 @@ class LCDStream:
         return tuple(np.concatenate(a) for a in zip(*[_read_lcd(f, v[:max_events - s]) for f, (_, v), s in
                                                        zip(self.files, self.splits, starts) if s < max_events]))
 
-def free_bytes(device):
-    """Free device memory, or available RAM."""
+def free_bytes(device):     # free device memory, or available RAM
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -202,8 +196,7 @@ def free_bytes(device):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 # ---------------------------------------------------------------- model
-def _pad_same(k):
-    """TF 'same' padding for stride 1: (k-1)//2 before, the rest after (asymmetric for even k)."""
+def _pad_same(k):           # TF 'same' padding for stride 1: (k-1)//2 before, the rest after (asymmetric for even k)
     lo = (k - 1) // 2
     return nn.ZeroPad2d((lo, k - 1 - lo, lo, k - 1 - lo))
 
@@ -217,8 +210,7 @@ def _block(c_in, c_out, k, same=True, he=True, up=None):
     return nn.Sequential(*([] if up is None else [up]), *_conv(c_in, c_out, k, same, he), nn.LeakyReLU(0.3),
                          nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01), nn.Dropout(0.2))
 
-def keras_init(net):
-    """Keras' initialisers: he_uniform where the original names it, glorot_uniform elsewhere, zero biases."""
+def keras_init(net):        # Keras' initialisers: he_uniform where the original names it, else glorot_uniform; biases 0
     for mod in net.modules():
         if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             _ = nn.init.kaiming_uniform_(mod.weight, nonlinearity="relu") if getattr(mod, "he", False) else \
@@ -272,11 +264,9 @@ class Discriminator(nn.Module):
         h = self.dense(torch.cat([br(x.permute(*p)).flatten(1) for br, p in zip(self.branches, _TO_BRANCH)], 1))
         return self.fake(h).squeeze(1), self.ep(h).squeeze(1), x.float().sum((1, 2, 3))
 
-def keras_param_count(module):
-    """Parameters counted as Keras does: trainable ones plus BatchNorm moving mean and variance."""
-    return sum(p.numel() for p in module.parameters()) + sum(
-        m.running_mean.numel() + m.running_var.numel() for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm))
+def keras_param_count(module):      # as Keras counts: trainable parameters plus BatchNorm moving mean and variance
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return sum(p.numel() for p in module.parameters()) + sum(b.running_mean.numel() * 2 for b in bns)
 
 # ---------------------------------------------------------------- train
 def resolve_device(name):
@@ -324,22 +314,25 @@ def epoch_seed(seed, rank, epoch):
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
 
 class Steps:
-    """D on real, D on fake, one G step with its own Ep draw (M:312); `gen`: noise, flips, fakes' Ep."""
-    def __init__(self, args, G, D, G_run, D_run, sf_poly, device, gen):
-        self.a, self.G, self.G_run, self.D_run, self.dev, self.gen = args, G, G_run, D_run, device, gen
+    """D on real, D on fake, one G step with its own Ep draw (M:312); `gen`: noise, flips, fakes' Ep. G_run, D_run:
+    G and D under DDP (ddp) and torch.compile (--compile); the saved modules stay G and D, unwrapped."""
+    def __init__(self, args, G, D, sf_poly, device, gen, ddp=False):
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = [torch.nn.parallel.DistributedDataParallel(n, device_ids=ids) if ddp else n for n in (G, D)]
+        self.G_run, self.D_run = (torch.compile(n) if args.compile else n for n in wrapped)
+        self.a, self.G, self.dev, self.gen = args, G, device, gen
         self.nets, self.amp, self.opt = (("G", G), ("D", D)), _autocast(device, args.dtype), {}
         self.sf = torch.tensor(np.asarray(sf_poly)[::-1].copy(), dtype=torch.float32, device=device)
     def new_adam(self, t):      # recreated at every file, as the original (P:303-304); eps: Keras' default
         for name, net in self.nets:
             lr = (self.a.lr_g if name == "G" else self.a.lr_d) * lr_factor(t, self.a.lr_const_epochs, self.a.lr_decay)
             self.opt[name] = torch.optim.Adam(net.parameters(), lr=lr, eps=1e-7)
-    def fake_ep(self, e_real, epoch):     # M:266-271 (its epoch counts from 1: U(1,4) in epochs 1 and 2)
-        if epoch >= self.a.early_epochs and self.a.fake_ep == "real":
-            return e_real
-        lo, hi = (100.0, 400.0) if epoch < self.a.early_epochs else (2.0, 500.0)
-        return lo + (hi - lo) * torch.rand(e_real.shape, device=self.dev, generator=self.gen)
-    def noise(self, e):
-        return torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100.0)
+    def fake_input(self, e_real, epoch):    # (Ep, latent) of fakes; Ep as M:266-271 (epochs from 1: U(1,4) in 1 and 2)
+        e = e_real
+        if epoch < self.a.early_epochs or self.a.fake_ep != "real":
+            lo, hi = (100.0, 400.0) if epoch < self.a.early_epochs else (2.0, 500.0)
+            e = lo + (hi - lo) * torch.rand(e_real.shape, device=self.dev, generator=self.gen)
+        return e, torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100.0)
     def update(self, name, img, label, e_t, ecal_t=None):
         """One Adam step of G or D on D's loss for img -> its value; ecal_t None: the fakes' target from the fit."""
         a = self.a
@@ -356,29 +349,30 @@ class Steps:
         return loss.item()
     def __call__(self, real, e_real, epoch):
         """One step on a real minibatch (images x xscale, Ep GeV) -> (loss_d on fakes, loss_g)."""
-        e_f = self.fake_ep(e_real, epoch)
+        e_f, z = self.fake_input(e_real, epoch)
         with torch.no_grad(), self.amp:
-            fake = self.G(self.noise(e_f)).float()
+            fake = self.G(z).float()
         self.update("D", real, self.a.label_real, e_real, real.sum((1, 2, 3)))
-        loss_d, e_g = self.update("D", fake, self.a.label_fake, e_f), self.fake_ep(e_real, epoch)
+        loss_d = self.update("D", fake, self.a.label_fake, e_f)
+        e_g, z = self.fake_input(e_real, epoch)
         with self.amp:
-            img = self.G_run(self.noise(e_g))
+            img = self.G_run(z)
         return loss_d, self.update("G", img, self.a.label_real, e_g)
 
 class TrainData:
-    """Split, held-out showers, fakes' Ecal/Ep fit (4th order, training events), and per epoch the (images, Ep, index
-    batches) of each 'file': equal parts of the in-memory set (drawn by weight, or permuted), or the real files in a
-    seeded order when streamed. weights: draw probabilities of the training events (len(train_idx) or N)."""
+    """Split, held-out showers, fakes' Ecal/Ep fit (4th order; training events, streamed: the first file's), and per
+    epoch the (images, Ep, index batches) of each 'file' (a new Adam): equal parts of the in-memory set (drawn by
+    weight, or permuted), or the real files when streamed, in an order seeded per epoch, the same on every rank."""
     def __init__(self, args, ecal, ep, device, weights=None, split=None):
-        self.a, self.ecal, self.dev, self.bs = args, ecal, device, args.batch_size
+        self.a, self.ecal, self.dev, self.bs, self.w = args, ecal, device, args.batch_size, None
         self.stream = isinstance(ecal, LCDStream)
+        if self.stream and (weights is not None or split is not None):
+            raise ValueError("weights and split need the data in memory (not streamed)")
         if self.stream:
-            if weights is not None or split is not None:
-                raise ValueError("weights and split need the data in memory (not streamed)")
             self.val_x, self.val_ep = ecal.val_events(args.val_max)
             x0, e0 = ecal.train_part(0)                    # the fit uses the first file
             sf0, self.train_idx, self.val_idx = common.sampling_fraction(x0, e0), None, None
-            self.n = sum(len(tr) for tr, _ in ecal.splits)
+            self.n, self.n_files = sum(len(tr) for tr, _ in ecal.splits), len(ecal.files)
         else:
             n = len(ep)
             tr, va = split_indices(n, args.val_frac, args.seed) if split is None else \
@@ -386,6 +380,7 @@ class TrainData:
             if not (len(tr) and len(va)) or min(tr.min(), va.min()) < 0 or max(tr.max(), va.max()) >= n:
                 raise ValueError(f"split must be two non-empty index arrays into the {n} events")
             self.train_idx, self.val_idx, self.n = tr, va, len(tr)
+            self.n_files = max(1, round(self.n / args.file_events))
             vsel = np.sort(va[np.random.default_rng(args.seed).permutation(len(va))[:args.val_max]])
             self.val_x, self.val_ep, e0 = ecal[vsel], ep[vsel], ep[tr]
             sf0 = np.concatenate([common.sampling_fraction(ecal[tr[s:s + 4096]], e0[s:s + 4096])
@@ -398,23 +393,20 @@ class TrainData:
             self.tr, self.w = torch.from_numpy(tr).to(device), None if w is None else torch.from_numpy(w).to(device)
         self.sf_poly = np.polyfit(e0.astype(np.float64), sf0, 4)
         self.steps = max(1, self.n // self.bs)
-        self.n_files = len(ecal.files) if self.stream else max(1, round(self.n / args.file_events))
     def files(self, epoch, gen):
-        bs, n, dev = self.bs, self.n, self.dev
-        if self.stream:                 # the files in an order seeded per epoch, the same on every rank
-            order = torch.randperm(self.n_files, generator=torch.Generator().manual_seed(self.a.seed + epoch))
-            for i in order.tolist():
-                x, e = self.ecal.train_part(i)
-                perm = torch.randperm(len(e), device=dev, generator=gen)[:len(e) // bs * bs].view(-1, bs)
-                yield torch.from_numpy(x).to(dev), torch.from_numpy(e).to(dev), perm
-            return
-        if self.w is not None:
-            draw = torch.multinomial(self.w, self.steps * bs, replacement=True, generator=gen)
-        else:
-            draw = torch.randperm(n, device=dev, generator=gen)
-            draw = draw[:self.steps * bs] if n >= bs else draw.repeat(bs // n + 1)[:bs]
-        for part in torch.tensor_split(self.tr[draw].view(-1, bs), self.n_files):
-            yield self.x, self.ep, part
+        bs, dev, parts = self.bs, self.dev, [None]      # in memory: one part, its batches split into n_files
+        if self.stream:
+            parts = torch.randperm(self.n_files, generator=torch.Generator().manual_seed(self.a.seed + epoch)).tolist()
+        for i in parts:
+            x, e = (torch.from_numpy(v).to(dev) for v in self.ecal.train_part(i)) if self.stream else (self.x, self.ep)
+            n = len(e) if self.stream else self.n
+            if self.w is not None:
+                draw = torch.multinomial(self.w, self.steps * bs, replacement=True, generator=gen)
+            else:               # a streamed file smaller than a batch adds no step; the in-memory set repeats
+                draw = torch.randperm(n, device=dev, generator=gen)
+                draw = draw[:n // bs * bs] if n >= bs or self.stream else draw.repeat(bs // n + 1)[:bs]
+            batches = (draw if self.stream else self.tr[draw]).view(-1, bs)
+            yield from ((x, e, part) for part in torch.tensor_split(batches, 1 if self.stream else self.n_files))
 
 def save_ckpt(path, G, D, st, args, data, rank):
     """Checked on every rank (all stop alike on NaN/inf, the previous file kept), written by rank 0. No optimiser
@@ -440,15 +432,12 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     st = {"epoch": 0, "step": 0, "history": [], "best": {"epoch": -1, "metric": float("inf"), "G": None, "D": None}}
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if out_dir else None
     if args.resume and ckpt_path and os.path.exists(ckpt_path):
-        ck, G_ck, D_ck = read_ckpt(ckpt_path, device, args)
-        G.load_state_dict(G_ck.state_dict()), D.load_state_dict(D_ck.state_dict())
+        ck = load_checkpoint(ckpt_path, device, args, best=False)[1]
+        G.load_state_dict(ck["model"]["G"]), D.load_state_dict(ck["model"]["D"])
         st = {k: ck[k] for k in st}
         _ = rank == 0 and log(f"resumed from {ckpt_path} at epoch {st['epoch']}, step {st['step']}")
-    ids = [device.index] if device.type == "cuda" else None     # the saved modules stay G and D, unwrapped
-    G_run, D_run = (torch.nn.parallel.DistributedDataParallel(n, device_ids=ids) if ddp else n for n in (G, D))
-    G_run, D_run = (torch.compile(n) if args.compile else n for n in (G_run, D_run))
     gen = torch.Generator(device)        # batches, noise, flips: reseeded per rank and epoch (epoch_seed)
-    step, t0, done0 = Steps(args, G, D, G_run, D_run, data.sf_poly, device, gen), time.time(), st["step"]
+    step, t0, done0 = Steps(args, G, D, data.sf_poly, device, gen, ddp), time.time(), st["step"]
     def progress(loss_d, loss_g, extra=""):
         rate = (st["step"] - done0) * args.batch_size * world / (time.time() - t0)
         eta = int(max(0, (args.epochs * data.steps - st["step"]) * args.batch_size * world / max(rate, 1e-9)))
@@ -458,7 +447,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         gen.manual_seed(epoch_seed(args.seed, rank, epoch))
         torch.manual_seed(epoch_seed(args.seed, rank, epoch) + 1)      # dropout
         G.relu_out.fill_(epoch + 1 >= args.relu_epoch)
-        for net in (G_run, D_run):          # frozen: BatchNorm on its moving statistics, no dropout
+        for net in (step.G_run, step.D_run):          # frozen: BatchNorm on its moving statistics, no dropout
             net.train(args.bn_mode == "batch")
         sums, n_b, first = np.zeros(2), 0, []
         for k, (xc, ec, batches) in enumerate(data.files(epoch, gen)):
@@ -477,8 +466,7 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         if ddp:     # the events each rank drew first: ranks must differ (resume test)
             rec["first_batch"] = [None] * world
             torch.distributed.all_gather_object(rec["first_batch"], first)
-        st["history"].append(rec)
-        st["epoch"] = epoch + 1
+        st["history"], st["epoch"] = st["history"] + [rec], epoch + 1
         if metric < st["best"]["metric"]:
             st["best"] = {"epoch": epoch + 1, "metric": metric, **{
                 name: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} for name, net in step.nets}}
@@ -489,9 +477,8 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     for name, net in step.nets:          # the best epoch's weights, in eval mode
         _ = st["best"]["G"] is not None and net.load_state_dict(st["best"][name])
         net.eval()
-    return {"generator": G, "discriminator": D, "best_epoch": st["best"]["epoch"], "history": st["history"],
-            "metric": st["best"]["metric"], "train_idx": data.train_idx, "val_idx": data.val_idx,
-            "sf_poly": data.sf_poly}
+    return {"generator": G, "discriminator": D, "best_epoch": st["best"]["epoch"], "history": st["history"], "metric":
+            st["best"]["metric"], "train_idx": data.train_idx, "val_idx": data.val_idx, "sf_poly": data.sf_poly}
 
 # ---------------------------------------------------------------- generate
 @torch.no_grad()
@@ -511,13 +498,13 @@ def generate(G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32"):
     G.train(was_training)
     return out
 
-def read_ckpt(path, device="cpu", args=None, best=False):
-    """(checkpoint dict, G, D) of a 2dgan.py ckpt.pt (G with the best epoch's weights if best); with args (--resume):
-    the model flags must be the checkpoint's. A truncated, text or another script's file: DataError."""
+def load_checkpoint(path, device="cpu", args=None, best=True):
+    """(G in eval mode on device, with the best epoch's weights if best; the checkpoint dict) of a 2dgan.py ckpt.pt;
+    with args (--resume): the model flags must be the checkpoint's. A truncated, text or another script's: DataError."""
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
         G, D = Generator(ck["latent"], ck["width"], ck["xscale"]).to(device), Discriminator(ck["width"]).to(device)
-        G.load_state_dict(ck["model"]["G"]), D.load_state_dict(ck["model"]["D"])
+        G.load_state_dict(ck["model"]["G"]), D.load_state_dict(ck["model"]["D"])      # both must load
         _ = best and ck["best"]["G"] is not None and G.load_state_dict(ck["best"]["G"])
         made_by, _ = ck.get("script", SCRIPT), [ck[k] for k in ("epoch", "step", "history", "best")]
     except Exception as e:      # unpickling errors come in many classes
@@ -526,19 +513,13 @@ def read_ckpt(path, device="cpu", args=None, best=False):
     if made_by != SCRIPT or diff:
         raise DataError(f"{path}: a checkpoint of {made_by}" if made_by != SCRIPT else f"--resume {path}: model "
                         f"flags differ from the checkpoint's ({', '.join(diff)}); use them or choose another --out")
-    return ck, G, D
-
-def load_checkpoint(path, device="cpu"):
-    """(generator with the best epoch's weights, in eval mode on device, checkpoint dict)."""
-    ck, G, _ = read_ckpt(path, device, best=True)
     return G.eval(), ck
 
 # ---------------------------------------------------------------- main
 def make_plots(real, fake, ep, folder, toy):
     """The paper's figures: sampling fraction vs Ep and the x, y, z profiles; gen/real below, in the claim's band."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")
     tag, sets, hr = "TOY " if toy else "", (("real", real, "o"), ("2DGAN", fake, "s")), {"height_ratios": [3, 1]}
     edges = np.arange(0.0, max(510.0, ep.max() + 10), 10.0)            # sampling fraction in 10 GeV bins
     c = 0.5 * (edges[1:] + edges[:-1])
@@ -585,7 +566,8 @@ def benchmark(args):
         args.dtype = "fp32"
     torch.manual_seed(args.seed)
     G, D = Generator(args.latent, args.width, args.xscale).to(device), Discriminator(args.width).to(device)
-    Gc, Dc = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    step = Steps(args, G, D, [0.02], device, torch.Generator(device).manual_seed(0))    # the training step, compiled
+    step.new_adam(0.0)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     def rate(fn, batch):                # items/s of fn over --bench-steps calls, after one warm-up call
         fn(), sync()
@@ -595,9 +577,7 @@ def benchmark(args):
     gb, bs = args.gen_batch or (4096 if cuda else 8), args.bench_batch or (args.batch_size if cuda else 4)
     z = torch.randn(gb, args.latent, device=device)
     with torch.no_grad(), _autocast(device, args.dtype):
-        gen_rate = rate(lambda: Gc(z), gb)
-    step = Steps(args, G, D, Gc, Dc, [0.02], device, torch.Generator(device).manual_seed(0))
-    step.new_adam(0.0)
+        gen_rate = rate(lambda: step.G_run(z), gb)
     real, e = torch.rand(bs, 25, 25, 25, device=device), torch.full((bs,), 100.0, device=device)
     print(json.dumps({"script": SCRIPT, "device": torch.cuda.get_device_name(device) if cuda else str(device),
                       "dtype": args.dtype, "compile": args.compile, "width": args.width, "bn_mode": args.bn_mode,
@@ -621,16 +601,18 @@ def main(argv=None):
     except (DataError, OSError) as e:
         return fail(e)
 
-def check_inputs(args, out, model, rank, ddp):
-    """Every input, on every rank, before anything is written or a process group joined (all ranks fail alike):
-    -> (ECAL or LCDStream, Ep or None, bytes, toy, in memory)."""
+def run_train(args):
+    """Every input checked on every rank before anything is written or a group joined (all fail alike), then train."""
+    t_start, ddp, rank = time.time(), "RANK" in os.environ, int(os.environ.get("RANK", 0))
+    out, device = args.out or os.path.join("runs", "2dgan"), resolve_device(args.device)
+    fresh, model = not os.path.exists(out), {k: getattr(args, k) for k in ("latent", "width", "xscale")}
     for name in ("", "ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json", "plots/profiles.png",
                  "plots/sampling_fraction.png"):
         common.check_out_path(os.path.join(out, name) if name else out, "--out", folder=not name)
     common.check_run_folder(out, SCRIPT, model, args.resume)
     if args.resume and not os.path.exists(os.path.join(out, "ckpt.pt")):
         raise DataError(f"{os.path.join(out, 'ckpt.pt')}: --resume but no checkpoint there")
-    _ = args.resume and read_ckpt(os.path.join(out, "ckpt.pt"), "cpu", args)
+    _ = args.resume and load_checkpoint(os.path.join(out, "ckpt.pt"), "cpu", args, best=False)
     toy = args.data is None
     if toy:
         args.data = common.toy_path("lcd", args.toy_n, args.seed)
@@ -645,27 +627,17 @@ def check_inputs(args, out, model, rank, ddp):
     files = common.input_files(args.data)
     size = sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4    # checks every file's keys and shapes
     toy = toy or any(h5py.File(f, "r").attrs.get("toy", False) for f in files)
-    if size <= (args.max_data_gb * 1e9 if args.max_data_gb else 0.5 * free_bytes(resolve_device(args.device))):
-        ecal, ep = load_lcd(args.data)
-        split_indices(len(ep), args.val_frac, args.seed)          # too few events: refused here
-        return ecal, ep, size, toy, True
-    for f in files:                  # every cell of every file, before the run folder is made
-        _read_lcd(f)
-    return LCDStream(files, args.val_frac, args.seed), None, size, toy, False
-
-def run_train(args):
-    t_start, ddp, rank = time.time(), "RANK" in os.environ, int(os.environ.get("RANK", 0))
-    out, device = args.out or os.path.join("runs", "2dgan"), resolve_device(args.device)
-    fresh, model = not os.path.exists(out), {k: getattr(args, k) for k in ("latent", "width", "xscale")}
-    ecal, ep, size, toy, in_memory = check_inputs(args, out, model, rank, ddp)
+    in_memory = size <= (args.max_data_gb * 1e9 if args.max_data_gb else 0.5 * free_bytes(device))
+    ecal, ep = load_lcd(args.data) if in_memory else (LCDStream(files, args.val_frac, args.seed), None)  # cells read
+    _ = in_memory and split_indices(len(ep), args.val_frac, args.seed)          # too few events: refused here
+    # the inputs are good: the run folder, its log (continued on --resume), training, the outputs
     if ddp:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _ = device.type == "cuda" and torch.cuda.set_device(device)
     log_path = os.path.join(out, "log.txt")
     if rank == 0 and not (args.resume and os.path.isfile(os.path.join(out, "run.json"))):
         common.stamp_run_folder(out, SCRIPT, model)
-    resumed = rank == 0 and args.resume and os.path.exists(log_path)          # the log goes on
-    lines = open(log_path).read().splitlines() if resumed else []
+    lines = open(log_path).read().splitlines() if rank == 0 and args.resume and os.path.exists(log_path) else []
     log = lambda msg: (print(msg, flush=True), lines.append(msg))  # noqa: E731
     _ = rank == 0 and log(f"{SCRIPT}: {'TOY ' if toy else ''}data {args.data}: {size / 1e9:.2f} GB, " + (
         f"in memory on {device}" if in_memory else "streamed file by file (larger than the budget)"))
@@ -683,10 +655,9 @@ def run_train(args):
         common.check_finite(claim, os.path.join(out, "generated.h5"))     # before any output; write_lcd checks fake
         write_lcd(os.path.join(out, "generated.h5"), fake, ep_val)
         make_plots(real, fake[:len(real)], ep_val[:len(real)], os.path.join(out, "plots"), toy)
-        metrics = {"script": SCRIPT, "data": args.data, "toy": toy, "best_epoch": res["best_epoch"],
-                   "best_val_metric": res["metric"], "history": res["history"], **claim,
-                   "n_generated": int(len(ep_val)), "val_indices": val_ids, "wall_s": round(time.time() - t_start, 1),
-                   "args": vars(args)}
+        metrics = {"script": SCRIPT, "data": args.data, "toy": toy, "best_epoch": res["best_epoch"], "best_val_metric":
+                   res["metric"], "history": res["history"], **claim, "n_generated": int(len(ep_val)),
+                   "val_indices": val_ids, "wall_s": round(time.time() - t_start, 1), "args": vars(args)}
         log(f"best epoch {res['best_epoch']} (val_metric {res['metric']:.4f}); wrote {out}/generated.h5, "
             f"metrics.json, plots/, ckpt.pt")
         log(f"{'TOY ' if toy else ''}sampling fraction gen/real per 50 GeV bin (10-500 GeV): max |ratio-1| "
@@ -697,7 +668,6 @@ def run_train(args):
         common.write_atomic(log_path, "\n".join(lines) + "\n")
     if ddp:
         torch.distributed.destroy_process_group()
-    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
