@@ -19,22 +19,20 @@ nothing written. Datasets 2 and 3 (16 GB a file) are read block by block, the cl
 
 Out (--out): report.md (a row and verdict per generated file), plots/*.png and *.pdf, metrics.json: script, detector,
 protocol, voxel_cut (MeV), geometry, toy, features (observables compared), dropped_features (constant in the real
-sample), real {path, n_events, toy, n_empty}, bins (native), plots, settings (the flags); per generated file in
-`generated`: label, path, n_events, toy, n_empty (showers with no energy left after the cut), separation_power per
-observable, separation_power_noise (its statistical floor), flagged, separation_power_mean, frechet_distance,
-classifier {auc, jsd, bce, split sizes, best_epoch, epochs_run, calibration, device} or {skipped}, auc, calochallenge
-(mean separation power per feature group and of the voxels), lcd / atlas / lhcb / ild (the detector's yardsticks
-below), memorisation (ATLAS), verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE = AUC <= 0.75 and at most a
-fifth flagged; FAIL otherwise.
+sample), real {path, n_events, toy, n_empty}, bins (native), plots, settings (the flags); per generated file
+(`generated`): label, path, n_events, toy, n_empty (showers empty after the cut), separation_power per observable,
+separation_power_noise (its statistical floor), flagged, separation_power_mean, frechet_distance, classifier {auc, jsd,
+bce, split sizes, best_epoch, epochs_run, calibration, device} or {skipped}, auc, calochallenge (mean separation power
+per feature group and of the voxels), lcd / atlas / lhcb / ild (the detector's yardsticks below), memorisation (ATLAS),
+verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE = AUC <= 0.75 and at most a fifth flagged; FAIL otherwise.
 
 --protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py: voxels below
 its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
 HighLevelFeatures.CalculateFeatures, its expressions and dtypes (common.calochallenge_features); separation power =
 _separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms binned as its plot_* functions
-(common.calochallenge_edges; entries outside the range dropped). Not reproduced: Etot/Einc per discrete energy, its
-high-level and ResNet classifiers, FPD/KPD, PRDC. Checked against its `-m hist-chi` output and plot_sparsity/ECR/
-ECWidthR on toy ds1 (2 x 2000), random ds2, ds3 (2 x 300): all separation powers equal (30, 362, 362), every feature
-bit-identical.
+(common.calochallenge_edges; entries outside dropped). Not reproduced: Etot/Einc per discrete energy, its high-level and
+ResNet classifiers, FPD/KPD, PRDC. Checked against its `-m hist-chi` output and plot_sparsity/ECR/ECWidthR on toy ds1
+(2 x 2000), random ds2, ds3 (2 x 300): separation powers all equal (30, 362, 362), features bit-identical.
 --protocol native: per detector the original authors' validation (reference.md) and the field's yardsticks in our
 binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails clipped
 into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell variance,
@@ -295,18 +293,17 @@ def block_features(d, cells, sl):
         groups.append(("Shower shapes (first two moments, cell units; z = depth)",
                        [f"{k}_{ax}" for k in ("centre", "width") for ax in "xyz"]))
     elif g.name.startswith("atlas") or g.name.startswith("calochallenge"):
-        ax = ("eta", "phi") if g.xy_unit == "eta/phi" else ("x", "y")
-        cw, hit = common.centre_width_per_layer(cells, g), common.energy_per_layer(cells > 0, g)  # exact hit counts
-        for key, arr in {"e": common.energy_per_layer(cells, g), "frac": common.fraction_per_layer(cells, g),
-                         **{f"{k}_{u}": cw[f"{k}_{a}"] for k in ("centre", "width") for a, u in zip("xy", ax)},
-                         "sparsity": 1.0 - hit / np.bincount(g.layer, minlength=g.n_layers)}.items():
+        lo, ax = common.layer_observables(cells, g), ("eta", "phi") if g.xy_unit == "eta/phi" else ("x", "y")
+        hit = common.energy_per_layer(cells > 0, g) / np.bincount(g.layer, minlength=g.n_layers)  # exact counts
+        per = {"e": lo["energy_per_layer"], "frac": lo["fraction_per_layer"]}
+        per.update({f"{k}_{u}": lo[f"{k}_{a}_per_layer"] for k in ("centre", "width") for a, u in zip("xy", ax)})
+        for key, arr in {**per, "sparsity": 1.0 - hit}.items():
             f.update({f"{key}_{ln}": arr[:, i] for i, ln in enumerate(g.layer_names)})
             groups.append((f"{key} per layer", [f"{key}_{ln}" for ln in g.layer_names]))
-        if g.name.startswith("atlas"):
-            f["middle_core_fraction"] = common.middle_core_fraction(cells, g)
+        if "middle_core_fraction" in lo:   # ATLAS
+            f["middle_core_fraction"] = lo["middle_core_fraction"][:, 0]
             groups[0][1].append("middle_core_fraction")
-    elif g.name == "lhcb":
-        # MLHEP's physics features (score.py); an empty image has sparsity 1 (every cell >= alpha * 0)
+    elif g.name == "lhcb":   # MLHEP's physics features (score.py); an empty image: sparsity 1 (every cell >= alpha 0)
         pf = common.lhcb_physics_features(cells.reshape(n, 30, 30), d["momentum"][sl], d["point"][sl])
         f.update({k: pf[:, j] for j, k in enumerate(("asym_long", "asym_trans", "width_long", "width_trans"))})
         f.update({f"sparsity_{LHCB_ALPHAS[j]:.0e}": pf[:, 4 + j] for j in (5, 10, 15)}, _spcurve=pf[:, 4:])
@@ -472,8 +469,7 @@ def yardsticks(name, real, gen, fr, fg, args, plot):
                             for k in ILD_OBS for nb in [min(args.quantiles, len(orr[k]) // 10)]},
            "quantile_jsd_bins": min(args.quantiles, real["n"] // 10)}
     if args.amplification:
-        perm = np.random.default_rng(args.seed).permutation(real["n"])
-        ref, pool = perm[: real["n"] // 2], perm[real["n"] // 2:]
+        ref, pool = np.split(np.random.default_rng(args.seed).permutation(real["n"]), [real["n"] // 2])   # disjoint
         nb = min(args.quantiles, len(ref) // 10)
         amp = plot["amplification"] = {k: {kk: _clean(x.astype(float) if isinstance(x, np.ndarray) else x) for kk, x
                                            in common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb,
@@ -651,18 +647,17 @@ def report_md(m, title, groups):
     lines += ["", "Flagged observables (separation power > max(0.01, 3x the statistical floor)):", ""]
     lines += [f"- {r['label']}: " + (", ".join(f"{k} {r['separation_power'][k]:.3f}" for k in r["flagged"]) or "none")
               for r in gen]
-    amps = [r for r in gen if r.get("ild", {}).get("amplification")]
+    amps = [(r, a) for r in gen for a in [r.get("ild", {}).get("amplification")] if a]
     lines += ["", "Amplification: number of real showers the generated sample is worth, per observable (inf = better "
               "than the whole truth pool, None = worse than the smallest subset):", ""] if amps else []
-    lines += [f"- {r['label']}: " + ", ".join(f"{k} {_eq(v['equivalent_size'])}" for k, v in
-                                              r["ild"]["amplification"]["observables"].items())
-              + f" (truth pool {r['ild']['amplification']['n_truth_pool']}, generated {r['n_events']})" for r in amps]
-    return "\n".join(lines + ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable (best "
-                              "published CaloChallenge: ds1 photons ~0.63, ds2 0.53, ds3 0.56). JSD = (ln2 - BCE)/ln2 "
-                              "of the calibrated classifier on its test split. Empty = showers with no energy left" + (
-                                  " after the cut; the challenge gives their centres and widths 0." if cc else
-                                  "; their shape observables are undefined, left out.")
-                              + " Details: metrics.json; plots: plots/.", ""])
+    lines += [f"- {r['label']}: " + ", ".join(f"{k} {_eq(v['equivalent_size'])}" for k, v in a["observables"].items())
+              + f" (truth pool {a['n_truth_pool']}, generated {r['n_events']})" for r, a in amps]
+    lines += ["", "AUC 0.5 = the classifier cannot tell generated from real; 1 = fully separable (best published "
+              "CaloChallenge: ds1 photons ~0.63, ds2 0.53, ds3 0.56). JSD = (ln2 - BCE)/ln2 of the calibrated "
+              "classifier on its test split. Empty = showers with no energy left" + (" after the cut; the challenge "
+              "gives their centres and widths 0." if cc else "; their shape observables are undefined, left out.")
+              + " Details: metrics.json; plots: plots/.", ""]
+    return "\n".join(lines)
 
 def verdict(row, n_feat):
     auc, nflag = row.get("auc"), len(row["flagged"])
