@@ -381,10 +381,10 @@ def run_epoch(nets, opts, gens, xct, n_cells, args, amp, n_iter, bs, step_fn=ite
     real, cond = x[tr[idx_c]], c[tr[idx_c]]
     batches = real, cond, eps, torch.cat([z_c, cond.flatten(2, 3)], -1), torch.cat([z_g, c[tr[idx_g]]], -1)
     buf, sums = torch.zeros(len(gens), nc, 3 * bs, x.shape[1] + 1, device=device), 0   # overwritten whole
+    gl, cl = nets["generator"].layers(), nets["critic"].layers()        # views: the updates are in place
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
         for it in range(n_iter):
-            sums = sums + step_fn(nets["generator"].layers(), nets["critic"].layers(), opts, buf,
-                                  *(b[:, it] for b in batches), n_cells, args.gp, args.l1, reduce)
+            sums = sums + step_fn(gl, cl, opts, buf, *(b[:, it] for b in batches), n_cells, args.gp, args.l1, reduce)
     return sums
 
 
