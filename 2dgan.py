@@ -42,6 +42,8 @@ TOY = dict(toy_n=4000, epochs=10, batch_size=32, width=0.125, val_frac=0.25, val
 COUNTS = ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", "val_max", "bench_steps", "file_events",
           "gen_batch", "bench_batch", "generate", "seed")      # >= 1 (the seed >= 0) where given
 POSITIVE = ("width", "xscale", "lr_g", "lr_d", "val_window", "max_data_gb")
+OUT_FILES = ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json", "plots/profiles.png",
+             "plots/sampling_fraction.png")      # checked before anything is read (run_train)
 
 # ---------------------------------------------------------------- flags
 def fail(err):
@@ -197,8 +199,7 @@ def free_bytes(device):     # free device memory, or available RAM
 
 # ---------------------------------------------------------------- model
 def _pad_same(k):           # TF 'same' padding for stride 1: (k-1)//2 before, the rest after (asymmetric for even k)
-    lo = (k - 1) // 2
-    return nn.ZeroPad2d((lo, k - 1 - lo, lo, k - 1 - lo))
+    return nn.ZeroPad2d(((k - 1) // 2, k // 2) * 2)      # (left, right, top, bottom)
 
 def _conv(c_in, c_out, k, same=True, he=True):
     conv = nn.Conv2d(c_in, c_out, k, bias=False)
@@ -216,7 +217,6 @@ def keras_init(net):        # Keras' initialisers: he_uniform where the original
             _ = nn.init.kaiming_uniform_(mod.weight, nonlinearity="relu") if getattr(mod, "he", False) else \
                 nn.init.xavier_uniform_(mod.weight)
             _ = mod.bias is not None and nn.init.zeros_(mod.bias)
-    return net
 
 # the three branches see the volume (N, x, y, z) as (N, C, H, W) with C = z, y, x in turn
 _TO_BRANCH = ((0, 3, 1, 2), (0, 2, 1, 3), (0, 1, 2, 3))
@@ -228,14 +228,12 @@ class Generator(nn.Module):
         super().__init__()
         c32, c64 = (max(1, round(c * width)) for c in (32, 64))      # channels x --width
         self.latent, self.dense = latent, nn.Linear(latent, 125)
-        def branch():
-            return nn.Sequential(                              # sizes 5x5 -> 5, 15, 30, 26, 26, 26, 25
-                _block(5, c32, 5, he=False),
-                _block(c64, c64, 5, up=nn.ConvTranspose2d(c32, c64, 5, stride=3, padding=1)),
-                _block(c64, c64, 8, up=nn.ConvTranspose2d(c64, c64, 5, stride=2, padding=2, output_padding=1)),
-                _block(c64, c64, 5, same=False), _block(c64, c32, 4), _block(c32, c32, 3),
-                _block(c32, 25, 2, same=False))
-        self.branches = nn.ModuleList([branch() for _ in range(3)])
+        self.branches = nn.ModuleList(nn.Sequential(                  # sizes 5x5 -> 5, 15, 30, 26, 26, 26, 25
+            _block(5, c32, 5, he=False),
+            _block(c64, c64, 5, up=nn.ConvTranspose2d(c32, c64, 5, stride=3, padding=1)),
+            _block(c64, c64, 8, up=nn.ConvTranspose2d(c64, c64, 5, stride=2, padding=2, output_padding=1)),
+            _block(c64, c64, 5, same=False), _block(c64, c32, 4), _block(c32, c32, 3),
+            _block(c32, 25, 2, same=False)) for _ in range(3))
         self.merge = nn.Sequential(*_conv(75, 25, 3))                 # no bias (M:82)
         self.register_buffer("relu_out", torch.tensor(False))         # linear -> ReLU output switch
         self.register_buffer("xscale", torch.tensor(float(xscale)))
@@ -253,9 +251,8 @@ class Discriminator(nn.Module):
         super().__init__()
         c32, c64 = (max(1, round(c * width)) for c in (32, 64))      # channels x --width
         convs = ((25, c64, 8), (c64, c32, 6), (c32, c32, 5), (c32, c32, 4), (c32, c32, 3), (c32, 9, 3))
-        def branch():           # sizes 25 ('same', glorot) -> 20, 16, 13, 11, 9 ('valid')
-            return nn.Sequential(*[_block(i, o, k, same=j == 0, he=j > 0) for j, (i, o, k) in enumerate(convs)])
-        self.branches = nn.ModuleList([branch() for _ in range(3)])
+        self.branches = nn.ModuleList(nn.Sequential(*[_block(i, o, k, same=j == 0, he=j > 0) for j, (i, o, k) in
+            enumerate(convs)]) for _ in range(3))       # sizes 25 ('same', glorot) -> 20, 16, 13, 11, 9 ('valid')
         self.dense = nn.Sequential(nn.Linear(3 * 729, 10), nn.LeakyReLU(0.3),
                                    nn.BatchNorm1d(10, eps=1e-3, momentum=0.01))
         self.fake, self.ep = nn.Linear(10, 1), nn.Linear(10, 1)
@@ -273,12 +270,10 @@ def resolve_device(name):
     name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device available")
-    local = name == "cuda" and "LOCAL_RANK" in os.environ
-    return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if local else torch.device(name)
+    return torch.device(name, int(os.environ["LOCAL_RANK"]) if name == "cuda" and "LOCAL_RANK" in os.environ else None)
 
 def _autocast(device, dtype):
-    on = dtype == "bf16" and device.type == "cuda"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if on else torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16" and device.type == "cuda")
 
 def mape(target, pred):
     return 100.0 * ((target - pred).abs() / target.abs().clamp_min(1e-6)).mean()
@@ -289,8 +284,7 @@ def lr_factor(t, const_epochs=4.0, decay=0.24):
 
 def flip_labels(value, n, prob, gen, device):
     """n labels `value`, each flipped with probability prob as bit_flip_tf (M:278-284) does: 0 -> 1, else -> 0."""
-    flip = torch.rand(n, device=device, generator=gen) < prob
-    return torch.where(flip, float(value == 0), float(value)).to(device)
+    return torch.where(torch.rand(n, device=device, generator=gen) < prob, float(value == 0), float(value)).to(device)
 
 def val_windows(ep, half, min_count):
     """All held-out events, and the +-half GeV windows around VAL_CENTRES with at least min_count events."""
@@ -309,8 +303,7 @@ def shower_metric(real, fake, ep, half=5.0, min_count=100, n_boot=0, seed=0):
     v = np.mean(errs, 0)
     return float(v[0]), float(v[1:].std()) if n_boot else 0.0
 
-def epoch_seed(seed, rank, epoch):
-    """Seed of one rank's random stream in one epoch: resumed ranks continue with their own streams."""
+def epoch_seed(seed, rank, epoch):     # one rank's random stream in one epoch: resumed ranks continue their own
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
 
 class Steps:
@@ -327,12 +320,13 @@ class Steps:
         for name, net in self.nets:
             lr = (self.a.lr_g if name == "G" else self.a.lr_d) * lr_factor(t, self.a.lr_const_epochs, self.a.lr_decay)
             self.opt[name] = torch.optim.Adam(net.parameters(), lr=lr, eps=1e-7)
-    def fake_input(self, e_real, epoch):    # (Ep, latent) of fakes; Ep as M:266-271 (epochs from 1: U(1,4) in 1 and 2)
-        e = e_real
+    def fakes(self, e_real, epoch, net):    # (Ep, net's showers) of fakes; Ep as M:266-271
+        e = e_real                          # (the original counts epochs from 1: U(1,4) in 1 and 2)
         if epoch < self.a.early_epochs or self.a.fake_ep != "real":
             lo, hi = (100.0, 400.0) if epoch < self.a.early_epochs else (2.0, 500.0)
             e = lo + (hi - lo) * torch.rand(e_real.shape, device=self.dev, generator=self.gen)
-        return e, torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100.0)
+        with self.amp:
+            return e, net(torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100))
     def update(self, name, img, label, e_t, ecal_t=None):
         """One Adam step of G or D on D's loss for img -> its value; ecal_t None: the fakes' target from the fit."""
         a = self.a
@@ -349,14 +343,11 @@ class Steps:
         return loss.item()
     def __call__(self, real, e_real, epoch):
         """One step on a real minibatch (images x xscale, Ep GeV) -> (loss_d on fakes, loss_g)."""
-        e_f, z = self.fake_input(e_real, epoch)
-        with torch.no_grad(), self.amp:
-            fake = self.G(z).float()
+        with torch.no_grad():
+            e_f, fake = self.fakes(e_real, epoch, self.G)
         self.update("D", real, self.a.label_real, e_real, real.sum((1, 2, 3)))
-        loss_d = self.update("D", fake, self.a.label_fake, e_f)
-        e_g, z = self.fake_input(e_real, epoch)
-        with self.amp:
-            img = self.G_run(z)
+        loss_d = self.update("D", fake.float(), self.a.label_fake, e_f)
+        e_g, img = self.fakes(e_real, epoch, self.G_run)
         return loss_d, self.update("G", img, self.a.label_real, e_g)
 
 class TrainData:
@@ -385,8 +376,7 @@ class TrainData:
             self.val_x, self.val_ep, e0 = ecal[vsel], ep[vsel], ep[tr]
             sf0 = np.concatenate([common.sampling_fraction(ecal[tr[s:s + 4096]], e0[s:s + 4096])
                                   for s in range(0, len(tr), 4096)])     # in chunks: no copy of the whole set
-            w = None if weights is None else np.asarray(weights, np.float64)
-            w = w[tr] if w is not None and len(w) == n else w
+            w = None if weights is None else np.asarray(weights, np.float64)[tr if len(weights) == n else slice(None)]
             if w is not None and (len(w) != len(tr) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0):
                 raise ValueError(f"weights must be {len(tr)} (or {n}) finite non-negative numbers, not all 0")
             self.x, self.ep = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
@@ -407,16 +397,6 @@ class TrainData:
                 draw = draw[:n // bs * bs] if n >= bs or self.stream else draw.repeat(bs // n + 1)[:bs]
             batches = (draw if self.stream else self.tr[draw]).view(-1, bs)
             yield from ((x, e, part) for part in torch.tensor_split(batches, 1 if self.stream else self.n_files))
-
-def save_ckpt(path, G, D, st, args, data, rank):
-    """Checked on every rank (all stop alike on NaN/inf, the previous file kept), written by rank 0. No optimiser
-    state: Adam is new at every file, so at every epoch; the RNG state is the epoch (epoch_seed)."""
-    ck = {"script": SCRIPT, "model": {"G": G.state_dict(), "D": D.state_dict()}, **st, "args": dict(vars(args)),
-          "rng": "epoch_seed(seed, rank, epoch)", "sf_poly": data.sf_poly.tolist(), "geometry": "lcd",
-          "xscale": args.xscale, "latent": args.latent, "width": args.width,
-          "val_idx": None if data.val_idx is None else data.val_idx.tolist()}
-    common.check_finite(ck, path)
-    _ = rank == 0 and common.write_atomic(path, lambda t: torch.save(ck, t))
 
 def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
     """ecal (N,25,25,25), ep (N,) GeV (or an LCDStream, None); split: (train_idx, val_idx); weights: draw
@@ -460,12 +440,11 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         common.check_finite([G.state_dict(), D.state_dict(), sums], ckpt_path or "the model")  # every rank, alike
         metric, sd = shower_metric(data.val_x, generate(G, data.val_ep, device=device, seed=args.seed), data.val_ep,
                                    args.val_window, args.val_min, n_boot=100, seed=args.seed)
+        firsts = [first] * world          # the events each rank drew first: ranks must differ (resume test)
+        _ = ddp and torch.distributed.all_gather_object(firsts, first)
         rec = {"epoch": epoch + 1, "step": st["step"], "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
                "val_metric": metric, "val_metric_sd": sd, "lr_g": step.opt["G"].param_groups[0]["lr"],
-               "lr_d": step.opt["D"].param_groups[0]["lr"], "first_batch": [first]}
-        if ddp:     # the events each rank drew first: ranks must differ (resume test)
-            rec["first_batch"] = [None] * world
-            torch.distributed.all_gather_object(rec["first_batch"], first)
+               "lr_d": step.opt["D"].param_groups[0]["lr"], "first_batch": firsts}
         st["history"], st["epoch"] = st["history"] + [rec], epoch + 1
         if metric < st["best"]["metric"]:
             st["best"] = {"epoch": epoch + 1, "metric": metric, **{
@@ -473,7 +452,13 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         _ = rank == 0 and log(progress(rec["loss_d"], rec["loss_g"], f"val_metric {metric:.4f} +- {sd:.4f} (best "
                                        f"{st['best']['metric']:.4f} @ {st['best']['epoch']}) | "))
         if ckpt_path and ((epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs):
-            save_ckpt(ckpt_path, G, D, st, args, data, rank)
+            # no optimiser state: Adam is new at every file; the RNG state is the epoch (epoch_seed)
+            ck = {"script": SCRIPT, "model": {"G": G.state_dict(), "D": D.state_dict()}, **st,
+                  "args": dict(vars(args)), "rng": "epoch_seed(seed, rank, epoch)", "sf_poly": data.sf_poly.tolist(),
+                  "geometry": "lcd", "xscale": args.xscale, "latent": args.latent, "width": args.width,
+                  "val_idx": None if data.val_idx is None else data.val_idx.tolist()}
+            common.check_finite(ck, ckpt_path)      # every rank: all stop alike on NaN/inf, the previous file kept
+            _ = rank == 0 and common.write_atomic(ckpt_path, lambda t: torch.save(ck, t))
     for name, net in step.nets:          # the best epoch's weights, in eval mode
         _ = st["best"]["G"] is not None and net.load_state_dict(st["best"][name])
         net.eval()
@@ -606,24 +591,14 @@ def run_train(args):
     t_start, ddp, rank = time.time(), "RANK" in os.environ, int(os.environ.get("RANK", 0))
     out, device = args.out or os.path.join("runs", "2dgan"), resolve_device(args.device)
     fresh, model = not os.path.exists(out), {k: getattr(args, k) for k in ("latent", "width", "xscale")}
-    for name in ("", "ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json", "plots/profiles.png",
-                 "plots/sampling_fraction.png"):
+    for name in ("", *OUT_FILES):
         common.check_out_path(os.path.join(out, name) if name else out, "--out", folder=not name)
     common.check_run_folder(out, SCRIPT, model, args.resume)
     if args.resume and not os.path.exists(os.path.join(out, "ckpt.pt")):
         raise DataError(f"{os.path.join(out, 'ckpt.pt')}: --resume but no checkpoint there")
     _ = args.resume and load_checkpoint(os.path.join(out, "ckpt.pt"), "cpu", args, best=False)
-    toy = args.data is None
-    if toy:
-        args.data = common.toy_path("lcd", args.toy_n, args.seed)
-        common.check_out_path(args.data, "toy data", folder=False)
-        if rank == 0:
-            print(f"no --data: training on TOY lcd showers ({args.data})", flush=True)
-            if not os.path.exists(args.data):
-                os.makedirs(os.path.dirname(args.data), exist_ok=True)
-                common.write_toy("lcd", args.data, args.toy_n, args.seed, workers=1)
-        while ddp and not os.path.exists(args.data):
-            time.sleep(0.5)
+    if toy := args.data is None:
+        args.data = common.cached_toy("lcd", args.toy_n, args.seed, rank, wait=ddp, workers=1)
     files = common.input_files(args.data)
     size = sum(_lcd_header(f)[0] for f in files) * 25 ** 3 * 4    # checks every file's keys and shapes
     toy = toy or any(h5py.File(f, "r").attrs.get("toy", False) for f in files)

@@ -450,6 +450,22 @@ def toy_path(kind, n, seed=0):
     return os.path.join("data", f"toy_{kind}_{n}_s{seed}.h5")
 
 
+def cached_toy(kind, n, seed=0, rank=0, wait=False, workers=None):
+    """The TOY file for a script run without --data, made once at toy_path(kind, n, seed): its path is checked,
+    rank 0 announces it and writes it if missing; with wait (torchrun) the other ranks wait until it exists
+    (torchrun stops them if rank 0 fails). Returns the path."""
+    path = toy_path(kind, n, seed)
+    check_out_path(path, "toy data", folder=False)
+    if rank == 0:
+        print(f"no --data: training on TOY {kind} showers ({path})", flush=True)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_toy(kind, path, n, seed, workers=workers)
+    while wait and not os.path.exists(path):
+        time.sleep(0.5)
+    return path
+
+
 def _toy_block(args):
     kind, m, seed, energy = args
     return make_toy(kind, m, seed, energy)
