@@ -39,8 +39,7 @@ VAL_CENTRES = (50, 100, 200, 250, 300, 400, 500)  # GeV: metric windows, besides
 # sized flags left unset: the paper's configuration with --data, the CPU-sized toy reproduction without
 PAPER = dict(toy_n=10000, epochs=30, batch_size=128, width=1.0, val_frac=0.1, val_window=5.0)
 TOY = dict(toy_n=4000, epochs=10, batch_size=32, width=0.125, val_frac=0.25, val_window=50.0)
-COUNTS = ("epochs", "batch_size", "latent", "toy_n", "ckpt_every", "log_every", "val_max", "bench_steps", "file_events",
-          "gen_batch", "bench_batch", "generate", "seed")      # >= 1 (the seed >= 0) where given
+UNBOUNDED = ("early_epochs", "relu_epoch", "val_min")    # integer flags not checked; the others are >= 1 (seed >= 0)
 POSITIVE = ("width", "xscale", "lr_g", "lr_d", "val_window", "max_data_gb")
 OUT_FILES = ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json", "plots/profiles.png",
              "plots/sampling_fraction.png")      # checked before anything is read (run_train)
@@ -103,7 +102,7 @@ def get_args(argv=None, toy_config=False):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     for name, v in vars(args).items():
         flag, low = "--" + name.replace("_", "-"), int(name != "seed")
-        if name in COUNTS and v is not None and v < low:
+        if type(v) is int and name not in UNBOUNDED and v < low:
             p.error(f"{flag} must be >= {low}")
         if isinstance(v, float) and not math.isfinite(v) or name in POSITIVE and v is not None and v <= 0:
             p.error(f"{flag} must be finite" + (" and > 0" if name in POSITIVE else ""))
@@ -150,12 +149,10 @@ def _read_lcd(path, idx=None, cells=True):
                      (cells and (x < 0).any(), "ECAL has negative energies")):
         if bad:
             raise DataError(f"{path}: {msg}")
-    if cells:
-        x[x < THRESHOLD] = 0.0
+    _ = cells and np.putmask(x, x < THRESHOLD, 0.0)
     return x, ep
 
-def load_lcd(pattern):
-    """One LCD file or a glob of them -> (ECAL (N,25,25,25) float32 GeV, Ep (N,) float32 GeV)."""
+def load_lcd(pattern):      # one LCD file or a glob of them -> (ECAL (N,25,25,25) float32 GeV, Ep (N,) float32 GeV)
     files = [f for f in common.input_files(pattern) if _lcd_header(f)]      # every header before any cell
     return tuple(np.concatenate(a) for a in zip(*[_read_lcd(f) for f in files]))
 
@@ -174,8 +171,7 @@ def split_indices(n, val_frac, seed):        # seeded held-out split: (train_idx
         raise DataError(f"{n} events are too few to hold out a validation set")
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
-class LCDStream:
-    """Files too large for the device: read one file at a time; per-file seeded split."""
+class LCDStream:            # files too large for the device: read one file at a time; per-file seeded split
     def __init__(self, files, val_frac, seed):
         self.files = [f for f in files if _read_lcd(f)]      # every cell of every file checked before training
         self.splits = [split_indices(_lcd_header(f)[0], val_frac, seed + 7919 * i) for i, f in enumerate(files)]
@@ -218,8 +214,7 @@ def keras_init(net):        # Keras' initialisers: he_uniform where the original
                 nn.init.xavier_uniform_(mod.weight)
             _ = mod.bias is not None and nn.init.zeros_(mod.bias)
 
-# the three branches see the volume (N, x, y, z) as (N, C, H, W) with C = z, y, x in turn
-_TO_BRANCH = ((0, 3, 1, 2), (0, 2, 1, 3), (0, 1, 2, 3))
+_TO_BRANCH = ((0, 3, 1, 2), (0, 2, 1, 3), (0, 1, 2, 3))  # branches see (N, x, y, z) as (N, C, H, W), C = z, y, x
 _FROM_BRANCH = ((0, 2, 3, 1), (0, 2, 1, 3), (0, 1, 2, 3))   # inverses of the above
 
 class Generator(nn.Module):
@@ -341,8 +336,7 @@ class Steps:
         loss.backward()
         self.opt[name].step()
         return loss.item()
-    def __call__(self, real, e_real, epoch):
-        """One step on a real minibatch (images x xscale, Ep GeV) -> (loss_d on fakes, loss_g)."""
+    def __call__(self, real, e_real, epoch):    # one step: real images (x xscale), Ep GeV -> (loss_d on fakes, loss_g)
         with torch.no_grad():
             e_f, fake = self.fakes(e_real, epoch, self.G)
         self.update("D", real, self.a.label_real, e_real, real.sum((1, 2, 3)))
@@ -355,8 +349,7 @@ class TrainData:
     epoch the (images, Ep, index batches) of each 'file' (a new Adam): equal parts of the in-memory set (drawn by
     weight, or permuted), or the real files when streamed, in an order seeded per epoch, the same on every rank."""
     def __init__(self, args, ecal, ep, device, weights=None, split=None):
-        self.a, self.ecal, self.dev, self.bs, self.w = args, ecal, device, args.batch_size, None
-        self.stream = isinstance(ecal, LCDStream)
+        self.a, self.ecal, self.dev, self.w, self.stream = args, ecal, device, None, isinstance(ecal, LCDStream)
         if self.stream and (weights is not None or split is not None):
             raise ValueError("weights and split need the data in memory (not streamed)")
         if self.stream:
@@ -382,9 +375,9 @@ class TrainData:
             self.x, self.ep = torch.from_numpy(ecal).to(device), torch.from_numpy(ep).to(device)   # once
             self.tr, self.w = torch.from_numpy(tr).to(device), None if w is None else torch.from_numpy(w).to(device)
         self.sf_poly = np.polyfit(e0.astype(np.float64), sf0, 4)
-        self.steps = max(1, self.n // self.bs)
+        self.steps = max(1, self.n // args.batch_size)
     def files(self, epoch, gen):
-        bs, dev, parts = self.bs, self.dev, [None]      # in memory: one part, its batches split into n_files
+        bs, dev, parts = self.a.batch_size, self.dev, [None]      # in memory: one part, its batches split into n_files
         if self.stream:
             parts = torch.randperm(self.n_files, generator=torch.Generator().manual_seed(self.a.seed + epoch)).tolist()
         for i in parts:
@@ -416,21 +409,20 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         G.load_state_dict(ck["model"]["G"]), D.load_state_dict(ck["model"]["D"])
         st = {k: ck[k] for k in st}
         _ = rank == 0 and log(f"resumed from {ckpt_path} at epoch {st['epoch']}, step {st['step']}")
-    gen = torch.Generator(device)        # batches, noise, flips: reseeded per rank and epoch (epoch_seed)
-    step, t0, done0 = Steps(args, G, D, data.sf_poly, device, gen, ddp), time.time(), st["step"]
+    step, t0, done0 = Steps(args, G, D, data.sf_poly, device, torch.Generator(device), ddp), time.time(), st["step"]
     def progress(loss_d, loss_g, extra=""):
         rate = (st["step"] - done0) * args.batch_size * world / (time.time() - t0)
         eta = int(max(0, (args.epochs * data.steps - st["step"]) * args.batch_size * world / max(rate, 1e-9)))
         return (f"epoch {epoch + 1}/{args.epochs} | step {st['step']} | loss_d {loss_d:.4g} loss_g {loss_g:.4g} | "
                 f"{extra}{rate:.0f} samples/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
     for epoch in range(st["epoch"], args.epochs):
-        gen.manual_seed(epoch_seed(args.seed, rank, epoch))
+        step.gen.manual_seed(epoch_seed(args.seed, rank, epoch))      # batches, noise, flips
         torch.manual_seed(epoch_seed(args.seed, rank, epoch) + 1)      # dropout
         G.relu_out.fill_(epoch + 1 >= args.relu_epoch)
         for net in (step.G_run, step.D_run):          # frozen: BatchNorm on its moving statistics, no dropout
             net.train(args.bn_mode == "batch")
         sums, n_b, first = np.zeros(2), 0, []
-        for k, (xc, ec, batches) in enumerate(data.files(epoch, gen)):
+        for k, (xc, ec, batches) in enumerate(data.files(epoch, step.gen)):
             step.new_adam(epoch + k / data.n_files)
             for bidx in batches:
                 first = first or bidx[:4].tolist()
@@ -532,8 +524,7 @@ def make_plots(real, fake, ep, folder, toy):
         common.write_atomic(os.path.join(folder, name), lambda t: fig.savefig(t, dpi=90))
         plt.close(fig)
 
-def claim_metrics(real, fake, ep):
-    """Gen/real SF per 50 GeV bin and z profile; the claim: within 10% / 20% (layers 3-20)."""
+def claim_metrics(real, fake, ep):     # gen/real SF per 50 GeV bin and z profile; claim: within 10% / 20% (layers 3-20)
     ratio, edges = common.sf_ratio_per_bin(fake, ep, real, ep)
     prof = common.axis_profiles(fake)[2].mean(0) / np.maximum(common.axis_profiles(real)[2].mean(0), 1e-30)
     ok = np.isfinite(ratio)                # an empty bin (None in the json) fails the claim
@@ -542,8 +533,7 @@ def claim_metrics(real, fake, ep):
             "sf_max_abs_dev": sf_dev, "profile_z_ratio": prof.tolist(), "profile_z_max_abs_dev_layers_3_20": z_dev,
             "claim_sf_within_10pct": bool(ok.all() and sf_dev <= 0.10), "claim_profile_z_within_20pct": z_dev <= 0.20}
 
-def benchmark(args):
-    """One JSON line: generation showers/s and training samples/s (the real training step) on this device."""
+def benchmark(args):        # one JSON line: generation showers/s, training samples/s (the real training step) here
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     if args.dtype == "bf16" and not cuda:
@@ -605,8 +595,7 @@ def run_train(args):
     in_memory = size <= (args.max_data_gb * 1e9 if args.max_data_gb else 0.5 * free_bytes(device))
     ecal, ep = load_lcd(args.data) if in_memory else (LCDStream(files, args.val_frac, args.seed), None)  # cells read
     _ = in_memory and split_indices(len(ep), args.val_frac, args.seed)          # too few events: refused here
-    # the inputs are good: the run folder, its log (continued on --resume), training, the outputs
-    if ddp:
+    if ddp:         # the inputs are good: the process group, the run folder, its log (continued on --resume), training
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _ = device.type == "cuda" and torch.cuda.set_device(device)
     log_path = os.path.join(out, "log.txt")
