@@ -315,20 +315,18 @@ class Steps:
         for name, net in self.nets:
             lr = (self.a.lr_g if name == "G" else self.a.lr_d) * lr_factor(t, self.a.lr_const_epochs, self.a.lr_decay)
             self.opt[name] = torch.optim.Adam(net.parameters(), lr=lr, eps=1e-7)
-    def fakes(self, e_real, epoch, net):    # (Ep, net's showers) of fakes; Ep as M:266-271
+    def fakes(self, e_real, epoch, net):    # (Ep, Ecal target from the fit, net's showers) of fakes; Ep as M:266-271
         e = e_real                          # (the original counts epochs from 1: U(1,4) in 1 and 2)
         if epoch < self.a.early_epochs or self.a.fake_ep != "real":
             lo, hi = (100.0, 400.0) if epoch < self.a.early_epochs else (2.0, 500.0)
             e = lo + (hi - lo) * torch.rand(e_real.shape, device=self.dev, generator=self.gen)
+        z = torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100.0)
         with self.amp:
-            return e, net(torch.randn(len(e), self.a.latent, device=self.dev, generator=self.gen) * (e[:, None] / 100))
-    def update(self, name, img, label, e_t, ecal_t=None):
-        """One Adam step of G or D on D's loss for img -> its value; ecal_t None: the fakes' target from the fit."""
+            return e, self.a.xscale * e * sum(c * e ** i for i, c in enumerate(self.sf)), net(z)
+    def update(self, name, img, label, e_t, ecal_t):    # one Adam step of G or D on D's loss for img -> its value
         a = self.a
         with self.amp:
             logit, ep_p, ecal_p = self.D_run(img)
-            if ecal_t is None:
-                ecal_t = a.xscale * e_t * sum(c * e_t ** i for i, c in enumerate(self.sf))
             target = flip_labels(label, len(e_t), a.label_flip, self.gen, self.dev)
             loss = (a.w_gan * F.binary_cross_entropy_with_logits(logit.float(), target)
                     + a.w_ep * mape(e_t / 100.0, ep_p.float()) + a.w_ecal * mape(ecal_t, ecal_p.float()))
@@ -338,11 +336,11 @@ class Steps:
         return loss.item()
     def __call__(self, real, e_real, epoch):    # one step: real images (x xscale), Ep GeV -> (loss_d on fakes, loss_g)
         with torch.no_grad():
-            e_f, fake = self.fakes(e_real, epoch, self.G)
+            e_f, ecal_f, fake = self.fakes(e_real, epoch, self.G)
         self.update("D", real, self.a.label_real, e_real, real.sum((1, 2, 3)))
-        loss_d = self.update("D", fake.float(), self.a.label_fake, e_f)
-        e_g, img = self.fakes(e_real, epoch, self.G_run)
-        return loss_d, self.update("G", img, self.a.label_real, e_g)
+        loss_d = self.update("D", fake.float(), self.a.label_fake, e_f, ecal_f)
+        e_g, ecal_g, img = self.fakes(e_real, epoch, self.G_run)
+        return loss_d, self.update("G", img, self.a.label_real, e_g, ecal_g)
 
 class TrainData:
     """Split, held-out showers, fakes' Ecal/Ep fit (4th order; training events, streamed: the first file's), and per
