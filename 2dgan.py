@@ -7,12 +7,12 @@
     torchrun --nproc_per_node=4 2dgan.py --data 'EleEscan_*.h5'
     python 2dgan.py --resume                           # continue runs/2dgan/ckpt.pt
 
-Model: reference.md; Keras parameter counts 2,055,324 (G) and 714,114 (D), as the original. The original's
-regime (svalleco/3Dgan, branch frehm/Conv2D; M = Conv2D/Models_m4_1_ReLU.py, P = PTF_k_v6_1_ReLU.py,
-F = Conv2D/Functions_v1_5_8.py): labels 0.9/0, 5% flips (M:278-294, 317); lr constant 4.05 epochs then x0.79
-per epoch, new Adam per file (P:196-204, 301-304); BatchNorm frozen on its initial statistics (P:328-352,
-M:288,313); ReLU output from epoch 3 (P:50,262-268); fake Ep U(100,400) then U(2,500) (M:266-271, 312);
-best-epoch metric of F:463-640. TOY run (no --data): 4000 showers, 10 epochs; claim (SF within 10%, depth
+Model: reference.md; Keras parameter counts 2,055,324 (G) and 714,114 (D), as the original. The original's regime
+(svalleco/3Dgan, branch frehm/Conv2D; M = Conv2D/Models_m4_1_ReLU.py, P = PTF_k_v6_1_ReLU.py, F =
+Conv2D/Functions_v1_5_8.py): labels 0.9/0, 5% flips (M:278-294, 317); lr constant 4.05 epochs then x0.79 per epoch,
+new Adam per file (P:196-204, 301-304); BatchNorm frozen on its initial statistics (P:328-352, M:288,313); ReLU
+output from epoch 3 (P:50,262-268); fake Ep U(100,400) then U(2,500) (M:266-271, 312); best-epoch metric of
+F:463-640 (common.lcd_shower_metric). TOY run (no --data): 4000 showers, 10 epochs; claim (SF within 10%, depth
 profile within 20%) not reached: SF 0.73-1.01, profile off up to x4 (README: the table of runs).
 Bad input (flags, files, --out, checkpoints, another script's run folder): one line, exit 2, nothing written;
 OUT/run.json names the script and the model flags (--latent/--width/--xscale) that --resume must keep.
@@ -28,14 +28,12 @@ import h5py
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 SCRIPT = "2dgan.py"
 THRESHOLD = 1e-6                                  # GeV: cells below are 0 (data and generated)
-VAL_CENTRES = (50, 100, 200, 250, 300, 400, 500)  # GeV: metric windows, besides all events (the original's "0")
 # sized flags left unset: the paper's configuration with --data, the CPU-sized toy reproduction without
 PAPER = dict(toy_n=10000, epochs=30, batch_size=128, width=1.0, val_frac=0.1, val_window=5.0)
 TOY = dict(toy_n=4000, epochs=10, batch_size=32, width=0.125, val_frac=0.25, val_window=50.0)
@@ -224,8 +222,7 @@ class Generator(nn.Module):
         c32, c64 = (max(1, round(c * width)) for c in (32, 64))      # channels x --width
         self.latent, self.dense = latent, nn.Linear(latent, 125)
         self.branches = nn.ModuleList(nn.Sequential(                  # sizes 5x5 -> 5, 15, 30, 26, 26, 26, 25
-            _block(5, c32, 5, he=False),
-            _block(c64, c64, 5, up=nn.ConvTranspose2d(c32, c64, 5, stride=3, padding=1)),
+            _block(5, c32, 5, he=False), _block(c64, c64, 5, up=nn.ConvTranspose2d(c32, c64, 5, stride=3, padding=1)),
             _block(c64, c64, 8, up=nn.ConvTranspose2d(c64, c64, 5, stride=2, padding=2, output_padding=1)),
             _block(c64, c64, 5, same=False), _block(c64, c32, 4), _block(c32, c32, 3),
             _block(c32, 25, 2, same=False)) for _ in range(3))
@@ -238,7 +235,7 @@ class Generator(nn.Module):
         outs = [br(v.permute(*p)).permute(*q).permute(0, 3, 1, 2)          # each -> (N, z, x, y)
                 for br, p, q in zip(self.branches, _TO_BRANCH, _FROM_BRANCH)]
         x = self.merge(torch.cat(outs, 1)).permute(0, 2, 3, 1)             # (N, x, y, z)
-        return torch.where(self.relu_out, F.relu(x), x)
+        return torch.where(self.relu_out, torch.relu(x), x)
 
 class Discriminator(nn.Module):
     """3 permuted 2D-conv branches -> 9x9x9 each -> Dense(10) -> (real/fake logit, Ep/100, Ecal = sum)."""
@@ -255,10 +252,6 @@ class Discriminator(nn.Module):
     def forward(self, x):
         h = self.dense(torch.cat([br(x.permute(*p)).flatten(1) for br, p in zip(self.branches, _TO_BRANCH)], 1))
         return self.fake(h).squeeze(1), self.ep(h).squeeze(1), x.float().sum((1, 2, 3))
-
-def keras_param_count(module):      # as Keras counts: trainable parameters plus BatchNorm moving mean and variance
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return sum(p.numel() for p in module.parameters()) + sum(b.running_mean.numel() * 2 for b in bns)
 
 # ---------------------------------------------------------------- train
 def resolve_device(name):
@@ -280,23 +273,6 @@ def lr_factor(t, const_epochs=4.0, decay=0.24):
 def flip_labels(value, n, prob, gen, device):
     """n labels `value`, each flipped with probability prob as bit_flip_tf (M:278-284) does: 0 -> 1, else -> 0."""
     return torch.where(torch.rand(n, device=device, generator=gen) < prob, float(value == 0), float(value)).to(device)
-
-def val_windows(ep, half, min_count):
-    """All held-out events, and the +-half GeV windows around VAL_CENTRES with at least min_count events."""
-    wins = [np.flatnonzero(np.abs(ep - c) <= half) for c in VAL_CENTRES]
-    return [np.arange(len(ep))] + [w for w in wins if len(w) >= min_count]
-
-def shower_metric(real, fake, ep, half=5.0, min_count=100, n_boot=0, seed=0):
-    """(Relative error of mean x/y/z centre and variance over all events and Ep windows, bootstrap sd or 0.0)."""
-    mr, mf = (np.stack([m[(a, o)] for o in (1, 2) for a in range(3)], 1)
-              for m in (common.axis_moments(real), common.axis_moments(fake)))
-    rng, errs = np.random.default_rng(seed), []
-    for w in val_windows(np.asarray(ep), half, min_count):
-        draws = [w] + [w[rng.integers(0, len(w), len(w))] for _ in range(n_boot)]
-        r, f = np.stack([mr[d].mean(0) for d in draws]), np.stack([mf[d].mean(0) for d in draws])
-        errs.append((np.abs(f - r) / np.maximum(np.abs(r), 1e-12)).mean(1))
-    v = np.mean(errs, 0)
-    return float(v[0]), float(v[1:].std()) if n_boot else 0.0
 
 def epoch_seed(seed, rank, epoch):     # one rank's random stream in one epoch: resumed ranks continue their own
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] % 2 ** 63)
@@ -324,12 +300,11 @@ class Steps:
         with self.amp:
             return e, self.a.xscale * e * sum(c * e ** i for i, c in enumerate(self.sf)), net(z)
     def update(self, name, img, label, e_t, ecal_t):    # one Adam step of G or D on D's loss for img -> its value
-        a = self.a
         with self.amp:
             logit, ep_p, ecal_p = self.D_run(img)
-            target = flip_labels(label, len(e_t), a.label_flip, self.gen, self.dev)
-            loss = (a.w_gan * F.binary_cross_entropy_with_logits(logit.float(), target)
-                    + a.w_ep * mape(e_t / 100.0, ep_p.float()) + a.w_ecal * mape(ecal_t, ecal_p.float()))
+            target = flip_labels(label, len(e_t), self.a.label_flip, self.gen, self.dev)
+            loss = (self.a.w_gan * nn.functional.binary_cross_entropy_with_logits(logit.float(), target)
+                    + self.a.w_ep * mape(e_t / 100.0, ep_p.float()) + self.a.w_ecal * mape(ecal_t, ecal_p.float()))
         self.opt[name].zero_grad(set_to_none=True)
         loss.backward()
         self.opt[name].step()
@@ -428,8 +403,8 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
                 st["step"], n_b, sums = st["step"] + 1, n_b + 1, sums + losses
                 _ = rank == 0 and st["step"] % args.log_every == 0 and log(progress(*losses))
         common.check_finite([G.state_dict(), D.state_dict(), sums], ckpt_path or "the model")  # every rank, alike
-        metric, sd = shower_metric(data.val_x, generate(G, data.val_ep, device=device, seed=args.seed), data.val_ep,
-                                   args.val_window, args.val_min, n_boot=100, seed=args.seed)
+        metric, sd = common.lcd_shower_metric(data.val_x, generate(G, data.val_ep, device=device, seed=args.seed),
+                                              data.val_ep, args.val_window, args.val_min, n_boot=100, seed=args.seed)
         firsts = [first] * world          # the events each rank drew first: ranks must differ (resume test)
         _ = ddp and torch.distributed.all_gather_object(firsts, first)
         rec = {"epoch": epoch + 1, "step": st["step"], "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
@@ -522,15 +497,6 @@ def make_plots(real, fake, ep, folder, toy):
         common.write_atomic(os.path.join(folder, name), lambda t: fig.savefig(t, dpi=90))
         plt.close(fig)
 
-def claim_metrics(real, fake, ep):     # gen/real SF per 50 GeV bin and z profile; claim: within 10% / 20% (layers 3-20)
-    ratio, edges = common.sf_ratio_per_bin(fake, ep, real, ep)
-    prof = common.axis_profiles(fake)[2].mean(0) / np.maximum(common.axis_profiles(real)[2].mean(0), 1e-30)
-    ok = np.isfinite(ratio)                # an empty bin (None in the json) fails the claim
-    sf_dev, z_dev = float(np.max(np.abs(ratio[ok] - 1), initial=0)), float(np.max(np.abs(prof[3:21] - 1)))
-    return {"sf_ratio_per_50gev": {"edges_GeV": edges.tolist(), "ratio": np.where(ok, ratio, None).tolist()},
-            "sf_max_abs_dev": sf_dev, "profile_z_ratio": prof.tolist(), "profile_z_max_abs_dev_layers_3_20": z_dev,
-            "claim_sf_within_10pct": bool(ok.all() and sf_dev <= 0.10), "claim_profile_z_within_20pct": z_dev <= 0.20}
-
 def benchmark(args):        # one JSON line: generation showers/s, training samples/s (the real training step) here
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -613,7 +579,7 @@ def run_train(args):
             ecal.val_events(args.val_max)[0], ecal.val_ep(),
             {f: s[1].tolist() for f, s in zip(ecal.files, ecal.splits)})
         fake = generate(res["generator"], ep_val, args.gen_batch or 1024, device, seed=args.seed + 1, dtype=args.dtype)
-        claim = claim_metrics(real, fake[:len(real)], ep_val[:len(real)])
+        claim = common.lcd_claim_metrics(real, fake[:len(real)], ep_val[:len(real)])
         common.check_finite(claim, os.path.join(out, "generated.h5"))     # before any output; write_lcd checks fake
         write_lcd(os.path.join(out, "generated.h5"), fake, ep_val)
         make_plots(real, fake[:len(real)], ep_val[:len(real)], os.path.join(out, "plots"), toy)
@@ -628,8 +594,7 @@ def run_train(args):
             f"{claim['claim_profile_z_within_20pct']}); {metrics['wall_s']:.0f} s")
         common.write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1, default=str))
         common.write_atomic(log_path, "\n".join(lines) + "\n")
-    if ddp:
-        torch.distributed.destroy_process_group()
+    _ = ddp and torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main())

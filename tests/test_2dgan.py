@@ -29,11 +29,17 @@ def one_thread():
 # ---------------------------------------------------------------- model units
 
 
+def keras_param_count(module):
+    """As Keras counts: trainable parameters plus BatchNorm moving mean and variance."""
+    bns = [mod for mod in module.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    return sum(p.numel() for p in module.parameters()) + sum(b.running_mean.numel() * 2 for b in bns)
+
+
 def test_parameter_counts_of_default_models():
     # counted as Keras does (trainable + BatchNorm moving statistics); the original's 2,055,324 and 714,114
     G, D = m.Generator(), m.Discriminator()
-    assert m.keras_param_count(G) == 2_055_324
-    assert m.keras_param_count(D) == 714_114
+    assert keras_param_count(G) == 2_055_324
+    assert keras_param_count(D) == 714_114
 
 
 def test_shapes_output_switch_and_heads():
@@ -73,15 +79,15 @@ def test_validation_metric_hand_made_and_its_spread():
     real[:, 5, 5, [10, 12]] = 1.0
     fake[:, 5, 5, [11, 15]] = 1.0
     ep = np.full(6, 100.0)
-    metric, sd = m.shower_metric(real, fake, ep, n_boot=20)
+    metric, sd = common.lcd_shower_metric(real, fake, ep, n_boot=20)
     assert metric == pytest.approx((2 / 11 + 3) / 6) and sd == pytest.approx(0.0, abs=1e-12)
     rng = np.random.default_rng(0)
     noisy = rng.random((40, 25, 25, 25)).astype(np.float32) ** 8
-    assert m.shower_metric(noisy, noisy, np.full(40, 100.0), n_boot=20) == (0.0, 0.0)
-    metric, sd = m.shower_metric(noisy[:20], noisy[20:], np.full(20, 100.0), n_boot=50)
+    assert common.lcd_shower_metric(noisy, noisy, np.full(40, 100.0), n_boot=20) == (0.0, 0.0)
+    metric, sd = common.lcd_shower_metric(noisy[:20], noisy[20:], np.full(20, 100.0), n_boot=50)
     assert metric > 0 and 0 < sd < metric
     # windows: all events, plus +-half GeV windows with at least min_count events
-    w = m.val_windows(np.array([48.0, 52, 60, 99, 101, 300]), 5.0, 2)
+    w = common.lcd_val_windows(np.array([48.0, 52, 60, 99, 101, 300]), 5.0, 2)
     assert [list(x) for x in w] == [[0, 1, 2, 3, 4, 5], [0, 1], [3, 4]]
 
 
@@ -128,14 +134,14 @@ def test_claim_metrics_hand_made():
     ep = np.arange(35.0, 510.0, 50.0)                        # one event per 50 GeV bin
     real = np.zeros((10, 25, 25, 25), np.float32)
     real[:, 12, 12, :] = (0.02 * ep / 25)[:, None]           # SF 0.02, flat depth profile
-    c = m.claim_metrics(real, real * 1.05, ep)
+    c = common.lcd_claim_metrics(real, real * 1.05, ep)
     assert c["sf_ratio_per_50gev"]["ratio"] == pytest.approx([1.05] * 10) and c["sf_max_abs_dev"] == pytest.approx(0.05)
     assert c["profile_z_ratio"] == pytest.approx([1.05] * 25) and c["claim_sf_within_10pct"]
     fake = real.copy()
     fake[:, :, :, 4] *= 1.3                                  # layer 4 off by 30%
-    c = m.claim_metrics(real, fake, ep)
+    c = common.lcd_claim_metrics(real, fake, ep)
     assert c["profile_z_max_abs_dev_layers_3_20"] == pytest.approx(0.3) and not c["claim_profile_z_within_20pct"]
-    c = m.claim_metrics(real[:3], real[:3], ep[:3])          # empty bins: no claim, no NaN written
+    c = common.lcd_claim_metrics(real[:3], real[:3], ep[:3])  # empty bins: no claim, no NaN written
     assert c["sf_ratio_per_50gev"]["ratio"][3] is None and not c["claim_sf_within_10pct"]
 
 
