@@ -214,3 +214,24 @@ def test_toy_cli_unwritable_path(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "cannot write" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_cached_toy_made_once_by_rank_0_and_awaited_by_others(tmp_path, monkeypatch, capsys):
+    """Rank 0 writes the TOY file once (a second call leaves its bytes alone); another rank writes nothing and,
+    with wait, returns only once the file exists."""
+    monkeypatch.chdir(tmp_path)
+    path = common.toy_path("lcd", 8, 5)
+    assert common.cached_toy("lcd", 8, 5, rank=1) == path and not (tmp_path / path).exists()   # rank 1 writes nothing
+    assert common.cached_toy("lcd", 8, 5, rank=0, workers=1) == path
+    assert "no --data: training on TOY lcd showers" in capsys.readouterr().out
+    with h5py.File(path) as f:
+        assert f["ECAL"].shape == (8, 25, 25, 25) and f.attrs["toy"]
+    before = (tmp_path / path).read_bytes()
+    (tmp_path / path).touch()
+    mtime = (tmp_path / path).stat().st_mtime_ns
+    common.cached_toy("lcd", 8, 5, rank=0)
+    assert (tmp_path / path).read_bytes() == before and (tmp_path / path).stat().st_mtime_ns == mtime
+    calls = []
+    monkeypatch.setattr(common.time, "sleep", lambda s: calls.append(s) or (tmp_path / "data" / "late.h5").touch())
+    monkeypatch.setattr(common, "toy_path", lambda kind, n, seed=0: "data/late.h5")
+    assert common.cached_toy("lcd", 8, 5, rank=1, wait=True) == "data/late.h5" and calls == [0.5]
