@@ -88,6 +88,15 @@ def folder_bytes(root):
             for d, ds, fs in os.walk(root) for n in ds + fs}
 
 
+def plant(root, make=None):
+    """The obstacles of an out-path case: a file 'plain' and, if given, make (a folder if it ends with '/', else a
+    file) with its parent folders."""
+    (root / "plain").write_text("x")
+    if make:
+        os.makedirs(root / os.path.dirname(make.rstrip("/")), exist_ok=True)
+        os.makedirs(root / make) if make.endswith("/") else (root / make).write_text("x")
+
+
 def _evaluate(capsys, *argv):
     import evaluate
     return call_main(evaluate, capsys, *argv)
@@ -122,10 +131,7 @@ def test_evaluate_bad_flags_one_line(toy, tmp_path, capsys, flags, word):
 ])
 def test_evaluate_out_unusable(toy, tmp_path, capsys, monkeypatch, out, make, words):
     real = toy("atlas89", 20)
-    (tmp_path / "plain").write_text("x")
-    if make:
-        os.makedirs(tmp_path / os.path.dirname(make.rstrip("/")), exist_ok=True)
-        os.makedirs(tmp_path / make) if make.endswith("/") else (tmp_path / make).write_text("x")
+    plant(tmp_path, make)
     before = _tree(tmp_path)
     monkeypatch.chdir(tmp_path)
     _one_line_exit_2(_evaluate(capsys, real, real, "--out", out, "--no-classifier"), *words)

@@ -16,7 +16,7 @@ import torch
 import common
 from conftest import REPO, run_torchrun
 from test_2dgan import one_thread  # noqa: F401  (autouse: model code on one thread)
-from test_hostile import _one_line_exit_2, call_main
+from test_hostile import _one_line_exit_2, call_main, plant
 
 m = importlib.import_module("2dgan")
 TINY = ["--width", "0.125", "--batch-size", "8", "--val-frac", "0.25", "--epochs", "1", "--seed", "3"]
@@ -86,10 +86,7 @@ def test_bracket_path_long_folder_unique_temporaries(run):          # K, C, M
     ("r", "r/plots", ["plots is a file, not a folder"]),
 ])
 def test_out_unusable(toy, tmp_path, capsys, monkeypatch, out, make, words):
-    (tmp_path / "plain").write_text("x")
-    if make:
-        os.makedirs(tmp_path / "r", exist_ok=True)
-        os.makedirs(tmp_path / make) if make.endswith("/") else (tmp_path / make).write_text("x")
+    plant(tmp_path, make)
     monkeypatch.chdir(tmp_path)
     _refused(capsys, tmp_path, "--data", toy("lcd", 16, 0), "--out", out, *TINY, words=words)
 

@@ -15,7 +15,7 @@ import torch
 
 import common
 from conftest import run_torchrun
-from test_hostile import _one_line_exit_2, call_main, folder_bytes
+from test_hostile import _one_line_exit_2, call_main, folder_bytes, plant
 
 ada = importlib.import_module("adagan")
 TINY = ["--epochs", "1", "--width", "0.05", "--batch-size", "8", "--components", "1",
@@ -86,10 +86,7 @@ def test_bad_flags_one_line(run, tmp_path, capsys, monkeypatch, argv, words):
     (True, "x.h5", "x.h5/", ["--out x.h5", "is a folder"]),  # B: IsADirectoryError at os.replace
 ])
 def test_out_unusable(run, tmp_path, capsys, monkeypatch, gen, out, make, words):
-    (tmp_path / "plain").write_text("x")
-    if make:
-        os.makedirs(tmp_path / os.path.dirname(make.rstrip("/")), exist_ok=True)
-        os.makedirs(tmp_path / make) if make.endswith("/") else (tmp_path / make).write_text("x")
+    plant(tmp_path, make)
     before = _state(tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = ["--generate", "4", "--ckpt", run.out] if gen else ["--data", run.data, *TINY]

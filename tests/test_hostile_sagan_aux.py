@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_torchrun
-from test_hostile import _one_line_exit_2, call_main, folder_bytes
+from test_hostile import _one_line_exit_2, call_main, folder_bytes, plant
 
 S = importlib.import_module("sagan_aux")
 TINY = ["--toy-n", "64", "--batch-size", "16", "--ch", "8", "--nz", "8", "--val-frac", "0.25",
@@ -95,10 +95,7 @@ def test_bad_flags_one_line(tmp_path, capsys, monkeypatch, flags, words):
     ("run", "run/plots", ["run/plots", "is a file"]),
 ])
 def test_train_out_unusable(trained, tmp_path, capsys, monkeypatch, out, make, words):
-    (tmp_path / "plain").write_text("x")
-    if make:
-        os.makedirs(tmp_path / os.path.dirname(make.rstrip("/")), exist_ok=True)
-        os.makedirs(tmp_path / make) if make.endswith("/") else (tmp_path / make).write_text("x")
+    plant(tmp_path, make)
     before = _snapshot(tmp_path)
     monkeypatch.chdir(tmp_path)
     _one_line_exit_2(_sagan(capsys, *TINY, "--data", trained.data, "--out", out), *words)

@@ -13,7 +13,7 @@ import torch
 import common
 import vaegan
 from conftest import run_torchrun
-from test_hostile import _one_line_exit_2, call_main, folder_bytes
+from test_hostile import _one_line_exit_2, call_main, folder_bytes, plant
 
 TINY = ["--n-train", "20", "--ensemble", "1", "--batch-size", "10", "--channels", "2,2", "--latent", "2",
         "--mbd-kernels", "0", "--select-bins", "2", "--epochs", "1"]
@@ -64,10 +64,7 @@ def test_bad_flags_one_line(data, tmp_path, capsys, monkeypatch, flags, word):
     ("o", "o/plots", ["o/plots: is a file"]),
 ])
 def test_out_unusable(data, tmp_path, capsys, monkeypatch, out, make, words):
-    (tmp_path / "plain").write_text("x")
-    if make:
-        os.makedirs(tmp_path / os.path.dirname(make.rstrip("/")), exist_ok=True)
-        os.makedirs(tmp_path / make) if make.endswith("/") else (tmp_path / make).write_text("x")
+    plant(tmp_path, make)
     before = _state(tmp_path)
     monkeypatch.chdir(tmp_path)
     _one_line_exit_2(_main(capsys, "--data", data, *TINY, "--out", out), "--out", *words)
