@@ -432,19 +432,19 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
 
 # ---------------------------------------------------------------- generate
 @torch.no_grad()
-def generate(G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32"):
-    """Showers (N,25,25,25) float32 GeV for primary energies ep (N,) GeV; cells < 1e-6 GeV set to 0."""
+def generate(G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32", host=True):
+    """Showers (N,25,25,25) float32 GeV for Ep ep (N,) GeV, cells < 1e-6 GeV set to 0: numpy, or on device."""
     device, was_training = torch.device(device), G.training
     G.eval()
     g = torch.Generator(device).manual_seed(seed if seed is not None else torch.seed() % 2 ** 62)
     ep = np.asarray(ep, np.float32).reshape(-1)
-    out = np.empty((len(ep), 25, 25, 25), np.float32)
+    out = np.empty((len(ep), 25, 25, 25), np.float32) if host else torch.empty(len(ep), 25, 25, 25, device=device)
     for s in range(0, len(ep), batch_size):
         e = torch.from_numpy(ep[s:s + batch_size]).to(device)
         z = torch.randn(len(e), G.latent, device=device, generator=g) * (e[:, None] / 100.0)
         with _autocast(device, dtype):
             x = G(z).float() / float(G.xscale)
-        out[s:s + len(e)] = torch.where(x < THRESHOLD, 0.0, x).cpu().numpy()
+        out[s:s + len(e)] = torch.where(x < THRESHOLD, 0.0, x).to("cpu" if host else device)
     G.train(was_training)
     return out
 

@@ -194,11 +194,13 @@ def mixture_weights(betas):
     return np.array([b * np.prod(1 - np.asarray(betas[i + 1:], np.float64)) for i, b in enumerate(betas)])
 
 
-def sample_mixture(generators, mix_w, ep, rng, generate):
-    """(showers (N,25,25,25), component (N,)): component i ~ Cat(mix_w) per event, then generate(G_i, its ep, seed)."""
+def sample_mixture(generators, mix_w, ep, rng, generate, device=None):
+    """(showers (N,25,25,25), component (N,)): component i ~ Cat(mix_w) per event, then generate(G_i, its ep, seed);
+    the showers stay on device when it is given (generate then returns tensors there), else numpy."""
     ep = np.asarray(ep, np.float32)
     comp = rng.choice(len(generators), size=len(ep), p=np.asarray(mix_w, np.float64) / np.sum(mix_w))
-    out = np.zeros((len(ep), 25, 25, 25), np.float32)
+    out = (np.zeros((len(ep), 25, 25, 25), np.float32) if device is None
+           else torch.zeros(len(ep), 25, 25, 25, device=device))
     for i in np.unique(comp):
         sel = np.flatnonzero(comp == i)
         out[sel] = generate(generators[i], ep[sel], int(rng.integers(2**31)))
@@ -252,13 +254,13 @@ def train_mixdisc(gens, mix_w, ecal, ep, fit, args, ga, device, seed, log):
     te, tr, xs, B = np.sort(perm[:n_te]), np.sort(perm[n_te:]), float(ga.xscale), args.mixdisc_batch
     e_fit = ep[fit].astype(np.float64)                      # the fakes' Ecal target: 4th-order Ecal/Ep fit
     poly = np.polyfit(e_fit, np.asarray(ecal[fit], np.float64).sum((1, 2, 3)) / e_fit, 4)
-    gen = lambda G, e, s: m.generate(G, e, device=device, seed=s)  # noqa: E731
+    gen = lambda G, e, s: m.generate(G, e, device=device, seed=s, host=False)  # noqa: E731
     as_t = lambda v: torch.as_tensor(np.ascontiguousarray(v), dtype=torch.float32, device=device)  # noqa: E731
 
     def batch(idx, fake, r=rng):
         """(images x xscale, Ep, Ecal target) of the real events idx, or of as many mixture samples (drawn with r)."""
         e = r.uniform(2.0, 500.0, len(idx)) if fake else ep[idx]
-        x = as_t(sample_mixture(gens, mix_w, e, r, gen)[0] if fake else ecal[idx]) * xs
+        x = (sample_mixture(gens, mix_w, e, r, gen, device)[0] if fake else as_t(ecal[idx])) * xs     # on device
         return x, as_t(e), as_t(xs * e * np.polyval(poly, e)) if fake else x.sum((1, 2, 3))
     D, best, best_state, best_epoch, hist = m.Discriminator(ga.width).to(device), math.inf, None, -1, []
     starts = range(0, max(len(tr) - B, 0) + 1, B)          # full batches (one short one if fewer events)
@@ -437,10 +439,10 @@ def load_ensemble(ckpt, device):
     return [base().load_checkpoint(p, device=device)[0] for p in paths], np.asarray(st["mix_weights"][-1])
 
 
-def ensemble_sample(gens, mix_w, ep, device, seed, dtype="fp32"):
+def ensemble_sample(gens, mix_w, ep, device, seed, dtype="fp32", host=True):
     """Ensemble showers at the given Ep: component ~ Cat(mix_w) per event (seed: int or numpy Generator)."""
-    gen = lambda G, e, s: base().generate(G, e, device=device, seed=s, dtype=dtype)  # noqa: E731
-    return sample_mixture(gens, mix_w, ep, np.random.default_rng(seed), gen)
+    gen = lambda G, e, s: base().generate(G, e, device=device, seed=s, dtype=dtype, host=host)  # noqa: E731
+    return sample_mixture(gens, mix_w, ep, np.random.default_rng(seed), gen, None if host else device)
 
 
 def ensemble_features(st, t):
@@ -536,7 +538,7 @@ def benchmark(args):
 
     def mixdisc_batch():
         e = torch.full((b,), 250.0, device=device)
-        x = torch.from_numpy(ensemble_sample(gens, [0.5, 0.5], e.cpu(), device, rng, dtype)[0]).to(device) * ga.xscale
+        x = ensemble_sample(gens, [0.5, 0.5], e.cpu(), device, rng, dtype, host=False)[0] * ga.xscale
         for real in (True, False):
             opt.zero_grad()
             mixdisc_loss(D, x, e, x.sum((1, 2, 3)) + 1, real, ga).backward()

@@ -42,6 +42,16 @@ def test_parameter_counts_of_default_models():
     assert keras_param_count(D) == 714_114
 
 
+def test_generate_on_device_equals_host_copy():
+    """host=False (adagan.py's MIXDISC keeps its mixture samples on the device): the same showers, as a tensor."""
+    torch.manual_seed(0)
+    G, ep = m.Generator(latent=16, width=0.125), np.array([10.0, 250.0, 490.0], np.float32)
+    G.relu_out.fill_(True)
+    on_host, on_dev = (m.generate(G, ep, batch_size=2, seed=7, host=h) for h in (True, False))
+    assert isinstance(on_host, np.ndarray) and torch.is_tensor(on_dev) and on_dev.device.type == "cpu"
+    assert (on_host > 0).any() and np.array_equal(on_host, on_dev.numpy())
+
+
 def test_shapes_output_switch_and_heads():
     torch.manual_seed(0)
     G, D = m.Generator(latent=16, width=0.125).eval(), m.Discriminator(width=0.125).eval()

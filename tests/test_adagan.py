@@ -226,9 +226,10 @@ class FakeBase:
             raise KeyboardInterrupt
         return {"generator": G, "best_epoch": 1}
 
-    def generate(self, G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32"):
+    def generate(self, G, ep, batch_size=1024, device="cpu", seed=None, dtype="fp32", host=True):
         i = np.random.default_rng(seed).integers(len(self.shape), size=len(ep))
-        return (self.shape[i] * (G * np.asarray(ep))[:, None, None, None]).astype(np.float32)
+        x = (self.shape[i] * (G * np.asarray(ep))[:, None, None, None]).astype(np.float32)
+        return x if host else torch.from_numpy(x).to(device)        # as 2dgan.generate: numpy or on the device
 
     def load_checkpoint(self, path, device="cpu"):
         return torch.load(path)["G"], {}
