@@ -202,6 +202,17 @@ def ild10_observables(showers):
             "pixel": np.where(s > ILD_MIP_CUT_MEV, s, np.nan)}
 
 
+def layer_image(geom, lay, vec):
+    """(image, xlabel, ylabel) of one layer's cells: ATLAS eta x phi grid, ds1 alpha x r bins."""
+    idx = np.flatnonzero(geom.layer == lay)
+    if geom.name == "calochallenge1":
+        n_alpha = list(CC1_LAYERS.values())[lay][1]
+        return vec[..., idx].reshape(vec.shape[:-1] + (n_alpha, -1)), "r bin", "alpha bin"
+    order = np.lexsort((geom.y[idx], geom.x[idx]))                    # eta-major grid
+    img = vec[..., idx[order]].reshape(vec.shape[:-1] + (len(np.unique(geom.x[idx])), -1))
+    return np.swapaxes(img, -1, -2), "eta cell", "phi cell"
+
+
 # ---------------------------------------------------------------- toy showers
 
 

@@ -563,17 +563,6 @@ def benchmark(args, device, amp):
 # ---------------------------------------------------------------- plots
 
 
-def layer_image(geom, lay, vec):
-    """(image, xlabel, ylabel) of one layer's cells: ATLAS eta x phi grid, ds1 alpha x r bins."""
-    idx = np.flatnonzero(geom.layer == lay)
-    if geom.name == "calochallenge1":
-        n_alpha = list(common.CC1_LAYERS.values())[lay][1]
-        return vec[..., idx].reshape(vec.shape[:-1] + (n_alpha, -1)), "r bin", "alpha bin"
-    order = np.lexsort((geom.y[idx], geom.x[idx]))                    # eta-major grid
-    img = vec[..., idx[order]].reshape(vec.shape[:-1] + (len(np.unique(geom.x[idx])), -1))
-    return np.swapaxes(img, -1, -2), "eta cell", "phi cell"
-
-
 def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     """Klein's figures, real (grey) against generated (red), one PNG each in folder, from a table of panels."""
     import matplotlib
@@ -637,7 +626,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
                log=True)
     panels = [[], []]                   # mean shower: a row of real and one of generated layers, a colour scale each
     for lay in range(L):
-        (im_r, xl, yl), (im_f, _, _) = (layer_image(geom, lay, v.mean(0)) for v in (real, fake))
+        (im_r, xl, yl), (im_f, _, _) = (common.layer_image(geom, lay, v.mean(0)) for v in (real, fake))
         pos = np.r_[im_r.ravel(), im_f.ravel()]
         pos = pos[pos > 0]
         nrm = matplotlib.colors.LogNorm(pos.min(), pos.max()) if len(pos) and pos.max() > pos.min() else None
@@ -661,7 +650,7 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     q, k = np.argsort(real.sum(1))[np.linspace(0, len(real) - 1, 3).astype(int)], min(5, len(nf))
     idx, dist_ = common.nearest_neighbours(nr[q], nf, k=k)
     lay = int(np.argmax(fr["fraction_per_layer"].mean(0)))
-    panels = [[([("imshow", layer_image(geom, lay, nr[q[r]] if j == 0 else nf[idx[r, j - 1]])[0],
+    panels = [[([("imshow", common.layer_image(geom, lay, nr[q[r]] if j == 0 else nf[idx[r, j - 1]])[0],
                   dict(aspect="auto", origin="lower"))], dict(xticks=[], yticks=[]),
                 "real" if j == 0 else f"NN{j} d={dist_[r, j - 1]:.3f}", 8) for j in range(k + 1)]
               for r in range(len(q))]     # row r: a real shower, then its k nearest generated ones
@@ -692,14 +681,9 @@ def train_main(args, device, amp, ddp):
     common.check_run_folder(args.out, SCRIPT)
     ckpt = os.path.join(args.out, "ckpt.pt")
     need(os.path.exists(ckpt) or not args.resume, f"{ckpt}: no checkpoint to resume from")
-    if toy := args.data is None:
-        args.data = common.toy_path("atlas89", args.toy_n, 0)
-        log(f"no --data: training on TOY atlas89 showers ({args.data})")
-        if rank == 0 and not os.path.exists(args.data):
-            os.makedirs(os.path.dirname(args.data), exist_ok=True)
-            common.write_toy("atlas89", args.data, args.toy_n, 0)
-        while not os.path.exists(args.data):    # other ranks: rank 0 makes it (torchrun ends them if it fails)
-            time.sleep(1)
+    if toy := args.data is None:        # cached_toy prints its line on rank 0; log.txt gets it too
+        args.data = common.cached_toy("atlas89", args.toy_n, 0, rank=rank, wait=True)
+        lines.append(f"no --data: training on TOY atlas89 showers ({args.data})")
     d = read_showers(args.data)
     data = prepare(d, args.seed, args.val_frac)
     data.update(geom=d["geom"], fmt=d["fmt"], toy=d["toy"] or toy, ratio_head=d["fmt"] != "atlas")

@@ -383,9 +383,9 @@ def test_layer_images(name, shapes):
     geom = common.geometry(name)
     vec = np.arange(geom.n_cells, dtype=float)
     for lay, shape in enumerate(shapes):
-        img = wg.layer_image(geom, lay, vec)[0]
+        img = common.layer_image(geom, lay, vec)[0]
         assert img.shape == shape
         assert sorted(img.ravel()) == sorted(np.flatnonzero(geom.layer == lay))     # every cell once
     if name == "atlas89":       # Middle: eta-major 3x7 -> image rows are phi, columns eta
-        img = wg.layer_image(geom, 2, vec)[0]
+        img = common.layer_image(geom, 2, vec)[0]
         assert img[0, 1] == 7 and img[1, 0] == 1
