@@ -308,7 +308,7 @@ class Steps:
         self.opt[name].zero_grad(set_to_none=True)
         loss.backward()
         self.opt[name].step()
-        return loss.item()
+        return loss.detach()          # summed on the device: no host sync per step
     def __call__(self, real, e_real, epoch):    # one step: real images (x xscale), Ep GeV -> (loss_d on fakes, loss_g)
         with torch.no_grad():
             e_f, ecal_f, fake = self.fakes(e_real, epoch, self.G)
@@ -394,20 +394,20 @@ def train(args, ecal, ep, weights=None, out_dir=None, log=print, split=None):
         G.relu_out.fill_(epoch + 1 >= args.relu_epoch)
         for net in (step.G_run, step.D_run):          # frozen: BatchNorm on its moving statistics, no dropout
             net.train(args.bn_mode == "batch")
-        sums, n_b, first = np.zeros(2), 0, []
+        sums, n_b, first = torch.zeros(2, dtype=torch.float64, device=device), 0, []
         for k, (xc, ec, batches) in enumerate(data.files(epoch, step.gen)):
             step.new_adam(epoch + k / data.n_files)
             for bidx in batches:
                 first = first or bidx[:4].tolist()
                 losses = step(xc[bidx].float() * args.xscale, ec[bidx].float(), epoch)
-                st["step"], n_b, sums = st["step"] + 1, n_b + 1, sums + losses
-                _ = rank == 0 and st["step"] % args.log_every == 0 and log(progress(*losses))
+                st["step"], n_b, sums = st["step"] + 1, n_b + 1, sums + torch.stack(losses).double()
+                _ = rank == 0 and st["step"] % args.log_every == 0 and log(progress(*torch.stack(losses).tolist()))
         common.check_finite([G.state_dict(), D.state_dict(), sums], ckpt_path or "the model")  # every rank, alike
         metric, sd = common.lcd_shower_metric(data.val_x, generate(G, data.val_ep, device=device, seed=args.seed),
                                               data.val_ep, args.val_window, args.val_min, n_boot=100, seed=args.seed)
         firsts = [first] * world          # the events each rank drew first: ranks must differ (resume test)
         _ = ddp and torch.distributed.all_gather_object(firsts, first)
-        rec = {"epoch": epoch + 1, "step": st["step"], "loss_d": sums[0] / max(n_b, 1), "loss_g": sums[1] / max(n_b, 1),
+        rec = {"epoch": epoch + 1, "step": st["step"], **dict(zip(("loss_d", "loss_g"), (sums / max(n_b, 1)).tolist())),
                "val_metric": metric, "val_metric_sd": sd, "lr_g": step.opt["G"].param_groups[0]["lr"],
                "lr_d": step.opt["D"].param_groups[0]["lr"], "first_batch": firsts}
         st["history"], st["epoch"] = st["history"] + [rec], epoch + 1
