@@ -230,7 +230,7 @@ class Dense(torch.nn.Module):
                 W[k].copy_(torch.rand(W.shape[1:], generator=g, device=g.device) * (2 * lim) - lim)
 
 
-def build(hp, n_x, ratio_head, k=1):
+def build(hp, n_x, k=1):
     w, L = hp["width"], hp["layers"]
     return Dense([hp["latent"] + 1] + [w] * L + [n_x], k), Dense([n_x + 1] + [w] * L + [1], k)
 
@@ -330,10 +330,10 @@ def member_generators(seeds, device, offset=0):
     return [torch.Generator(device).manual_seed(s + offset) for s in seeds]
 
 
-def init_nets(hp, n_x, ratio_head, seeds, device, lr, betas, ck=None):
+def init_nets(hp, n_x, seeds, device, lr, betas, ck=None):
     """Generator and critic of K = len(seeds) members, member k Keras-initialised from torch.Generator seeds[k]
     (returned: it goes on to draw member k's minibatches), their Adams; or all three as checkpoint ck left them."""
-    nets = dict(zip(("generator", "critic"), (m.to(device) for m in build(hp, n_x, ratio_head, len(seeds)))))
+    nets = dict(zip(("generator", "critic"), (m.to(device) for m in build(hp, n_x, len(seeds)))))
     gens, ck = member_generators(seeds, device), ck or {}
     for name, m in nets.items():
         m.glorot_(gens)
@@ -393,7 +393,7 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
     (rank, size), K, hp = world, len(seeds), {k: getattr(args, k) for k in HP}
     xct = tuple(torch.as_tensor(data[k], device=device) for k in ("x", "c", "train"))   # whole dataset on device
     ck = load_ckpt(ckpt_path, device) if args.resume else {}     # checked against the flags in train_main
-    nets, opts, gens = init_nets(hp, xct[0].shape[1], data["ratio_head"], seeds, device, args.lr, args.betas, ck)
+    nets, opts, gens = init_nets(hp, xct[0].shape[1], seeds, device, args.lr, args.betas, ck)
     start, step = (ck["epoch"], ck["step"]) if ck else (0, 0)
     history = {int(s): h for s, h in ck["history"].items()} if ck else {s: [] for s in seeds}
     if ck:
@@ -496,7 +496,7 @@ def generate_main(args, device):
     ck = load_ckpt(args.ckpt, device)
     try:
         fmt, geom, atlas = ck["format"], common.geometry(ck["geometry"]), ck["format"] == "atlas"
-        gen = build(ck["hp"], geom.n_cells + int(not atlas), not atlas, len(ck["seeds"]))[0].to(device)
+        gen = build(ck["hp"], geom.n_cells + int(not atlas), len(ck["seeds"]))[0].to(device)
         gen.load_state_dict(ck["model"]["generator"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise DataError(f"{args.ckpt}: not a wgan_gp.py checkpoint ({type(e).__name__})")
@@ -533,7 +533,7 @@ def benchmark(args, device, amp):
     C, B, n = 89, args.batch_size, 4096
     xct = (torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device),
            torch.arange(n, device=device))
-    nets = {K: init_nets({k: getattr(args, k) for k in HP}, C, False, range(K), device, args.lr, args.betas)
+    nets = {K: init_nets({k: getattr(args, k) for k in HP}, C, range(K), device, args.lr, args.betas)
             for K in sorted({1, args.seeds})}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

@@ -244,7 +244,7 @@ def test_benchmark_json(tmp_path):
 
 
 def test_model_shapes_and_parameter_counts():
-    g, d = wg.build({"latent": 100, "width": 128, "layers": 3}, 89, False, k=2)
+    g, d = wg.build({"latent": 100, "width": 128, "layers": 3}, 89, k=2)
     # Dense(101->128), 2 x Dense(128->128), Dense(128->89) / Dense(90->128), 2 x Dense(128->128), Dense(128->1)
     assert g.flat.shape == (2, 101 * 128 + 128 + 2 * (128 * 128 + 128) + 128 * 89 + 89)
     assert d.flat.shape == (2, 90 * 128 + 128 + 2 * (128 * 128 + 128) + 129)
@@ -257,7 +257,7 @@ def test_model_shapes_and_parameter_counts():
     lim = (6 / (101 + 128)) ** 0.5
     assert torch.all(b == 0) and W.abs().max() <= lim and W.abs().max() > 0.9 * lim
     assert not torch.equal(W[0], W[1])                                  # members differ
-    g2, _ = wg.build({"latent": 10, "width": 32, "layers": 1}, 369, True)
+    g2, _ = wg.build({"latent": 10, "width": 32, "layers": 1}, 369)
     x2, _, _ = wg.generator_out(g2.layers(), torch.randn(1, 4, 11), 368)
     assert x2.shape == (1, 4, 369) and torch.allclose(x2[..., :368].sum(-1), torch.ones(1, 4))
 
@@ -308,7 +308,7 @@ def test_generator_gradient_equals_autograd():
     torch.manual_seed(1)
     K, B, n_cells = 2, 6, 4
     for ratio in (False, True):
-        gen, crit = wg.build({"latent": 3, "width": 7, "layers": 2}, n_cells + ratio, ratio, k=K)
+        gen, crit = wg.build({"latent": 3, "width": 7, "layers": 2}, n_cells + ratio, k=K)
         gen, crit = gen.double(), crit.double()
         with torch.no_grad():
             gen.flat.normal_()
