@@ -34,7 +34,6 @@ Deviations from the original:
 - validation binned as evaluate.py (common.auto_bins / separation_power_clipped), not every 250 epochs.
 - generated.h5 `energy`: held-out event's true energy (ATLAS); with --generate --energy the cluster total (energy_is).
 """
-import contextlib
 import datetime
 import json
 import math
@@ -55,8 +54,6 @@ HP = ("latent", "width", "layers")      # the flags that set the networks' shape
 OUT_FILES = ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json")
 
 # ---------------------------------------------------------------- flags
-
-
 def get_args(argv=None):
     p = common._Parser(prog=SCRIPT, description="Conditional WGAN-GP for ATLAS clusters (and CaloChallenge ds1).")
     a = p.add_argument
@@ -112,31 +109,25 @@ def get_args(argv=None):
     return args
 
 # ---------------------------------------------------------------- data
-
 DataError = common.InputError           # bad input: one line on stderr, exit status 2, nothing written
 FORMATS = {"atlas": ("cells", "energy", (89, 247)), "calochallenge": ("showers", "incident_energies", (368,))}
 E_MAX_MEV = 300_000.0    # PreProcessing.py lines 18-24: clusters above 300 GeV (total before noise cuts) removed
 
-
-def need(ok, msg):
-    """Refuse bad input before anything is written: main prints msg as one line on stderr, exit status 2."""
+def need(ok, msg):      # refuse bad input before anything is written: main prints msg, one line, exit status 2
     if not ok:
         raise DataError(msg)
 
-
-def read_showers(path):
-    """Read and validate a file of either format -> dict(fmt, geom, cells (N,C) MeV, energy (N,) MeV, toy, path)."""
+def read_showers(path):     # a checked file of either format -> dict(fmt, geom, cells (N,C) MeV, energy (N,) MeV, ...)
     need(os.path.isfile(path), f"{path}: no such file")
     try:
         with h5py.File(path, "r") as f:
             fmt = next((k for k, keys in FORMATS.items() if keys[0] in f or keys[1] in f), None)
             need(fmt, f"{path}: missing key 'cells' (ATLAS) or 'showers' (CaloChallenge)")
-            ck, ek, allowed = FORMATS[fmt]
+            (ck, ek, allowed), toy = FORMATS[fmt], bool(f.attrs.get("toy", False))
             for key in (ck, ek):
                 need(key in f and isinstance(f[key], h5py.Dataset), f"{path}: missing key '{key}'")
             cells, energy = f[ck][()], f[ek][()]
             per_cell = {k: f[k][()] for k in ("cell_layer", "cell_eta", "cell_phi") if k in f}
-            toy = bool(f.attrs.get("toy", False))
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]})")
     cells = common.check_real(path, ck, cells)           # float32, the training dtype: 1e39 is inf there
@@ -144,8 +135,7 @@ def read_showers(path):
     need(cells.ndim == 2 and len(cells), f"{path}: '{ck}' must be (N, n_cells) with N > 0, got shape {cells.shape}")
     n, c = cells.shape
     need(c in allowed, f"{path}: '{ck}' has {c} cells, expected {' or '.join(map(str, allowed))}")
-    need(energy.shape in ((n,), (n, 1)),
-         f"{path}: '{ek}' has shape {energy.shape}, expected ({n},) to match {n} events of '{ck}'")
+    need(energy.shape in ((n,), (n, 1)), f"{path}: '{ek}' has shape {energy.shape}, expected ({n},) as '{ck}'")
     need(np.abs(cells.sum(1, dtype=np.float64)).max() <= np.finfo(np.float32).max,
          f"{path}: a shower's total of '{ck}' overflows float32")
     need(np.all(energy > 0), f"{path}: '{ek}' has non-positive energies")
@@ -157,22 +147,17 @@ def read_showers(path):
          f"{path}: 'cell_layer' differs from the {geom.name} cell order of common.py")
     return dict(fmt=fmt, geom=geom, cells=cells, energy=energy.reshape(n).astype(np.float64), toy=toy, path=path)
 
-
-def noise_cut(cells, geom):
-    """Cells below the geometry's noise cut -> 0 (training data and generated showers alike)."""
+def noise_cut(cells, geom):     # cells below the geometry's noise cut -> 0 (training data and generated showers alike)
     return np.where(cells >= geom.noise_cut, cells, 0.0).astype(np.float32)
 
-
-def prepare(d, seed, val_frac):
-    """300 GeV cut (ATLAS), noise cuts, fractions of the cluster total, conditions, seeded split."""
+def prepare(d, seed, val_frac, toy=False):     # 300 GeV cut (ATLAS), noise cuts, fractions, conditions, seeded split
     atlas = d["fmt"] == "atlas"
     over = (d["cells"].sum(1, dtype=np.float64) > E_MAX_MEV) & atlas
     cells = noise_cut(d["cells"], d["geom"])
     total = cells.sum(1, dtype=np.float64)
     keep = np.flatnonzero((total > 0) & ~over)
     need(len(keep) >= 2, f"{d['path']}: fewer than 2 showers with energy left after the 300 GeV and noise cuts")
-    perm = np.random.default_rng(seed).permutation(keep)
-    n_val = max(1, int(round(val_frac * len(keep))))
+    perm, n_val = np.random.default_rng(seed).permutation(keep), max(1, int(round(val_frac * len(keep))))
     val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     need(len(train), f"{d['path']}: no training events left after the validation split")
     cond_e = total if atlas else d["energy"]            # ATLAS: cluster total; ds1: incident energy
@@ -185,11 +170,10 @@ def prepare(d, seed, val_frac):
         x.append(((log_r - norm["mu_r"]) / norm["sd_r"])[:, None].astype(np.float32))
     c = ((log_e - norm["mu_e"]) / norm["sd_e"])[:, None].astype(np.float32)
     return dict(x=np.concatenate(x, 1), c=c, cells=cells, cond_e=cond_e, train=train, val=val, norm=norm,
-                n_over=int(over.sum()), n_dropped=int(((total <= 0) & ~over).sum()))
+                n_over=int(over.sum()), n_dropped=int(((total <= 0) & ~over).sum()), toy=d["toy"] or toy,
+                ratio_head=not atlas, geom=d["geom"], fmt=d["fmt"], energy=d["energy"])
 
-
-def write_h5(path, fmt, geom, cells, energy, attrs):
-    """Showers in the input's format, written to a unique temporary name and renamed into place."""
+def write_h5(path, fmt, geom, cells, energy, **attrs):      # generated showers in the input's format, atomically
     arrays = (dict(cells=cells, energy=energy, cell_layer=geom.layer, cell_eta=geom.x, cell_phi=geom.y)
               if fmt == "atlas" else dict(showers=cells, incident_energies=energy[:, None]))
 
@@ -197,14 +181,12 @@ def write_h5(path, fmt, geom, cells, energy, attrs):
         with h5py.File(tmp, "w") as f:
             for k, v in arrays.items():
                 f[k] = v.astype(np.int32 if k == "cell_layer" else np.float32)
-            f.attrs.update(attrs)
+            f.attrs.update(generated=True, model="wgan_gp", **attrs)
     common.write_atomic(path, write)
 
 # ---------------------------------------------------------------- model
-
 SLOPE = 0.3     # keras.layers.LeakyReLU() default alpha, as training.py uses it (lines 126-148)
 lrelu_bwd = torch.ops.aten.leaky_relu_backward
-
 
 class Dense(torch.nn.Module):
     """K independent dense networks (one per seed), layer l of member k: h[k] @ W_l[k] + b_l[k], LeakyReLU
@@ -215,25 +197,21 @@ class Dense(torch.nn.Module):
         self.sizes, self.k, self.io = list(sizes), k, list(zip(sizes[:-1], sizes[1:]))
         self.flat = torch.nn.Parameter(torch.zeros(k, sum(i * o + o for i, o in self.io)))
 
-    def layers(self, t=None):
-        """[(W (K,in,out), b (K,1,out))] as views of the flat parameter (or of a tensor shaped like it)."""
+    def layers(self, t=None):   # [(W (K,in,out), b (K,1,out))] as views of the flat parameter (or a tensor like it)
         parts = (self.flat if t is None else t).split([n for i, o in self.io for n in (i * o, o)], 1)
         return [(parts[2 * j].view(-1, i, o), parts[2 * j + 1].view(-1, 1, o)) for j, (i, o) in enumerate(self.io)]
 
     @torch.no_grad()
-    def glorot_(self, gens):
-        """Keras Dense defaults: glorot-uniform kernels, zero biases; member k draws from gens[k]."""
+    def glorot_(self, gens):    # Keras Dense defaults: glorot-uniform kernels, zero biases; member k draws from gens[k]
         self.flat.zero_()
         for k, g in enumerate(gens):
             for W, _ in self.layers():
                 lim = math.sqrt(6.0 / sum(W.shape[1:]))
                 W[k].copy_(torch.rand(W.shape[1:], generator=g, device=g.device) * (2 * lim) - lim)
 
-
-def build(hp, n_x, k=1):
+def build(hp, n_x, k=1):        # (generator, critic) of k members
     w, L = hp["width"], hp["layers"]
     return Dense([hp["latent"] + 1] + [w] * L + [n_x], k), Dense([n_x + 1] + [w] * L + [1], k)
-
 
 def forward(layers, h, slope):
     """(K,B,in) -> (K,B,out), each layer's input and each hidden pre-activation (for the backward by hand)."""
@@ -243,29 +221,22 @@ def forward(layers, h, slope):
         hs.append(torch.nn.functional.leaky_relu(pre[-1], slope))
     return torch.baddbmm(layers[-1][1], hs[-1], layers[-1][0]), hs, pre
 
-
-def deltas(layers, pre, dy):
-    """Backward through the hidden layers: d loss / d pre-activation of each hidden layer, first first."""
+def deltas(layers, pre, dy):    # backward through the hidden layers: d loss / d each hidden pre-activation, first first
     ds = []
     for (W, _), a in zip(reversed(layers[1:]), reversed(pre)):
         ds.insert(0, dy := lrelu_bwd(torch.bmm(dy, W.transpose(1, 2)), a, SLOPE, False))
     return ds
 
-
-def flat_grad(lefts, ds, n_bias_rows):
-    """Weight gradients left^T @ d, bias gradients d[:, :n_bias_rows].sum, packed like Dense.flat."""
+def flat_grad(lefts, ds, n_bias_rows):  # weights: left^T @ d, biases: d[:, :n_bias_rows].sum; packed like Dense.flat
     return torch.cat([t for left, d in zip(lefts, ds) for t in (torch.bmm(left.transpose(1, 2), d).flatten(1),
                                                                 d[:, :n_bias_rows].sum(1))], 1)
 
-
-def generator_out(gl, gin, n_cells):
-    """(noise | condition) -> (x = softmax cell fractions [+ ratio head], logits, forward cache)."""
+def generator_out(gl, gin, n_cells):    # (noise | condition) -> (softmax cell fractions [+ ratio head], logits, cache)
     out, hs, pre = forward(gl, gin, SLOPE)
     logits = out[..., :n_cells]
     p = torch.softmax(logits, -1)                       # fp32 under autocast
     x = p if out.shape[-1] == n_cells else torch.cat([p, out[..., n_cells:].to(p.dtype)], -1)
     return x, logits, (hs, pre, p)
-
 
 def critic_grads(cl, h, B, nx, gp_weight):
     """Critic loss -W + gp_weight * mean_i (|grad_x D(x_i)|_2 - 1)^2 and its exact gradient, no double backward.
@@ -290,9 +261,7 @@ def critic_grads(cl, h, B, nx, gp_weight):
     wd = (y[:, :B] - y[:, B:2 * B]).mean((1, 2))
     return flat_grad(hs, ds + [dy], 2 * B), -wd + gp_weight * gp, wd
 
-
-def generator_grads(gl, cl, gin, n_cells, l1):
-    """Generator loss -mean D(G(z, c)) (+ l1 * |logits|) and its parameter gradient, by hand."""
+def generator_grads(gl, cl, gin, n_cells, l1):     # loss -mean D(G(z, c)) (+ l1 * |logits|), its gradient by hand
     B = gin.shape[1]
     x, logits, (hs, pre_g, p) = generator_out(gl, gin, n_cells)
     y, _, pre_c = forward(cl, torch.cat([x, gin[..., -1:]], -1), SLOPE)
@@ -308,8 +277,6 @@ def generator_grads(gl, cl, gin, n_cells, l1):
     return flat_grad(hs, deltas(gl, pre_g, dout) + [dout], B), loss
 
 # ---------------------------------------------------------------- train
-
-
 def adam(p, lr, betas, state=None, eps=1e-7):
     """Adam as Keras 2 computes it (training.py lines 191, 222: Adam(5e-5, 0.5, 0.5), epsilon 1e-7): p -= lr_t m /
     (sqrt(v) + eps), lr_t = lr sqrt(1 - b2^t) / (1 - b1^t); elementwise (K members as K runs). -> step(gradient);
@@ -325,10 +292,8 @@ def adam(p, lr, betas, state=None, eps=1e-7):
     step.state = s
     return step
 
-
 def member_generators(seeds, device, offset=0):
     return [torch.Generator(device).manual_seed(s + offset) for s in seeds]
-
 
 def init_nets(hp, n_x, seeds, device, lr, betas, ck=None):
     """Generator and critic of K = len(seeds) members, member k Keras-initialised from torch.Generator seeds[k]
@@ -343,11 +308,10 @@ def init_nets(hp, n_x, seeds, device, lr, betas, ck=None):
         g.set_state(st.cpu())
     return nets, {n: adam(m.flat, lr, betas, ck.get("optim", {}).get(n)) for n, m in nets.items()}, gens
 
-
 def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1, reduce=torch.Tensor.float):
-    """n_critic critic steps then one generator step; -> (3, K) sums of critic loss, W, generator loss.
-    real (K, n_critic, B, n_x), cond and eps (K, n_critic, B, 1), gin_c (K, n_critic*B, latent+1), gin_g (K, B,
-    latent+1); buf (K, n_critic, 3B, n_x+1) scratch. The critic steps' fakes come from one generator pass."""
+    """n_critic critic steps, then one generator step -> (3, K) sums of critic loss, W, generator loss. real (K,
+    n_critic, B, n_x), cond, eps (K, n_critic, B, 1), gin_c (K, n_critic*B, latent+1), gin_g (K, B, latent+1); buf
+    (K, n_critic, 3B, n_x+1) scratch. The critic steps' fakes come from one generator pass."""
     K, nc, B, nx = real.shape
     fake = generator_out(gl, gin_c, n_cells)[0].view(K, nc, B, nx)
     for i, rows in enumerate((real, fake, torch.lerp(fake, real, eps))):     # critic rows: real, fake, interpolates
@@ -362,7 +326,6 @@ def iteration(gl, cl, opts, buf, real, cond, eps, gin_c, gin_g, n_cells, gp, l1,
     opts["generator"](reduce(grad))
     sums[2] += loss
     return sums
-
 
 def run_epoch(nets, opts, gens, xct, n_cells, args, amp, n_iter, bs, step_fn=iteration, reduce=torch.Tensor.float):
     """One epoch of train() (and of --benchmark) -> (3, K) sums of critic loss, W, generator loss. First its
@@ -387,9 +350,7 @@ def run_epoch(nets, opts, gens, xct, n_cells, args, amp, n_iter, bs, step_fn=ite
             sums = sums + step_fn(gl, cl, opts, buf, *(b[:, it] for b in batches), n_cells, args.gp, args.l1, reduce)
     return sums
 
-
-def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
-    """Train the seeds as ONE batched model; returns (generator, {seed: history})."""
+def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):    # -> (generator, {seed: history})
     (rank, size), K, hp = world, len(seeds), {k: getattr(args, k) for k in HP}
     xct = tuple(torch.as_tensor(data[k], device=device) for k in ("x", "c", "train"))   # whole dataset on device
     ck = load_ckpt(ckpt_path, device) if args.resume else {}     # checked against the flags in train_main
@@ -398,8 +359,7 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
     history = {int(s): h for s, h in ck["history"].items()} if ck else {s: [] for s in seeds}
     if ck:
         log(f"resumed from {ckpt_path} at epoch {start}, step {step}")
-    if rank:
-        gens = member_generators(seeds, device, 1000 * rank + start)  # each rank its own minibatches
+    gens = member_generators(seeds, device, 1000 * rank + start) if rank else gens    # each rank its own minibatches
     n_cells, bs = xct[0].shape[1] - int(data["ratio_head"]), min(args.batch_size, len(xct[2]))
     n_iter = max(1, len(xct[2]) // (bs * args.n_critic * size))   # training.py line 251
     step_fn = torch.compile(iteration) if args.compile else iteration
@@ -435,14 +395,11 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):
     return nets["generator"], history
 
 # ---------------------------------------------------------------- generate
-
-
 @torch.no_grad()
-def sample(gen, cond_e, norm, gens, batch=10000):
-    """Showers in MeV for conditioning energies cond_e (K, n) MeV, member k from gens[k] -> (K, n, C)."""
+def sample(gen, cond_e, norm, gens, batch=10000):   # showers (K, n, C) MeV for conditions cond_e (K, n) MeV
     device, out, ratio = gen.flat.device, [], "mu_r" in norm
     n_cells = gen.sizes[-1] - int(ratio)
-    for s in range(0, cond_e.shape[1], batch):
+    for s in range(0, cond_e.shape[1], batch):          # member k draws from gens[k]
         e = torch.as_tensor(cond_e[:, s:s + batch], dtype=torch.float64, device=device)
         c = ((torch.log(e) - norm["mu_e"]) / norm["sd_e"]).float()[..., None]
         z = torch.stack([torch.randn(e.shape[1], gen.sizes[0] - 1, generator=g, device=device) for g in gens])
@@ -452,7 +409,6 @@ def sample(gen, cond_e, norm, gens, batch=10000):
     out = np.concatenate(out, 1)
     common.check_finite(out, "generated showers")          # before the noise cut would hide a NaN as 0
     return out
-
 
 def validate(gen, data, seeds, device):
     """Generated showers for the held-out events (one per seed and event, noise cuts applied), their correlation
@@ -476,9 +432,7 @@ def validate(gen, data, seeds, device):
             "power " + " ".join(f"{k} {v:.3f}" for k, v in m["separation_power"]["fraction_per_layer"].items()))
     return m, fake, (fr, ff), line
 
-
-def load_ckpt(path, device="cpu"):
-    """A wgan_gp.py checkpoint; missing, truncated, text or another script's: one line, exit status 2."""
+def load_ckpt(path, device="cpu"):  # missing, truncated, text or another script's checkpoint: one line, exit status 2
     need(os.path.isfile(path), f"{path}: no such checkpoint")
     try:                                # weights_only: plain containers and tensors, no code from the file
         ck = torch.load(path, map_location=device, weights_only=True)
@@ -489,7 +443,6 @@ def load_ckpt(path, device="cpu"):
     need(isinstance(ck, dict) and ck.get("script", SCRIPT) == SCRIPT and keys <= set(ck),
          f"{path}: not a {SCRIPT} checkpoint" + (f" (made by {who})" if who else ""))
     return ck
-
 
 def generate_main(args, device):
     common.check_out_path(args.out, "--out", folder=False)
@@ -511,25 +464,21 @@ def generate_main(args, device):
         pick = np.resize(ok, args.generate)                          # in order, cycled if N > events
         cond_e, true_e = (total if atlas else d["energy"])[pick], d["energy"][pick]
     else:
-        lo, hi = args.energy
-        cond_e = true_e = 1000.0 * np.exp(np.random.default_rng(args.seed).uniform(np.log(lo), np.log(hi),
-                                                                                    args.generate))
+        (lo, hi), rng = args.energy, np.random.default_rng(args.seed)
+        cond_e = true_e = 1000.0 * np.exp(rng.uniform(np.log(lo), np.log(hi), args.generate))
     K = gen.k                                                        # event i from seed member i % K
     cells = sample(gen, np.resize(cond_e, -(-args.generate // K) * K).reshape(-1, K).T, ck["norm"],
                    member_generators(range(K), device, args.seed))
     cells = noise_cut(cells.transpose(1, 0, 2).reshape(-1, cells.shape[2])[:args.generate], geom)
-    write_h5(args.out, fmt, geom, cells, true_e, {"generated": True, "model": "wgan_gp", "ckpt": args.ckpt,
-                                                  "toy": bool(ck["toy"]), "energy_is": "incident energy" if not atlas
-                                                  else "true energy (from --energy-file)" if args.energy_file
-                                                  else "conditioning cluster total"})
+    write_h5(args.out, fmt, geom, cells, true_e, ckpt=args.ckpt, toy=bool(ck["toy"]), energy_is="incident energy"
+             if not atlas else "true energy (from --energy-file)" if args.energy_file else "conditioning cluster total")
     print(f"wrote {len(cells)} generated {geom.name} showers to {args.out}")
     return 0
-
 
 def benchmark(args, device, amp):
     """One JSON line: generation showers/s, and the time of a training iteration (n_critic critic + one generator
     step) on random atlas89-sized data for 1 and --seeds K batched members: blocks of 20 iterations run as train()
-    runs them (run_epoch), alternated, medians of 8."""
+    runs them (run_epoch), alternated, medians of 8 (generation: of 3)."""
     C, B, n = 89, args.batch_size, 4096
     xct = (torch.softmax(torch.randn(n, C, device=device), 1), torch.randn(n, 1, device=device),
            torch.arange(n, device=device))
@@ -537,19 +486,18 @@ def benchmark(args, device, amp):
             for K in sorted({1, args.seeds})}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def timed(fn, calls):               # seconds per call
+    def timed(fn, *a):                  # seconds of one call
         sync()
         t = time.perf_counter()
-        for _ in range(calls):
-            fn()
+        fn(*a)
         sync()
-        return (time.perf_counter() - t) / calls
+        return time.perf_counter() - t
     for K in nets:                      # warm-up
         run_epoch(*nets[K], xct, C, args, amp, 20, B)
-    med = dict(zip(nets, np.median([[timed(lambda: run_epoch(*nets[K], xct, C, args, amp, 20, B), 1) / 20
-                                     for K in nets] for _ in range(8)], 0).tolist()))
-    t_gen = timed(lambda: sample(nets[1][0]["generator"], np.full((1, 10000), 5e4), {"mu_e": math.log(5e4),
-                                                                                      "sd_e": 1.0}, nets[1][2]), 3)
+    med = dict(zip(nets, np.median([[timed(run_epoch, *nets[K], xct, C, args, amp, 20, B) / 20 for K in nets]
+                                    for _ in range(8)], 0).tolist()))
+    t_gen = np.median([timed(sample, nets[1][0]["generator"], np.full((1, 10000), 5e4),
+                             {"mu_e": math.log(5e4), "sd_e": 1.0}, nets[1][2]) for _ in range(3)])
     out = {"script": SCRIPT, "device": str(device), "dtype": args.dtype if amp else "fp32",
            "threads": torch.get_num_threads(), "gen_batch": 10000, "gen_showers_per_s": round(1e4 / t_gen),
            "train_batch": B, "n_critic": args.n_critic, "train_iter_ms": round(1e3 * med[1], 3),
@@ -561,8 +509,6 @@ def benchmark(args, device, amp):
     return 0
 
 # ---------------------------------------------------------------- plots
-
-
 def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     """Klein's figures, real (grey) against generated (red), one PNG each in folder, from a table of panels."""
     import matplotlib
@@ -583,9 +529,8 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
                 h = getattr(ax, fn)(*a, **kw)
             if bar == "axes":
                 fig.colorbar(h, ax=ax)
-            ax.set(**settings)
-            if t:
-                ax.set_title(t, fontsize=fs)
+            ax.set(title=t, **settings)
+            ax.title.set_fontsize(fs)
         for c in range(axs.shape[1] if bar == "column" else 0):
             fig.colorbar(axs[-1, c].images[0], ax=axs[:, c].tolist(), label="mean MeV")
         if legend:
@@ -595,8 +540,8 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
         plt.close(fig)
 
     def curves(name, title, calls, xlabel, ylabel, size=(6, 3.5), left=0.16, log=False):     # one axes
-        figure(name, title, [[(calls, dict(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear"), None,
-                               0)]], size, 8, left=left, bottom=0.15, top=0.88)
+        figure(name, title, [[(calls, dict(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear"), "",
+                               9)]], size, 8, left=left, bottom=0.15, top=0.88)
     ax_names = ("eta", "phi") if geom.xy_unit == "eta/phi" else ("x [mm]", "y [mm]")
     specs = {f"{w}_{a}_per_layer": (f"{t} in {n} per layer", n) for w, t in (("centre", "energy-weighted centre"),
              ("width", "width")) for a, n in zip("xy", ax_names)}       # variate -> (title, x label)
@@ -604,16 +549,13 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
                  "fraction"), fraction_per_layer=("fraction of the cluster energy per layer", "fraction"))
     styles = (dict(histtype="stepfilled", alpha=0.4, color="grey", label="real", density=True),
               dict(histtype="step", color="C3", lw=1.5, label="generated", density=True))
-    for k in fr:                        # a histogram per layer (or Middle) of each variate, 40 bins, log x for energies
-        log, sps, panels = k == "energy_per_layer", metrics["separation_power"][k], []
+    for k in fr:        # per layer (or Middle) and variate: the histograms its separation power is computed on
+        sps, panels = metrics["separation_power"][k], []
         for i, col in enumerate(names if fr[k].shape[1] == L else ["Middle"]):
-            both = np.r_[fr[k][:, i], ff[k][:, i]]
-            pos = both[both > 0]
-            lo, hi = ((pos.min(), pos.max()) if len(pos) else (1, 10)) if log else np.percentile(both, [0.1, 99.9])
-            e = np.geomspace(lo, hi * 1.0001, 41) if log else np.linspace(lo, hi + 1e-12, 41)
-            panels.append(([("hist", f[k][:, i], e, st) for f, st in zip((fr, ff), styles)], dict(
-                xscale="log" if log else "linear", xlabel=specs[k][1]),
-                f"{col}  SP {sps[col] if isinstance(sps, dict) else sps:.3f}", 9))
+            e, log = common.native_edges(fr[k][:, i], [ff[k][:, i]], metrics["bins"])
+            panels.append(([("hist", np.clip(f[k][:, i], e[0], e[-1]), e, st) for f, st in zip((fr, ff), styles)],
+                           dict(xscale="log" if log else "linear", xlabel=specs[k][1]),
+                           f"{col}  SP {sps[col] if isinstance(sps, dict) else sps:.3f}", 9))
         figure(k, specs[k][0], [panels], (3.2 * len(panels), 3), legend=7)
     if geom.name.startswith("atlas"):   # width in phi of Middle vs energy; fakes share the real conditions
         mid, e_r = names.index("Middle"), real.sum(1) / 1000.0
@@ -660,8 +602,6 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
                                     for s, h in histories.items()], "epoch", "critic's Wasserstein estimate")
 
 # ---------------------------------------------------------------- main
-
-
 def train_main(args, device, amp, ddp):
     """Every input checked before anything is written, on every rank before the process group (all ranks exit 2
     alike, none hangs): the --out paths, the run folder, the data, the checkpoint to resume. Then train (DDP over
@@ -684,12 +624,10 @@ def train_main(args, device, amp, ddp):
     if toy := args.data is None:        # cached_toy prints its line on rank 0; log.txt gets it too
         args.data = common.cached_toy("atlas89", args.toy_n, 0, rank=rank, wait=True)
         lines.append(f"no --data: training on TOY atlas89 showers ({args.data})")
-    d = read_showers(args.data)
-    data = prepare(d, args.seed, args.val_frac)
-    data.update(geom=d["geom"], fmt=d["fmt"], toy=d["toy"] or toy, ratio_head=d["fmt"] != "atlas")
-    args.epochs = args.epochs or (TOY_EPOCHS if toy else 1000)
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    model = {"geometry": d["geom"].name, "seeds": seeds, **{k: getattr(args, k) for k in HP}}
+    data = prepare(read_showers(args.data), args.seed, args.val_frac, toy)
+    args.epochs, geom, val = args.epochs or (TOY_EPOCHS if toy else 1000), data["geom"], data["val"]
+    seeds, atlas = list(range(args.seed, args.seed + args.seeds)), data["fmt"] == "atlas"
+    model = {"geometry": geom.name, "seeds": seeds, **{k: getattr(args, k) for k in HP}}
     common.check_run_folder(args.out, SCRIPT, model, args.resume)
     if args.resume:
         ck = load_ckpt(ckpt)
@@ -698,11 +636,10 @@ def train_main(args, device, amp, ddp):
                        "the same flags and data, or choose another --out")
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    val, atlas = data["val"], d["fmt"] == "atlas"
     if rank == 0:
         common.stamp_run_folder(args.out, SCRIPT, model)
         log.path = os.path.join(args.out, "log.txt")
-        log(f"{d['geom'].name} ({d['fmt']}): {len(data['train'])} train, {len(val)} validation events"
+        log(f"{geom.name} ({data['fmt']}): {len(data['train'])} train, {len(val)} validation events"
             + (f"; {data['n_over']} clusters above 300 GeV removed" if atlas else "")
             + (f"; {data['n_dropped']} empty after the noise cuts dropped" if data["n_dropped"] else "")
             + f"; {args.epochs} epochs, {len(seeds)} seed(s), device {device}")
@@ -710,21 +647,19 @@ def train_main(args, device, amp, ddp):
     if rank:
         return 0
     metrics, fake, feats, line = validate(gen, data, seeds, device)
-    write_h5(os.path.join(args.out, "generated.h5"), d["fmt"], d["geom"], fake, np.tile(d["energy"][val], len(seeds)),
-             {"generated": True, "model": "wgan_gp", "toy": data["toy"], "seeds": seeds,
-              "energy_is": "held-out real event's " + ("true energy" if atlas else "incident energy")})
-    metrics.update(data=args.data, geometry=d["geom"].name, seeds=seeds, epochs=args.epochs, n_train=len(data["train"]),
+    write_h5(os.path.join(args.out, "generated.h5"), data["fmt"], geom, fake, np.tile(data["energy"][val], len(seeds)),
+             toy=data["toy"], seeds=seeds, energy_is="held-out real event's " + ("true energy" if atlas else
+                                                                                  "incident energy"))
+    metrics.update(data=args.data, geometry=geom.name, seeds=seeds, epochs=args.epochs, n_train=len(data["train"]),
                    n_val=len(val), n_generated=len(fake), n_over_300GeV=data["n_over"], val_indices=val.tolist(),
                    final_wdist={s: h[-1]["wdist"] if h else None for s, h in histories.items()})
     common.check_finite(metrics, mpath := os.path.join(args.out, "metrics.json"))
     common.write_atomic(mpath, json.dumps(metrics, indent=1))
     if not args.no_plots:
-        plots(os.path.join(args.out, "plots"), data["cells"][val], fake, d["geom"], data["toy"], metrics, histories,
-              *feats)
+        plots(os.path.join(args.out, "plots"), data["cells"][val], fake, geom, data["toy"], metrics, histories, *feats)
     log(f"wrote {args.out}/: ckpt.pt, generated.h5, metrics.json" + ("" if args.no_plots else ", plots/"))
     log(f"validation, {len(val)} held-out real vs {len(fake)} generated: " + line)
     return 0
-
 
 def main(argv=None):
     args = get_args(argv)
@@ -748,7 +683,6 @@ def main(argv=None):
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())
