@@ -21,25 +21,18 @@ and seed), metrics.json, log.txt, run.json (another script's folder, or changed 
 plots/ (Klein's figures: per-layer energy, fraction, centres, widths; Middle core fraction and width vs energy (ATLAS);
 mean shower, correlations, cell variance, nearest neighbours, training). Bad input: one line on stderr, exit status 2.
 
-Deviations from the original:
-- per-sample gradient penalty (training.py:112-116 takes one norm over the whole batch).
-- seeded random split --val-frac (training.py:168-175: the first 35000 events).
-- log E standardised on the training events (PreProcessing.py:58-60: on all events).
-- critic scores real high (training.py: +1 real / -1 fake labels): a mirror image.
-- --l1 acts on the logits (training.py:131 put it on the softmax output, a constant).
-- default epochs 1000 with --data (config.py:16 1001), TOY_EPOCHS on TOY data.
-- CaloChallenge ds1 (not in the original): condition = incident energy, second head log(total/E_inc), no 300 GeV cut.
-- negative ATLAS cells accepted (signed noise, removed by the noise cut).
-- --seeds K: one batched network, member k = single-seed run of seed+k; generated.h5 pools K per held-out event.
-- validation binned as evaluate.py (common.auto_bins / separation_power_clipped), not every 250 epochs.
-- generated.h5 `energy`: held-out event's true energy (ATLAS); with --generate --energy the cluster total (energy_is).
+Deviations from the original (its lines in brackets): per-sample gradient penalty (training.py:112-116 takes one
+norm over the whole batch); seeded random split --val-frac (training.py:168-175: the first 35000 events); log E
+standardised on the training events (PreProcessing.py:58-60: on all events); the critic scores real high (training.py:
++1 real / -1 fake labels), a mirror image; --l1 acts on the logits (training.py:131: on the softmax output, a
+constant); default epochs 1000 with --data (config.py:16: 1001), TOY_EPOCHS on TOY data; CaloChallenge ds1 (not in
+the original): condition = incident energy, second head log(total/E_inc), no 300 GeV cut; negative ATLAS cells
+accepted (signed noise, removed by the noise cut); --seeds K: one batched network, member k = the single-seed run of
+seed+k, generated.h5 pools K per held-out event; validation binned as evaluate.py (common.auto_bins /
+separation_power_clipped), not every 250 epochs; generated.h5 `energy`: the held-out event's true energy (ATLAS), with
+--generate --energy the cluster total (attribute energy_is).
 """
-import datetime
-import json
-import math
-import os
-import sys
-import time
+import datetime, json, math, os, sys, time  # noqa: E401
 
 import h5py
 import numpy as np
@@ -176,7 +169,6 @@ def prepare(d, seed, val_frac, toy=False):     # 300 GeV cut (ATLAS), noise cuts
 def write_h5(path, fmt, geom, cells, energy, **attrs):      # generated showers in the input's format, atomically
     arrays = (dict(cells=cells, energy=energy, cell_layer=geom.layer, cell_eta=geom.x, cell_phi=geom.y)
               if fmt == "atlas" else dict(showers=cells, incident_energies=energy[:, None]))
-
     def write(tmp):
         with h5py.File(tmp, "w") as f:
             for k, v in arrays.items():
@@ -191,16 +183,13 @@ lrelu_bwd = torch.ops.aten.leaky_relu_backward
 class Dense(torch.nn.Module):
     """K independent dense networks (one per seed), layer l of member k: h[k] @ W_l[k] + b_l[k], LeakyReLU
     between; all weights in ONE flat parameter (K, P): one tensor per network for the optimiser and DDP."""
-
     def __init__(self, sizes, k=1):
         super().__init__()
         self.sizes, self.k, self.io = list(sizes), k, list(zip(sizes[:-1], sizes[1:]))
         self.flat = torch.nn.Parameter(torch.zeros(k, sum(i * o + o for i, o in self.io)))
-
     def layers(self, t=None):   # [(W (K,in,out), b (K,1,out))] as views of the flat parameter (or a tensor like it)
         parts = (self.flat if t is None else t).split([n for i, o in self.io for n in (i * o, o)], 1)
         return [(parts[2 * j].view(-1, i, o), parts[2 * j + 1].view(-1, 1, o)) for j, (i, o) in enumerate(self.io)]
-
     @torch.no_grad()
     def glorot_(self, gens):    # Keras Dense defaults: glorot-uniform kernels, zero biases; member k draws from gens[k]
         self.flat.zero_()
@@ -282,7 +271,6 @@ def adam(p, lr, betas, state=None, eps=1e-7):
     (sqrt(v) + eps), lr_t = lr sqrt(1 - b2^t) / (1 - b1^t); elementwise (K members as K runs). -> step(gradient);
     step.state {t, m, v} is what the checkpoint stores (and gives back on --resume)."""
     (b1, b2), s = betas, state or {"t": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
-
     @torch.no_grad()
     def step(g):
         s["t"] += 1
@@ -333,7 +321,6 @@ def run_epoch(nets, opts, gens, xct, n_cells, args, amp, n_iter, bs, step_fn=ite
     minibatches (consecutive slices of a permutation, training.py lines 251-257), generator-step conditions (line
     262), interpolation weights, noise; xct: data, conditions, training indices. Then n_iter iterations."""
     (x, c, tr), (n, nc, device) = xct, (len(xct[2]), args.n_critic, xct[0].device)
-
     def perms(m, g):            # m indices from back-to-back random permutations of range(n)
         return torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(-(-m // n))])[:m]
     draws = [(perms(n_iter * nc * bs, g).view(n_iter, nc, bs), perms(n_iter * bs, g).view(n_iter, bs),
@@ -363,7 +350,6 @@ def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):    # ->
     n_cells, bs = xct[0].shape[1] - int(data["ratio_head"]), min(args.batch_size, len(xct[2]))
     n_iter = max(1, len(xct[2]) // (bs * args.n_critic * size))   # training.py line 251
     step_fn = torch.compile(iteration) if args.compile else iteration
-
     def reduce(grad):                   # DDP: the ranks' mean gradient
         dist.all_reduce(grad := grad.float())
         return grad / size
@@ -485,7 +471,6 @@ def benchmark(args, device, amp):
     nets = {K: init_nets({k: getattr(args, k) for k in HP}, C, range(K), device, args.lr, args.betas)
             for K in sorted({1, args.seeds})}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
     def timed(fn, *a):                  # seconds of one call
         sync()
         t = time.perf_counter()
@@ -515,7 +500,6 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names, L = geom.layer_names, geom.n_layers
-
     def figure(name, title, panels, size, legend=0, bar=None, **margins):
         """panels[row][col] = (calls [(axes method, *args, kwargs)], ax.set kwargs, title, title size); bar: a colour
         bar per "axes" or per "column"; legend: its font size on the first axes. Fixed margins: a layout engine
@@ -538,7 +522,6 @@ def plots(folder, real, fake, geom, toy, metrics, histories, fr, ff):
         fig.suptitle(f"{'TOY ' if toy else ''}{geom.name}: {title}", fontsize=10)
         common.write_atomic(os.path.join(folder, name + ".png"), lambda t: fig.savefig(t, dpi=90))
         plt.close(fig)
-
     def curves(name, title, calls, xlabel, ylabel, size=(6, 3.5), left=0.16, log=False):     # one axes
         figure(name, title, [[(calls, dict(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear"), "",
                                9)]], size, 8, left=left, bottom=0.15, top=0.88)
@@ -607,7 +590,6 @@ def train_main(args, device, amp, ddp):
     alike, none hangs): the --out paths, the run folder, the data, the checkpoint to resume. Then train (DDP over
     the ranks), and on rank 0 write generated.h5 (the held-out events' conditions), metrics.json and plots/."""
     rank, lines = int(os.environ.get("RANK", 0)), []
-
     def log(msg):                       # rank 0 alone logs; into OUT/log.txt once the run folder is made
         if rank == 0:
             print(msg, flush=True)

@@ -355,7 +355,6 @@ def _train_args(seeds, epochs, out):
 def test_batched_seeds_equal_separate_runs(toy, tmp_path):
     d = wg.read_showers(toy("atlas89", 256))
     data = wg.prepare(d, seed=0, val_frac=0.125)
-    data.update(geom=d["geom"], fmt="atlas", toy=True, ratio_head=False)
     quiet = lambda msg: None  # noqa: E731
     both, _ = wg.train(_train_args(2, 2, tmp_path), [3, 4], data, "cpu", str(tmp_path / "b.pt"), quiet, False)
     for k, s in enumerate((3, 4)):
