@@ -1386,6 +1386,32 @@ def separation_power_clipped(real, gen, n_bins):
                                       for v in (real, gen)), edges)[0]
 
 
+def binned_separation(real, gen, edges, clip=True):
+    """(separation power, statistical floor) of the finite values of two samples over `edges` (evaluate.py):
+    clip=True (native) counts values outside in the end bins, clip=False (the challenge) drops them;
+    (NaN, NaN) for edges None (nothing to bin)."""
+    if edges is None:
+        return math.nan, math.nan
+    h = [np.histogram(np.clip(v, edges[0], edges[-1]) if clip else v, edges)[0]
+         for v in (np.asarray(x)[np.isfinite(x)] for x in (real, gen))]
+    return calochallenge_separation(*h, edges)
+
+
+def standardised_frechet(real, gen):
+    """frechet_distance (at least 0) of (N, D) features standardised with the real mean and std (std 0 -> 1),
+    rows with a non-finite value left out (evaluate.py's Frechet distance of the observables)."""
+    r, g = (np.asarray(x)[np.isfinite(x).all(1)] for x in (real, gen))
+    mean, sd = r.mean(0), np.where(r.std(0) == 0, 1.0, r.std(0))
+    return float(np.maximum(0.0, frechet_distance((r - mean) / sd, (g - mean) / sd)))
+
+
+def bce_score(y, p):
+    """Mean binary cross-entropy of probabilities p for labels y in {0, 1}, each log clamped at -100 as torch's
+    BCELoss does (p = 0 or 1 stays finite)."""
+    with np.errstate(divide="ignore"):
+        return float(-np.mean(y * np.maximum(np.log(p), -100) + (1 - y) * np.maximum(np.log(1 - p), -100)))
+
+
 # ---------------------------------------------------------------- safe files (toy writer, evaluate.py, scripts)
 # Bad input is one line on stderr and exit status 2, with nothing written (issue 16). These few helpers are
 # what every script needs to keep that promise; they hold no training or model code.

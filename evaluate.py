@@ -7,15 +7,14 @@
     python evaluate.py ild_real.h5 runs/vaegan/generated.h5 --amplification --out report/
     python evaluate.py ds3_real.h5 ds3_gen.h5 --device cuda --cls-calochallenge   # the challenge's classifier
 
-The first file is the reference ("real"), every further file a generated sample. Formats, from keys and shapes: LCD
-(`ECAL` 25x25x25 or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS (`cells` 89/247 + `energy`,
-MeV), CaloChallenge (`incident_energies`, `showers` of 368/6480/40500 voxels = dataset 1/2/3, MeV), LHCb
-(`EnergyDeposit` 30x30 + `ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers` MeV
-reduced by common.reduce_ild, or reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Bad input (file, flag,
---out; strings, complex, values beyond float32, overflow in features or classifier): one line on stderr, exit status 2,
-nothing written. Datasets 2 and 3 (16 GB a file) are read block by block, the classifier reads only its subsample
-(<= 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events): two 20000-shower ds3 files (6.5 GB) take
-2.4 GB peak RSS and 97 s on one CPU thread with --cls-epochs 1.
+The first file is the reference ("real"), the others generated samples. Formats, from keys and shapes: LCD (`ECAL`
+25x25x25 or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS (`cells` 89/247 + `energy`, MeV),
+CaloChallenge (`incident_energies`, `showers` of 368/6480/40500 voxels = dataset 1/2/3, MeV), LHCb (`EnergyDeposit`
+30x30 + `ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers` MeV reduced to 10x10, or
+reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Bad input (file, flag, --out, values beyond float32): one
+line on stderr, exit status 2, nothing written. Datasets 2 and 3 (16 GB a file) are read block by block, the classifier
+only its subsample (<= 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events): two 20000-shower ds3 files
+(6.5 GB) take 2.4 GB peak RSS and 97 s on one CPU thread, --cls-epochs 1.
 
 Out (--out): report.md (a row and verdict per generated file), plots/*.png and *.pdf, metrics.json: script, detector,
 protocol, voxel_cut (MeV), geometry, toy, features (observables compared), dropped_features (constant in the real
@@ -27,28 +26,27 @@ per feature group and of the voxels), lcd / atlas / lhcb / ild (the detector's y
 verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE = AUC <= 0.75 and at most a fifth flagged; FAIL otherwise.
 
 --protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py: voxels below
-its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file first; the features of
-HighLevelFeatures.CalculateFeatures, its expressions and dtypes (common.calochallenge_features); separation power =
-_separation_power (evaluate_plotting_helper.py) of plt.hist(density=True) histograms binned as its plot_* functions
-(common.calochallenge_edges; entries outside dropped). Not reproduced: Etot/Einc per discrete energy, its high-level and
-ResNet classifiers, FPD/KPD, PRDC. Checked against its `-m hist-chi` output and plot_sparsity/ECR/ECWidthR on toy ds1
-(2 x 2000), random ds2, ds3 (2 x 300): separation powers all equal (30, 362, 362), features bit-identical.
+its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file; the features, expressions and dtypes of
+HighLevelFeatures.CalculateFeatures; separation power = _separation_power (evaluate_plotting_helper.py) of
+plt.hist(density=True) histograms binned as its plot_* functions (entries outside dropped). Not reproduced: Etot/Einc
+per discrete energy, its high-level and ResNet classifiers, FPD/KPD, PRDC. Checked against its `-m hist-chi` output on
+toy ds1, random ds2 and ds3: separation powers equal, features bit-identical.
 --protocol native: per detector the original authors' validation (reference.md) and the field's yardsticks in our
 binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails clipped
 into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell variance,
-nearest-neighbour memorisation (generated vs held-out real distance to real half A; << 1 = copies); LHCb: MLHEP
-(common.lhcb_prd: PRD on score.py's 24 physics features and on raw images, equal sizes, 100 clusters), score = min;
-ILD: quantile JSD of E_vis, hits, centre of gravity x/y, pixel spectrum (reference.md: unconfirmed which five),
---amplification on two disjoint real halves. Empty showers: the challenge gives their centres and widths 0; native
-makes centres, widths, fractions, LHCb asymmetries undefined (NaN, as MLHEP; LHCb sparsity 1), left out of histograms
-and of the Frechet distance (of the observables standardised with the real mean and std; ~ D/N for one distribution).
-Flagged: separation power > max(0.01, 3 x its floor B(1/n1 + 1/n2)/4 for B occupied bins).
-Classifier: voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 split of the same shower indices in
-both files, Adam; AUC and JSD = (ln2 - BCE)/ln2 on the test split, calibrated on the validation split. Default
-(CPU-sized): 2 x 256 hidden, LeakyReLU 0.2, standardised inputs, early stopping on the validation loss, Platt scaling.
---cls-calochallenge: its DNN (num_layer=2 = 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam 2e-4, batch
-1000, 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's IsotonicRegression, clip, y in
-[1e-6, 1-1e-6], here without sklearn), AUC of the calibrated output; kept different: float32, our split.
+nearest-neighbour memorisation (generated vs held-out real distance to real half A; << 1 = copies); LHCb: MLHEP (PRD on
+score.py's 24 physics features and on raw images, equal sizes, 100 clusters), score = min; ILD: quantile JSD of E_vis,
+hits, centre of gravity x/y, pixel spectrum (reference.md: unconfirmed which five), --amplification on two disjoint real
+halves. Empty showers: centres and widths 0 (the challenge); native: centres, widths, fractions, LHCb asymmetries
+undefined (NaN, as MLHEP; sparsity 1), left out of histograms and of the Frechet distance (of the observables
+standardised with the real mean and std; ~ D/N for one distribution). Flagged: separation power > max(0.01, 3 x its
+floor B(1/n1 + 1/n2)/4 for B occupied bins).
+Classifier: voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 split of the same shower indices in both
+files; AUC and JSD = (ln2 - BCE)/ln2 on the test split, calibrated on the validation split. Default (CPU-sized): 2 x 256
+hidden, LeakyReLU 0.2, Adam, standardised inputs, early stopping on the validation loss, Platt scaling.
+--cls-calochallenge: its DNN (num_layer=2 = 3 hidden layers of 2048), LeakyReLU 0.01, raw inputs, Adam 2e-4, batch 1000,
+50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's IsotonicRegression, clip, y in [1e-6,
+1-1e-6], here without sklearn), AUC of the calibrated output; different: float32, our split.
 """
 import argparse
 import json
@@ -280,8 +278,7 @@ def block_features(d, cells, sl):
     f = {"_empty": e_vis == 0, "_max": cells.max(1)}
     if d["protocol"] == "calochallenge":
         hlf = common.calochallenge_features(cells, g)
-        f["Etot_Einc"] = hlf.pop("E_tot") / d["e_file"][sl]   # in the files' dtypes, as the challenge
-        f.update(hlf)
+        f.update(Etot_Einc=hlf.pop("E_tot") / d["e_file"][sl], **hlf)   # in the files' dtypes, as the challenge
         return f, [(t, [k for k in f if k == p or k.startswith(p + "_") and k[len(p) + 1:].isdigit()])
                    for p, t in CC_GROUPS.items()]
     f.update(e_vis=e_vis, e_ratio=e_vis / d["e_inc"][sl], n_hits=(cells > 0).sum(1).astype(np.float64))
@@ -319,24 +316,9 @@ def block_features(d, cells, sl):
 def _fin(v):
     return np.asarray(v)[np.isfinite(v)]
 
-def sep_power(real, gen, edges, clip=True, floor=False):
-    """Separation power (and, if floor, its statistical floor) of two samples, finite values only; clip=True
-    (native) counts entries outside the edges in the end bins, clip=False (the challenge) drops them."""
-    if edges is None:
-        return (math.nan, math.nan) if floor else math.nan
-    h = [np.histogram(np.clip(v, edges[0], edges[-1]) if clip else v, edges)[0] for v in (_fin(real), _fin(gen))]
-    sp = common.calochallenge_separation(*h, edges)
-    return sp if floor else sp[0]
-
-def standardised(feat_real, feat):
-    """(N', D) features standardised with the real mean and std (std 0 -> 1), showers with a NaN one left out."""
-    r, x = (a[np.isfinite(a).all(1)] for a in (np.stack([f[k] for k in feat_real], 1) for f in (feat_real, feat)))
-    return (x - r.mean(0)) / np.where(r.std(0) == 0, 1.0, r.std(0))
-
 # ---------------------------------------------------------------- model: classifier two-sample test
 def classifier_inputs(d, idx, out):
-    """Rows idx (sorted) of a sample into out: a plain (N, D) array as is; showers as the challenge's
-    low-level input, voxels / E_inc (cut applied) and log10(E_inc / MeV)."""
+    """Rows idx (sorted) of a sample into out: a plain (N, D) array as is, showers as the challenge's input."""
     if not isinstance(d, dict):
         out[:] = d[idx]
         return
@@ -379,13 +361,10 @@ def two_sample_test(real, gen, args, device, log, tag):
                           nn.Linear(sizes[-1], 1), nn.Flatten(0)).to(device)   # logits (N,)
     opt, bce = torch.optim.Adam(model.parameters(), lr=args.cls_lr), nn.BCEWithLogitsLoss()
 
-    def logits(name):
-        model.eval()
+    def logits(name):   # no dropout or batch norm: training and evaluation modes are the same
         with torch.no_grad():
             z = torch.cat([model(X[r]) for r in rows[name].split(step)])
-        model.train()
         return z, Y[rows[name]]
-
     best, best_state, best_epoch, n_train, t0 = math.inf, None, 0, len(tr), time.time()
     for epoch in range(1, args.cls_epochs + 1):
         for i in rows["train"][torch.randperm(n_train, device=device)].split(args.cls_batch):
@@ -421,8 +400,7 @@ def two_sample_test(real, gen, args, device, log, tag):
         a, b = (float(v) for v in ab.detach()) if ab[0] > 0 else (0.0, 0.0)  # useless classifier: p = 1/2
         p, cal = torch.sigmoid(a * zt.double() + b).cpu().numpy(), {"method": "platt", "a": a, "b": b}
     y = yt.double().cpu().numpy()
-    with np.errstate(divide="ignore"):   # log(0) -> -100 as torch's BCELoss clamps it
-        test_bce = float(-np.mean(y * np.maximum(np.log(p), -100) + (1 - y) * np.maximum(np.log(1 - p), -100)))
+    test_bce = common.bce_score(y, p)
     return {"auc": common.auc_score(y, p), "jsd": (math.log(2) - test_bce) / math.log(2), "bce": test_bce,
             "n_train": n_train, "n_val": len(rows["val"]), "n_test": len(rows["test"]), "best_epoch": best_epoch,
             "epochs_run": epoch, "calibration": cal, "device": str(device)}
@@ -439,8 +417,7 @@ def yardsticks(name, real, gen, fr, fg, args, plot):
         plot.update(sf_bins=(edges, sf), profiles=prof)
         return {"sampling_fraction_bins_GeV": edges.tolist(), "sampling_fraction_real": sf[0][0],
                 "sampling_fraction_gen": sf[1][0], "sampling_fraction_ratio": np.where(ok, ratio, np.nan),
-                "sampling_fraction_max_abs_ratio_minus_1":
-                    _clean(np.nanmax(np.abs(ratio[ok] - 1))) if ok.any() else None,
+                "sampling_fraction_max_abs_ratio_minus_1": np.nanmax(np.abs(ratio[ok] - 1)) if ok.any() else None,
                 "profile_rel_l1_error": {ax: float(np.sum(np.abs(prof[1][a] - prof[0][a])) / np.sum(prof[0][a]))
                                          for a, ax in enumerate("xyz")}}
     if name == "atlas":   # Klein's validation: correlation MSE, variance per cell, nearest-neighbour memorisation
@@ -449,7 +426,7 @@ def yardsticks(name, real, gen, fr, fg, args, plot):
         vr, vg = plot["variance"] = common.cell_variance(real["cells"]), common.cell_variance(gen["cells"])
         out = {"correlation_mse": common.correlation_mse(cr, cg),
                "correlation_mse_real_halves": common.correlation_mse(real["cells"][:half], real["cells"][half:]),
-               "cell_variance_mean_abs_rel_diff": _clean(np.mean(np.abs(vg[vr > 0] - vr[vr > 0]) / vr[vr > 0]))}
+               "cell_variance_mean_abs_rel_diff": np.mean(np.abs(vg[vr > 0] - vr[vr > 0]) / vr[vr > 0])}
         return {**out, **common.memorisation(real["cells"], gen["cells"], args.nn_queries, rng)}
     if name == "lhcb":   # MLHEP (common.lhcb_prd): PRD-AUC on the 24 physics features and the raw images, equal sizes
         m = min(real["n"], gen["n"], args.prd_max)
@@ -471,9 +448,9 @@ def yardsticks(name, real, gen, fr, fg, args, plot):
     if args.amplification:
         ref, pool = np.split(np.random.default_rng(args.seed).permutation(real["n"]), [real["n"] // 2])   # disjoint
         nb = min(args.quantiles, len(ref) // 10)
-        amp = plot["amplification"] = {k: {kk: _clean(x.astype(float) if isinstance(x, np.ndarray) else x) for kk, x
-                                           in common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb,
-                                                                   seed=args.seed).items()} for k in ILD_OBS[:4]}
+        amp = plot["amplification"] = {k: {kk: x.astype(float) if isinstance(x, np.ndarray) else x for kk, x in
+                                           common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb,
+                                                                seed=args.seed).items()} for k in ILD_OBS[:4]}
         out["amplification"] = {"n_bins": nb, "n_reference": len(ref), "n_truth_pool": len(pool), "observables": amp}
     return out
 
@@ -499,9 +476,8 @@ class Plotter:
     """Figures in plots/ (.png and .pdf): real in black or grey, each generated sample in its own colour."""
 
     def __init__(self, folder, title, labels):
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        plt.switch_backend("Agg")
         self.plt, self.folder, self.title, self.labels, self.written = plt, folder, title, labels, []
         self.colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(labels))]
 
@@ -525,12 +501,15 @@ class Plotter:
         self.plt.close(fig)
         self.written.append(name)
 
-    def compare(self, name, subtitle, panels, ylabel=None, logx=False, logy=True):
-        """A (main, gen / real) pair of axes per panel (x, real, [generated], xlabel): histograms normalised per
-        sample (ylabel None; x = edges; log axes where the values span > 100x) or curves (x = points)."""
+    def compare(self, name, subtitle, panels, ylabel=None, logx=False, logy=True, clip=True):
+        """A (main, gen / real) pair of axes per panel (x, real, [generated], xlabel): histograms of the values,
+        normalised per sample (ylabel None; x = edges; clip: tails counted in the end bins; log axes where the
+        fractions or edges span > 100x), or curves (x = points)."""
         fig, axes = self.grid(len(panels))
         for (x, ref, gens, xlabel), (top, bot) in zip(panels, axes):
             if ylabel is None:
+                ref, *gens = [np.histogram(np.clip(v, x[0], x[-1]) if clip else v, x)[0] / max(1, len(v))
+                              for v in map(_fin, [ref, *gens])]
                 top.stairs(ref, x, fill=True, color="0.8", label="real")
                 top.stairs(ref, x, color="0.4")
                 pos = np.concatenate([v[v > 0] for v in [ref, *gens]])
@@ -567,20 +546,15 @@ def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
     xlabels = {"e_vis": f"visible energy [{real['geom'].unit}]", "n_hits": "number of hit cells",
                "e_ratio": "E_vis / E_inc (sampling fraction, response)"}
 
-    def hist(vals, e, xlabel, clip=True):   # a histogram panel; clip: tails counted in the end bins
-        h = [np.histogram(np.clip(v, e[0], e[-1]) if clip else v, e)[0] / max(1, len(v)) for v in map(_fin, vals)]
-        return e, h[0], h[1:], xlabel
-
     def spectrum(name, vals, xlabel):
-        P.compare(name, xlabel, [hist(vals, common.native_edges(vals[0], vals[1:], 50)[0], xlabel)])
-
+        P.compare(name, xlabel, [(common.native_edges(vals[0], vals[1:], 50)[0], vals[0], vals[1:], xlabel)])
     few = lambda k: real["geom"].n_layers <= 5 or not k[-1].isdigit() or int(k.rpartition("_")[2]) % 5 == 0  # noqa
     for sub, keys in groups:   # ds2/ds3: every 5th layer
         keys = [k for k in keys if edges[k] is not None and (few(k) or not cc)]
         slug = "".join(c if c.isalnum() else "_" for c in sub.split("(")[0].split("[")[0].strip().lower())
         if keys:
-            P.compare(f"hist_{slug}", sub, [hist([f[k] for f in [fr] + fgs], edges[k], xlabels.get(k, k), not cc)
-                                            for k in keys])
+            P.compare(f"hist_{slug}", sub, [(edges[k], fr[k], [f[k] for f in fgs], xlabels.get(k, k)) for k in keys],
+                      clip=not cc)
     if det == "lcd":
         e, sf = pe[0]["sf_bins"]
         P.compare("sampling_fraction_vs_ep", "mean sampling fraction per 10 GeV bin", [(0.5 * (e[1:] + e[:-1]),
@@ -701,25 +675,23 @@ def run(args, log=print):
     vox_edges = common.calochallenge_edges("voxels", real["max_cell"], det) if cc else None
     # plot_cell_dist: every voxel; zeros lie below the first edge (the cut), so only the others are binned
     vox = [None if vox_edges is None else sum(np.histogram(c[c > 0], vox_edges)[0] for _, c in blocks(d)) for d in data]
-    rows, plot_extra, name = [], [], "atlas" if det.startswith("atlas") else det
-    for g, fg, lab, vc in zip(gens, fgs, args.labels, vox[1:]):
-        st = {k: sep_power(fr[k], fg[k], edges[k] if cc else native_edges(k, [fg]), not cc, floor=True) for k in fr}
+    rows, plot_extra, name = [], [{} for _ in gens], "atlas" if det.startswith("atlas") else det
+    for g, fg, lab, vc, pe in zip(gens, fgs, args.labels, vox[1:], plot_extra):
+        st = {k: common.binned_separation(fr[k], fg[k], edges[k] if cc else native_edges(k, [fg]), not cc) for k in fr}
         sp = {k: v[0] for k, v in st.items()}
         flagged = sorted((k for k in sp if sp[k] > max(0.01, 3 * st[k][1])), key=lambda k: -sp[k])
         row = {"label": lab, "path": g["path"], "n_events": g["n"], "toy": g["toy"], "n_empty": g["n_empty"],
                "separation_power": sp, "separation_power_noise": {k: v[1] for k, v in st.items()},
                "flagged": flagged, "separation_power_mean": float(np.nanmean(list(sp.values()))),
-               "frechet_distance": float(np.maximum(0.0, common.frechet_distance(standardised(fr, fr),
-                                                                                   standardised(fr, fg))))}
+               "frechet_distance": common.standardised_frechet(*(np.stack([f[k] for k in fr], 1) for f in (fr, fg)))}
         if cc:  # mean separation power per feature group and of all voxels, as the challenge's results show them
             row["calochallenge"] = {"voxels": common.calochallenge_separation(vox[0], vc, vox_edges)[0],
                                     **{CC_PREFIX[t]: float(np.nanmean([sp[k] for k in ks])) for t, ks in groups}}
         if not args.no_classifier:
             row["classifier"] = two_sample_test(real, g, args, device, log, lab)
             row["auc"] = row["classifier"].get("auc")
-        plot_extra.append({})
         if name in ("lcd", "atlas", "lhcb", "ild"):
-            row[name] = yardsticks(name, real, g, fr, fg, args, plot_extra[-1])
+            row[name] = yardsticks(name, real, g, fr, fg, args, pe)
         if name == "atlas":
             row["memorisation"] = row["atlas"].get("nn_ratio") is not None and row["atlas"]["nn_ratio"] < 0.5
         row["verdict"] = verdict(row, len(fr))

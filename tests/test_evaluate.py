@@ -248,9 +248,9 @@ def test_classifier_separates_shifted_gaussians():
 def test_separation_power_clipping_counts_tails():
     real = np.linspace(0, 1, 1000)
     edges, log = ev.common.native_edges(real, [real], 10)
-    assert not log and ev.sep_power(real, real, edges) == 0.0
+    assert not log and ev.common.binned_separation(real, real, edges)[0] == 0.0
     # a generated sample far outside the real range is not dropped: it lands in the end bin
-    assert ev.sep_power(real, real + 100, ev.common.native_edges(real, [], 10)[0]) > 0.8
+    assert ev.common.binned_separation(real, real + 100, ev.common.native_edges(real, [], 10)[0])[0] > 0.8
 
 
 # ------------------------------------------------------------------ CaloChallenge protocol, ds2/ds3, dead and empty
@@ -317,8 +317,8 @@ def test_calochallenge_binning_and_separation_by_hand():
     assert sep == pytest.approx(0.5) and floor == pytest.approx(0.375)
     # the challenge drops entries outside the range (h1 = h2 = (1, 0)); native clips them into the end bins:
     # h1 = (1/2, 1/2), h2 = (1, 0): 0.5 (1/4 / (3/2) + 1/4 / (1/2)) = 1/3
-    assert ev.sep_power([0.5, 9.0], [0.5, 0.5], np.array([0.0, 1, 2]), clip=False) == 0.0
-    assert ev.sep_power([0.5, 9.0], [0.5, 0.5], np.array([0.0, 1, 2])) == pytest.approx(1 / 3)
+    assert ev.common.binned_separation([0.5, 9.0], [0.5, 0.5], np.array([0.0, 1, 2]), clip=False)[0] == 0.0
+    assert ev.common.binned_separation([0.5, 9.0], [0.5, 0.5], np.array([0.0, 1, 2]))[0] == pytest.approx(1 / 3)
 
 
 def test_isotonic_and_prd_balance():

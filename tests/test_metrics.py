@@ -374,6 +374,31 @@ def test_frechet_distance():
     assert cm.frechet_distance(np.array([0.0, 2.0]), np.array([10.0, 14.0])) == pytest.approx(123.0)
 
 
+def test_standardised_frechet_by_hand():
+    # real column 1 (0, 2): mean 1, std 1 -> (-1, 1); generated (1, 3) -> (0, 2): means 0 and 1, variances (ddof 1)
+    # 2 and 2: 1 + 2 + 2 - 2 sqrt(2 x 2) = 1. The real row with NaN is left out; column 2 is constant (std 0 -> 1).
+    real = np.array([[0.0, 5.0], [2.0, 5.0], [np.nan, 5.0]])
+    assert cm.standardised_frechet(real, np.array([[1.0, 5.0], [3.0, 5.0]])) == pytest.approx(1.0)
+    assert cm.standardised_frechet(real, real) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_binned_separation_by_hand():
+    edges = np.array([0.0, 1.0, 2.0])
+    # NaN and inf left out, 9 clipped into the last bin: h1 = (1/2, 1/2), h2 = (1, 0):
+    # 0.5 (1/4 / (3/2) + 1/4 / (1/2)) = 1/3; floor: 2 occupied bins x (1/2 + 1/2) / 4 = 1/2
+    assert cm.binned_separation([0.5, 9.0, np.nan, np.inf], [0.5, 0.5], edges) == pytest.approx((1 / 3, 0.5))
+    # clip=False drops 9 (the challenge): h1 = h2 = (1, 0): 0; floor 1 bin x (1/1 + 1/2) / 4
+    assert cm.binned_separation([0.5, 9.0], [0.5, 0.5], edges, clip=False) == pytest.approx((0.0, 0.375))
+    assert all(math.isnan(v) for v in cm.binned_separation([1.0], [2.0], None))   # nothing to bin
+
+
+def test_bce_score_by_hand():
+    y = np.array([1.0, 0.0])
+    assert cm.bce_score(y, np.array([0.5, 0.5])) == pytest.approx(math.log(2))   # -ln(1/2) for each
+    # p = 1 for both: right (0) and certain-wrong (log 0 clamped at -100, as torch): (0 + 100) / 2
+    assert cm.bce_score(y, np.array([1.0, 1.0])) == pytest.approx(50.0)
+
+
 # ------------------------------------------------------------------ amplification
 
 def test_amplification_grows_with_generated_size():
