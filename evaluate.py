@@ -11,10 +11,10 @@ The first file is the reference ("real"), the others generated samples. Formats,
 25x25x25 or 51x51x25 centre-cropped, Ep = `target[:,1]` or `energy`, GeV), ATLAS (`cells` 89/247 + `energy`, MeV),
 CaloChallenge (`incident_energies`, `showers` of 368/6480/40500 voxels = dataset 1/2/3, MeV), LHCb (`EnergyDeposit`
 30x30 + `ParticleMomentum`/`ParticlePoint`, .h5/.npz), ILD (`30x30/energy` GeV + `30x30/layers` MeV reduced to 10x10, or
-reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Bad input (file, flag, --out, values beyond float32): one
-line on stderr, exit status 2, nothing written. Datasets 2 and 3 (16 GB a file) are read block by block, the classifier
-only its subsample (<= 5e8 inputs per class on CUDA, 2e8 on CPU, unless --cls-max-events): two 20000-shower ds3 files
-(6.5 GB) take 2.4 GB peak RSS and 97 s on one CPU thread, --cls-epochs 1.
+reduced `showers` (N,10,10), optional `energy`, else 50 GeV). Bad input (file, flag, --out; strings, complex, values or
+overflow beyond float32): one line on stderr, exit status 2, nothing written. Datasets 2 and 3 (16 GB a file) are read
+block by block, the classifier only its subsample (<= 5e8 inputs per class on CUDA, 2e8 on CPU, unless
+--cls-max-events): two 20000-shower ds3 files (6.5 GB) take 2.4 GB peak RSS and 97 s on one CPU thread, --cls-epochs 1.
 
 Out (--out): report.md (a row and verdict per generated file), plots/*.png and *.pdf, metrics.json: script, detector,
 protocol, voxel_cut (MeV), geometry, toy, features (observables compared), dropped_features (constant in the real
@@ -25,22 +25,20 @@ bce, split sizes, best_epoch, epochs_run, calibration, device} or {skipped}, auc
 per feature group and of the voxels), lcd / atlas / lhcb / ild (the detector's yardsticks below), memorisation (ATLAS),
 verdict: PASS = AUC <= 0.55 and nothing flagged; CLOSE = AUC <= 0.75 and at most a fifth flagged; FAIL otherwise.
 
---protocol calochallenge (auto for CaloChallenge files) follows CaloChallenge/homepage code/evaluate.py: voxels below
-its args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) set to 0 in every file; the features, expressions and dtypes of
-HighLevelFeatures.CalculateFeatures; separation power = _separation_power (evaluate_plotting_helper.py) of
-plt.hist(density=True) histograms binned as its plot_* functions (entries outside dropped). Not reproduced: Etot/Einc
-per discrete energy, its high-level and ResNet classifiers, FPD/KPD, PRDC. Checked against its `-m hist-chi` output on
-toy ds1, random ds2 and ds3: separation powers equal, features bit-identical.
---protocol native: per detector the original authors' validation (reference.md) and the field's yardsticks in our
-binning (real range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails clipped
-into the end bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell variance,
-nearest-neighbour memorisation (generated vs held-out real distance to real half A; << 1 = copies); LHCb: MLHEP (PRD on
-score.py's 24 physics features and on raw images, equal sizes, 100 clusters), score = min; ILD: quantile JSD of E_vis,
-hits, centre of gravity x/y, pixel spectrum (reference.md: unconfirmed which five), --amplification on two disjoint real
-halves. Empty showers: centres and widths 0 (the challenge); native: centres, widths, fractions, LHCb asymmetries
-undefined (NaN, as MLHEP; sparsity 1), left out of histograms and of the Frechet distance (of the observables
-standardised with the real mean and std; ~ D/N for one distribution). Flagged: separation power > max(0.01, 3 x its
-floor B(1/n1 + 1/n2)/4 for B occupied bins).
+--protocol calochallenge (auto for its files) follows CaloChallenge/homepage code/evaluate.py: voxels below its
+args.min_energy (ds1 1 MeV, ds2/3 0.5 keV / 0.033) zeroed in every file; HighLevelFeatures.CalculateFeatures' features,
+expressions and dtypes; separation power = _separation_power of plt.hist(density=True) histograms in its plot_* binning
+(entries outside dropped). Not reproduced: Etot/Einc per discrete energy, its high-level and ResNet classifiers,
+FPD/KPD, PRDC. Checked against its `-m hist-chi` (ds1, ds2, ds3): equal separation powers, bit-identical features.
+--protocol native: per detector the authors' validation (reference.md) and the field's yardsticks in our binning (real
+range widened to the generated 0.5-99.5% quantiles, log-spaced when positive over > 100x, tails clipped into the end
+bins). LCD: sampling fraction per 10 GeV bin, profiles; ATLAS: correlation MSE, cell variance, nearest-neighbour
+memorisation (generated vs held-out real distance to real half A; << 1 = copies); LHCb: MLHEP (PRD on score.py's 24
+physics features and on raw images, equal sizes, 100 clusters), score = min; ILD: quantile JSD of E_vis, hits, centre of
+gravity x/y, pixel spectrum (reference.md: unconfirmed which five), --amplification on disjoint real halves. Empty
+showers: centres and widths 0 (the challenge); native: centres, widths, fractions, LHCb asymmetries undefined (NaN, as
+MLHEP; sparsity 1), left out of histograms and the Frechet distance (of the observables standardised with the real mean
+and std; ~ D/N for one distribution). Flagged: separation power > max(0.01, 3 x its statistical floor).
 Classifier: voxels / E_inc and log10(E_inc / MeV), balanced classes, 60/20/20 split of the same shower indices in both
 files; AUC and JSD = (ln2 - BCE)/ln2 on the test split, calibrated on the validation split. Default (CPU-sized): 2 x 256
 hidden, LeakyReLU 0.2, Adam, standardised inputs, early stopping on the validation loss, Platt scaling.
@@ -48,12 +46,7 @@ hidden, LeakyReLU 0.2, Adam, standardised inputs, early stopping on the validati
 50 epochs, the epoch of best validation accuracy, isotonic calibration (sklearn's IsotonicRegression, clip, y in [1e-6,
 1-1e-6], here without sklearn), AUC of the calibrated output; different: float32, our split.
 """
-import argparse
-import json
-import math
-import os
-import sys
-import time
+import argparse, json, math, os, sys, time  # noqa: E401
 
 import numpy as np
 import torch
@@ -122,8 +115,7 @@ CC_VOXELS = {368: "calochallenge1", 6480: "calochallenge2", 40500: "calochalleng
 LAZY = ("calochallenge2", "calochallenge3")  # read from the file block by block whenever needed, never whole
 BLOCK = 1000  # showers read, checked and reduced at a time
 
-def _open(path):
-    """(dict key -> array-like, toy flag, close function); every dataset of an HDF5 file by full path."""
+def _open(path):   # (dict key -> array-like, toy flag, close function); every dataset of an HDF5 file by full path
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     import h5py
@@ -139,8 +131,7 @@ def _open(path):
     f.visititems(lambda name, obj: keys.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
     return keys, bool(f.attrs.get("toy", False)), f.close
 
-def _detect(path, keys):
-    """(detector, showers' key, their shape after N, incident energy's key) from the keys and shapes."""
+def _detect(path, keys):   # (detector, showers' key, their shapes after N, incident energy's key) by keys, shapes
     shp = {k: tuple(v.shape) for k, v in keys.items()}
     if "ECAL" in keys:
         return "lcd", "ECAL", [(25, 25, 25), (51, 51, 25)], "target" if "target" in keys else "energy"
@@ -260,8 +251,7 @@ LHCB_ALPHAS = np.logspace(-5, -1, 20)
 ILD_OBS = ("e_vis", "n_hits", "cog_x", "cog_y", "pixel_spectrum")
 
 def features(d):
-    """High-level observables of one sample, block by block: dict name -> (N,), and plot groups.
-    Sets d["n_empty"] (showers with nothing left after the cut) and d["max_cell"]."""
+    """Observables of one sample, block by block: dict name -> (N,), plot groups; sets d["n_empty"], d["max_cell"]."""
     with np.errstate(over="ignore", invalid="ignore"):   # an overflow is refused below, in one line
         parts = [block_features(d, cells, sl) for sl, cells in blocks(d)]
     f = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
@@ -339,8 +329,7 @@ def two_sample_test(real, gen, args, device, log, tag):
     m = min(n_r, n_g, args.cls_max_events or int(min(50000, (5e8 if device.type == "cuda" else 2e8) / n_in)))
     if m < 10:
         return {"skipped": f"too few showers ({m}) per class"}
-    # the same shower indices in both files: each (real i, generated i) pair of a file generated event by event
-    # from the real one stays in one split, so its conditions cannot leak across splits
+    # the same indices in both files: a shower generated from real shower i stays in i's split (no condition leaks)
     idx, pos, (a, b) = np.sort(rng.permutation(min(n_r, n_g))[:m]), rng.permutation(m), (int(0.6 * m), int(0.8 * m))
     x = np.empty((2 * m, n_in), np.float32)   # the only copy: splits are row indices into it
     step = int(np.clip(2 ** 23 // n_in, 64, 4096))   # rows per chunk: temporaries of at most ~64 MB
@@ -360,7 +349,6 @@ def two_sample_test(real, gen, args, device, log, tag):
     model = nn.Sequential(*[f for i, o in zip(sizes, sizes[1:]) for f in (nn.Linear(i, o), nn.LeakyReLU(slope))],
                           nn.Linear(sizes[-1], 1), nn.Flatten(0)).to(device)   # logits (N,)
     opt, bce = torch.optim.Adam(model.parameters(), lr=args.cls_lr), nn.BCEWithLogitsLoss()
-
     def logits(name):   # no dropout or batch norm: training and evaluation modes are the same
         with torch.no_grad():
             z = torch.cat([model(X[r]) for r in rows[name].split(step)])
@@ -391,7 +379,6 @@ def two_sample_test(real, gen, args, device, log, tag):
     else:  # Platt scaling on the validation split: p = sigmoid(a * logit + b)
         ab = torch.tensor([1.0, 0.0], device=device, requires_grad=True)
         lbfgs = torch.optim.LBFGS([ab], lr=0.5, max_iter=100)
-
         def closure():
             lbfgs.zero_grad()
             (loss := bce(ab[0] * zv + ab[1], yv)).backward()
@@ -455,8 +442,7 @@ def yardsticks(name, real, gen, fr, fg, args, plot):
     return out
 
 # ---------------------------------------------------------------- generate: plots and report
-def _clean(obj):
-    """Valid JSON: numpy scalars to Python, NaN -> null, inf -> "inf", recursively."""
+def _clean(obj):   # valid JSON: numpy scalars to Python, NaN -> null, inf -> "inf", recursively
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, np.ndarray)):
@@ -468,21 +454,16 @@ def _clean(obj):
 def _fmt(v, f="{:.3f}"):
     return "-" if v is None or v != v else f.format(v)
 
-def _eq(v):
-    """Equivalent truth size as text: a number, 'inf' (beats the pool) or None (worse than any subset)."""
+def _eq(v):   # equivalent truth size as text: a number, 'inf' (beats the pool) or None (worse than any subset)
     return f"{v:.0f}" if isinstance(v, float) else str(v)
 
-class Plotter:
-    """Figures in plots/ (.png and .pdf): real in black or grey, each generated sample in its own colour."""
-
+class Plotter:   # figures in plots/ (.png and .pdf): real in black or grey, each generated sample in its own colour
     def __init__(self, folder, title, labels):
         import matplotlib.pyplot as plt
         plt.switch_backend("Agg")
         self.plt, self.folder, self.title, self.labels, self.written = plt, folder, title, labels, []
         self.colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(labels))]
-
-    def grid(self, n, ratio=True):
-        """Figure with n panels, 4 per row; each panel a (main, gen / real) pair of axes if ratio."""
+    def grid(self, n, ratio=True):   # n panels, 4 per row; each a (main, gen / real) pair of axes if ratio
         ncols, nrows = min(4, n), math.ceil(n / min(4, n))
         fig = self.plt.figure(figsize=(4.4 * ncols, (4.2 if ratio else 3.4) * nrows + 0.6))
         h = fig.get_figheight()
@@ -492,7 +473,6 @@ class Plotter:
             return fig, [fig.add_subplot(gs[divmod(i, ncols)]) for i in range(n)]
         pairs = [gs[divmod(i, ncols)].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05) for i in range(n)]
         return fig, [(top := fig.add_subplot(p[0]), fig.add_subplot(p[1], sharex=top)) for p in pairs]
-
     def save(self, fig, name, subtitle):
         fig.suptitle(f"{self.title}: {subtitle}")
         for ext in ("png", "pdf"):
@@ -500,11 +480,9 @@ class Plotter:
                                 lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110 if ext == "png" else None))
         self.plt.close(fig)
         self.written.append(name)
-
     def compare(self, name, subtitle, panels, ylabel=None, logx=False, logy=True, clip=True):
-        """A (main, gen / real) pair of axes per panel (x, real, [generated], xlabel): histograms of the values,
-        normalised per sample (ylabel None; x = edges; clip: tails counted in the end bins; log axes where the
-        fractions or edges span > 100x), or curves (x = points)."""
+        """A (main, gen / real) pair of axes per panel (x, real, [generated], xlabel): normalised histograms of the
+        values (ylabel None; x = edges; clip: tails in the end bins; log axes over > 100x), or curves (x = points)."""
         fig, axes = self.grid(len(panels))
         for (x, ref, gens, xlabel), (top, bot) in zip(panels, axes):
             if ylabel is None:
@@ -527,9 +505,7 @@ class Plotter:
             top.tick_params(labelbottom=False)
             bot.set(ylim=(0.5, 1.5), ylabel="gen / real", xlabel=xlabel, xscale="log" if xlog else "linear")
         self.save(fig, name, subtitle)
-
-    def lines(self, name, subtitle, panels, **style):
-        """A pair of axes per panel (reference line (x, y) or None, [(x, y) per generated sample], axes settings)."""
+    def lines(self, name, subtitle, panels, **style):   # panels: (reference (x, y) or None, [(x, y)], axes settings)
         fig, axes = self.grid(len(panels), ratio=False)
         for ax, (ref, gens, settings) in zip(axes, panels):
             if ref is not None:
@@ -545,7 +521,6 @@ def make_plots(args, title, real, gens, fr, groups, fgs, pe, edges):
     cc = real["protocol"] == "calochallenge"
     xlabels = {"e_vis": f"visible energy [{real['geom'].unit}]", "n_hits": "number of hit cells",
                "e_ratio": "E_vis / E_inc (sampling fraction, response)"}
-
     def spectrum(name, vals, xlabel):
         P.compare(name, xlabel, [(common.native_edges(vals[0], vals[1:], 50)[0], vals[0], vals[1:], xlabel)])
     few = lambda k: real["geom"].n_layers <= 5 or not k[-1].isdigit() or int(k.rpartition("_")[2]) % 5 == 0  # noqa
