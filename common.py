@@ -1381,9 +1381,7 @@ def separation_power_clipped(real, gen, n_bins):
     """separation_power over native_edges, values outside clipped into the end bins so that tails
     count (evaluate.py's native binning)."""
     real, gen = np.asarray(real, np.float64).ravel(), np.asarray(gen, np.float64).ravel()
-    edges = native_edges(real, [gen], n_bins)[0]
-    return calochallenge_separation(*(np.histogram(np.clip(v, edges[0], edges[-1]), edges)[0]
-                                      for v in (real, gen)), edges)[0]
+    return binned_separation(real, gen, native_edges(real, [gen], n_bins)[0])[0]
 
 
 def binned_separation(real, gen, edges, clip=True):
