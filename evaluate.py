@@ -425,19 +425,19 @@ def yardsticks(name, real, gen, fr, fg, args, plot):
         return {"prd_auc_images": r["prd_auc_images"], "prd_auc_physics": r["prd_auc_physics"], "prd_n_per_sample": m,
                 "prd_auc_score": r["score"], "sparsity_curve_alphas": LHCB_ALPHAS.tolist(),
                 "sparsity_curve_real": real["sparsity_curve"], "sparsity_curve_gen": gen["sparsity_curve"]}
-    # ild (Calomplification): quantile JSD of the five observables, amplification if asked
-    orr, og = ({**{k: _fin(f[k]) for k in ILD_OBS[:4]}, "pixel_spectrum": d["cells"][d["cells"] > 0].astype(np.float64)}
-               for d, f in ((real, fr), (gen, fg)))
+    # ild (Calomplification): quantile JSD of the five observables (less those constant in real), amplification
+    orr, og = ({**{k: _fin(f[k]) for k in ILD_OBS[:4] if k in fr},
+                "pixel_spectrum": d["cells"][d["cells"] > 0].astype(np.float64)} for d, f in ((real, fr), (gen, fg)))
     plot["pixels"] = (orr["pixel_spectrum"], og["pixel_spectrum"])
     out = {"quantile_jsd": {k: common.quantile_jsd(orr[k], og[k], nb) if nb >= 1 and len(og[k]) else None
-                            for k in ILD_OBS for nb in [min(args.quantiles, len(orr[k]) // 10)]},
+                            for k in orr for nb in [min(args.quantiles, len(orr[k]) // 10)]},
            "quantile_jsd_bins": min(args.quantiles, real["n"] // 10)}
     if args.amplification:
         ref, pool = np.split(np.random.default_rng(args.seed).permutation(real["n"]), [real["n"] // 2])   # disjoint
         nb = min(args.quantiles, len(ref) // 10)
         amp = plot["amplification"] = {k: {kk: x.astype(float) if isinstance(x, np.ndarray) else x for kk, x in
                                            common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb,
-                                                                seed=args.seed).items()} for k in ILD_OBS[:4]}
+                                                                seed=args.seed).items()} for k in list(orr)[:-1]}
         out["amplification"] = {"n_bins": nb, "n_reference": len(ref), "n_truth_pool": len(pool), "observables": amp}
     return out
 

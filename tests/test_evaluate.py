@@ -139,6 +139,25 @@ def test_ild_amplification_and_plots(toy, tmp_path):
         assert (out / "plots" / f"{name}.png").stat().st_size > 0 and (out / "plots" / f"{name}.pdf").exists()
 
 
+def test_ild_observable_constant_in_real_is_dropped_not_a_crash(tmp_path):
+    """Every real shower hits all 100 cells: n_hits is constant, dropped like any constant observable, and the ILD
+    yardsticks (quantile JSD, amplification) carry on with the other four (it was a KeyError traceback)."""
+    rng = np.random.default_rng(0)
+    files = []
+    for name, low in (("r.h5", 0.1), ("g.h5", 0.0)):             # real: no empty cell; generated: some
+        with h5py.File(tmp_path / name, "w") as f:
+            f["showers"] = np.maximum(rng.gamma(1.0, 1.0, (200, 10, 10)), low).astype(np.float32) * (
+                rng.random((200, 10, 10)) > (0.0 if low else 0.2))
+            f["energy"] = np.full((200, 1), 50.0)
+        files.append(str(tmp_path / name))
+    assert ev.main([*files, "--amplification", "--no-classifier", "--no-plots", "--out", str(tmp_path / "o")]) == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    ild = m["generated"][0]["ild"]
+    assert "n_hits" in m["dropped_features"]
+    assert set(ild["quantile_jsd"]) == {"e_vis", "cog_x", "cog_y", "pixel_spectrum"}
+    assert set(ild["amplification"]["observables"]) == {"e_vis", "cog_x", "cog_y"}
+
+
 # ------------------------------------------------------------------ command line, plots, report
 
 def test_cli_atlas_two_generators_plots_and_report(toy, tmp_path):
