@@ -437,7 +437,7 @@ def yardsticks(name, real, gen, fr, fg, args, plot):
         nb = min(args.quantiles, len(ref) // 10)
         amp = plot["amplification"] = {k: {kk: x.astype(float) if isinstance(x, np.ndarray) else x for kk, x in
                                            common.amplification(_fin(fr[k][ref]), _fin(fr[k][pool]), og[k], nb,
-                                                                seed=args.seed).items()} for k in list(orr)[:-1]}
+                                                                seed=args.seed).items()} for k in orr if k in fr}
         out["amplification"] = {"n_bins": nb, "n_reference": len(ref), "n_truth_pool": len(pool), "observables": amp}
     return out
 
