@@ -337,10 +337,10 @@ def run_epoch(nets, opts, gens, xct, n_cells, args, amp, n_iter, bs, step_fn=ite
             sums = sums + step_fn(gl, cl, opts, buf, *(b[:, it] for b in batches), n_cells, args.gp, args.l1, reduce)
     return sums
 
-def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1)):    # -> (generator, {seed: history})
+def train(args, seeds, data, device, ckpt_path, log, amp, world=(0, 1), ck=None):  # -> (generator, {seed: history})
     (rank, size), K, hp = world, len(seeds), {k: getattr(args, k) for k in HP}
     xct = tuple(torch.as_tensor(data[k], device=device) for k in ("x", "c", "train"))   # whole dataset on device
-    ck = load_ckpt(ckpt_path, device) if args.resume else {}     # checked against the flags in train_main
+    ck = load_ckpt(ckpt_path, device) if ck is None and args.resume else ck or {}    # train_main passes its own
     nets, opts, gens = init_nets(hp, xct[0].shape[1], seeds, device, args.lr, args.betas, ck)
     start, step = (ck["epoch"], ck["step"]) if ck else (0, 0)
     history = {int(s): h for s, h in ck["history"].items()} if ck else {s: [] for s in seeds}
@@ -611,8 +611,8 @@ def train_main(args, device, amp, ddp):
     seeds, atlas = list(range(args.seed, args.seed + args.seeds)), data["fmt"] == "atlas"
     model = {"geometry": geom.name, "seeds": seeds, **{k: getattr(args, k) for k in HP}}
     common.check_run_folder(args.out, SCRIPT, model, args.resume)
-    if args.resume:
-        ck = load_ckpt(ckpt)
+    ck = load_ckpt(ckpt, device) if args.resume else {}     # loaded once: checked here, resumed from by train()
+    if ck:
         diff = [k for k, v in {"geometry": ck["geometry"], "seeds": ck["seeds"], **ck["hp"]}.items() if model[k] != v]
         need(not diff, f"--resume {ckpt}: the checkpoint's {', '.join(diff)} differ from this run's; resume with "
                        "the same flags and data, or choose another --out")
@@ -625,7 +625,7 @@ def train_main(args, device, amp, ddp):
             + (f"; {data['n_over']} clusters above 300 GeV removed" if atlas else "")
             + (f"; {data['n_dropped']} empty after the noise cuts dropped" if data["n_dropped"] else "")
             + f"; {args.epochs} epochs, {len(seeds)} seed(s), device {device}")
-    gen, histories = train(args, seeds, data, device, ckpt, log, amp, (rank, dist.get_world_size() if ddp else 1))
+    gen, histories = train(args, seeds, data, device, ckpt, log, amp, (rank, dist.get_world_size() if ddp else 1), ck)
     if rank:
         return 0
     metrics, fake, feats, line = validate(gen, data, seeds, device)
