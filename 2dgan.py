@@ -44,8 +44,7 @@ OUT_FILES = ("ckpt.pt", "generated.h5", "metrics.json", "log.txt", "run.json", "
 
 # ---------------------------------------------------------------- flags
 def fail(err):
-    """Exit status 2, the error as one line; ranks > 0 wait first: torchrun stops all once one exits (rank 0 prints)."""
-    _ = os.environ.get("RANK", "0") != "0" and time.sleep(3)
+    """Exit status 2, the error as one line (common.fail: rank 0 prints, the other ranks wait for it)."""
     return common.fail(SCRIPT, err)
 
 def get_args(argv=None, toy_config=False):

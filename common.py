@@ -1560,8 +1560,11 @@ def stamp_run_folder(out, script, model=None):
 
 
 def fail(script, err):
-    """Print err as one line on stderr (rank 0 only under torchrun: every rank fails alike) and return 2."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    """Print err as one line on stderr (rank 0 only under torchrun: every rank fails alike) and return 2. Other
+    ranks wait 3 s first: torchrun stops every rank once one exits, which must not be before rank 0 has printed."""
+    if int(os.environ.get("RANK", "0")):
+        time.sleep(3)
+    else:
         print(f"{script}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
               file=sys.stderr, flush=True)
     return 2
